@@ -1,0 +1,268 @@
+//! Builds a microVM from a [`VmConfig`] and runs it: memory, ACPI, kernel, devices,
+//! vCPUs, then the event loop (console input, virtio queue notifications, guest exit).
+
+use std::io::Write;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_ioctls::IoEventAddress;
+use linux_loader::cmdline::Cmdline;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::{acpi, kernel, layout, regs};
+use crate::config::{ConfigError, VmConfig, CMDLINE_MAX};
+use crate::devices::bus::Bus;
+use crate::devices::legacy::acpi_pm::{AcpiPm, ACPI_PM_LEN, ACPI_PM_PORT};
+use crate::devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::legacy::serial::{SerialConsole, COM1_PORT, COM_PORT_LEN};
+use crate::devices::legacy::IrqTrigger;
+use crate::devices::virtio::block::{Block, DiskError};
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::{ExitReason, ExitSignal};
+use crate::vstate::vcpu::{self, Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Boot(#[from] kernel::BootError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    #[error("too many virtio devices: at most {0} fit the interrupt lines; remove some --disk")]
+    TooManyDevices(usize),
+    #[error("setting up {what}: {err}")]
+    Setup { what: &'static str, err: String },
+}
+
+fn setup<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BuildError {
+    move |e| BuildError::Setup { what, err: e.to_string() }
+}
+
+/// Where the guest console goes and comes from.
+pub struct Console {
+    pub output: Box<dyn Write + Send>,
+    /// Read end for console input (stdin), if any.
+    pub input: Option<RawFd>,
+}
+
+/// Epoll tokens.
+const TOKEN_EXIT: u64 = 0;
+const TOKEN_INPUT: u64 = 1;
+const TOKEN_QUEUE_BASE: u64 = 16;
+
+/// Ctrl-A then x quits, as in QEMU, when the console is a terminal.
+const ESCAPE: u8 = 0x01;
+
+pub struct MicroVm {
+    vm: Vm,
+    exit: Arc<ExitSignal>,
+    serial: Arc<Mutex<SerialConsole>>,
+    /// (transport, queue index, ioeventfd) for every virtio queue.
+    queues: Vec<(Arc<Mutex<MmioTransport>>, usize, EventFd)>,
+    disks: Vec<Arc<Mutex<MmioTransport>>>,
+    vcpus: Vec<Vcpu>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    input: Option<RawFd>,
+    pub started: Instant,
+}
+
+impl MicroVm {
+    /// Validates the config and builds everything short of running vCPUs.
+    pub fn build(config: &VmConfig, console: Console) -> Result<Self, BuildError> {
+        let started = Instant::now();
+        let format = config.validate()?;
+        let vm = Vm::new()?;
+        let mem = vm.create_memory(config.memory_mib)?;
+        vm.setup_irqchip()?;
+        let exit = Arc::new(ExitSignal::new().map_err(setup("exit eventfd"))?);
+
+        let mut pio = Bus::default();
+        let mut mmio = Bus::default();
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(setup("serial irq"))?;
+        vm.fd.register_irqfd(&serial_irq, layout::SERIAL_IRQ).map_err(setup("serial irqfd"))?;
+        let serial = Arc::new(Mutex::new(SerialConsole::new(IrqTrigger(serial_irq), console.output)));
+        pio.insert(serial.clone(), COM1_PORT, COM_PORT_LEN).map_err(setup("serial port"))?;
+        pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), I8042_PORT, I8042_PORT_LEN)
+            .map_err(setup("i8042 port"))?;
+        pio.insert(Arc::new(Mutex::new(AcpiPm::new(exit.clone()))), ACPI_PM_PORT, ACPI_PM_LEN)
+            .map_err(setup("ACPI PM ports"))?;
+
+        let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(setup("command line"))?;
+        let too_long = |extra: usize| ConfigError::CmdlineTooLong { len: config.cmdline.len() + extra };
+        cmdline.insert_str(&config.cmdline).map_err(|_| too_long(0))?;
+
+        let mut queues = Vec::new();
+        let mut disks = Vec::new();
+        let mut device_args = 0usize;
+        for (i, disk) in config.disks.iter().enumerate() {
+            let (addr, irq) = layout::virtio_mmio_slot(i).ok_or(BuildError::TooManyDevices(i))?;
+            let block = Block::open(&disk.path, disk.read_only)?;
+            let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(setup("virtio irq"))?;
+            vm.fd.register_irqfd(&irq_evt, irq).map_err(setup("virtio irqfd"))?;
+            let transport = Arc::new(Mutex::new(MmioTransport::new(Box::new(block), mem.clone(), irq_evt)));
+            mmio.insert(transport.clone(), addr, layout::VIRTIO_MMIO_SIZE).map_err(setup("virtio-mmio window"))?;
+            let queue_count = transport.lock().unwrap().queue_count();
+            for q in 0..queue_count {
+                let evt = EventFd::new(EFD_NONBLOCK).map_err(setup("virtio ioeventfd"))?;
+                vm.fd
+                    .register_ioevent(&evt, &IoEventAddress::Mmio(addr + REG_QUEUE_NOTIFY), q as u32)
+                    .map_err(setup("virtio ioeventfd"))?;
+                queues.push((transport.clone(), q, evt));
+            }
+            disks.push(transport);
+            let entry = format!(" virtio_mmio.device=4K@{addr:#x}:{irq}");
+            device_args += entry.len();
+            cmdline
+                .add_virtio_mmio_device(layout::VIRTIO_MMIO_SIZE, vm_memory::GuestAddress(addr), irq, None)
+                .map_err(|_| too_long(device_args))?;
+        }
+        tracing::debug!("kernel command line: {}", cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default());
+
+        let rsdp = acpi::write_tables(&mem, config.cpus)?;
+        regs::write_boot_tables(&mem)?;
+        let boot = kernel::load(&mem, format, &config.kernel, config.initrd.as_deref(), &cmdline, rsdp)?;
+        let vcpus = (0..config.cpus)
+            .map(|i| Vcpu::new(&vm, i, config.cpus, (i == 0).then_some(boot)))
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::debug!("microVM built in {:?}", started.elapsed());
+        Ok(Self { vm, exit, serial, queues, disks, vcpus, pio: Arc::new(pio), mmio: Arc::new(mmio), input: console.input, started })
+    }
+
+    /// Runs the guest until it powers off, resets or fails.
+    pub fn run(self) -> Result<ExitReason, BuildError> {
+        let MicroVm { vm, exit, serial, queues, disks, vcpus, pio, mmio, input, started } = self;
+        let epoll = Epoll::new().map_err(setup("epoll"))?;
+        let add = |fd: RawFd, token: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
+        add(exit.evt.as_raw_fd(), TOKEN_EXIT).map_err(setup("epoll"))?;
+        for (i, (_, _, evt)) in queues.iter().enumerate() {
+            add(evt.as_raw_fd(), TOKEN_QUEUE_BASE + i as u64).map_err(setup("epoll"))?;
+        }
+        let _raw = input.and_then(RawTerminal::enter);
+        let escape_enabled = _raw.is_some();
+        if let Some(fd) = input {
+            if let Err(e) = add(fd, TOKEN_INPUT) {
+                tracing::debug!("console input not available: {e}");
+            }
+        }
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for v in vcpus {
+            threads.push(v.spawn(pio.clone(), mmio.clone(), exit.clone(), stop.clone())?);
+        }
+        tracing::debug!("vCPUs running {:?} after start", started.elapsed());
+
+        let mut events = vec![EpollEvent::default(); 32];
+        let mut saw_escape = false;
+        let mut input_paused = false;
+        'event_loop: loop {
+            let n = match epoll.wait(100, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(setup("epoll wait")(e)),
+            };
+            // Resume console input once the guest drained the UART FIFO.
+            if let (Some(fd), true) = (input, input_paused) {
+                if serial.lock().unwrap().input_capacity() > 0 {
+                    input_paused = add(fd, TOKEN_INPUT).is_err();
+                }
+            }
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_EXIT => break 'event_loop,
+                    TOKEN_INPUT => {
+                        let fd = input.expect("input token only registered with input");
+                        let mut console = serial.lock().unwrap();
+                        let room = console.input_capacity();
+                        if room == 0 {
+                            let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                            input_paused = true;
+                            continue;
+                        }
+                        let mut buf = [0u8; 64];
+                        let want = room.min(buf.len());
+                        // SAFETY: reading into a stack buffer of at least `want` bytes.
+                        let got = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), want) };
+                        if got <= 0 {
+                            // EOF or error: no more console input.
+                            let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                            continue;
+                        }
+                        let bytes = &buf[..got as usize];
+                        if escape_enabled {
+                            for &b in bytes {
+                                if saw_escape && b == b'x' {
+                                    eprintln!("\r\nkindling: Ctrl-A x pressed, stopping the VM\r");
+                                    exit.request(ExitReason::PowerOff);
+                                }
+                                saw_escape = b == ESCAPE && !saw_escape;
+                            }
+                        }
+                        console.enqueue_input(bytes);
+                    }
+                    token => {
+                        let (transport, q, evt) = &queues[(token - TOKEN_QUEUE_BASE) as usize];
+                        let _ = evt.read();
+                        transport.lock().unwrap().process_queue(*q);
+                    }
+                }
+            }
+        }
+        let reason = exit.reason();
+        tracing::debug!("guest stopped ({reason:?}) after {:?}", started.elapsed());
+        vcpu::stop_all(threads, &stop);
+        // Disks: whatever the guest wrote reaches stable storage before we report success.
+        for d in &disks {
+            d.lock().unwrap().sync_device();
+        }
+        drop(vm);
+        Ok(reason)
+    }
+}
+
+/// Puts a terminal in raw mode (guest gets every key, including Ctrl-C) and restores it.
+struct RawTerminal {
+    fd: RawFd,
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    fn enter(fd: RawFd) -> Option<Self> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        // SAFETY: fd is the process's stdin, open for the whole run.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if !nix::unistd::isatty(borrowed).unwrap_or(false) {
+            return None;
+        }
+        let saved = tcgetattr(borrowed).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        // Keep output post-processing so host-side messages stay readable.
+        raw.output_flags = saved.output_flags;
+        tcsetattr(borrowed, SetArg::TCSANOW, &raw).ok()?;
+        Some(Self { fd, saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        use nix::sys::termios::{tcsetattr, SetArg};
+        // SAFETY: as in enter().
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        let _ = tcsetattr(borrowed, SetArg::TCSANOW, &self.saved);
+    }
+}

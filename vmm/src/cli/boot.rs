@@ -1,0 +1,93 @@
+//! `kindling boot`: one microVM in the foreground.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+
+use crate::builder::{Console, MicroVm};
+use crate::config::{DiskConfig, VmConfig};
+use crate::devices::ExitReason;
+use crate::runner::{self, emulated, Runner, RunnerChoice};
+
+#[derive(Debug, Clone, Args)]
+pub struct BootArgs {
+    /// Guest kernel: a bzImage (vmlinuz) or an ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// initramfs archive handed to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; kindling appends its virtio-mmio device entries.
+    #[arg(long, value_name = "STR", default_value = "console=ttyS0")]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    pub memory: u64,
+    /// A raw disk image as a virtio-blk device, in order /dev/vda, /dev/vdb, ...;
+    /// append ",ro" for read-only.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    pub disks: Vec<String>,
+    /// Where the VM runs: auto picks KVM when it can boot a stock kernel here.
+    #[arg(long, value_enum, default_value_t = RunnerChoice::Auto)]
+    pub runner: RunnerChoice,
+}
+
+impl BootArgs {
+    pub fn to_config(&self) -> anyhow::Result<VmConfig> {
+        let disks = self.disks.iter().map(|d| DiskConfig::parse(d)).collect::<Result<Vec<_>, _>>()?;
+        let cpus = u8::try_from(self.cpus).unwrap_or(u8::MAX);
+        let config = VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            cpus,
+            memory_mib: self.memory,
+            disks,
+        };
+        if self.cpus > u32::from(crate::config::MAX_VCPUS) {
+            return Err(crate::config::ConfigError::TooManyCpus(self.cpus).into());
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Runs the boot; returns the process exit status.
+pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
+    let config = args.to_config()?;
+    let (runner, why) = runner::choose(args.runner);
+    match runner {
+        Runner::Kvm => {
+            eprintln!("kindling: runner kvm ({why})");
+            boot_on_kvm(&config)
+        }
+        Runner::Emulated => {
+            eprintln!("kindling: runner emulated ({why})");
+            Ok(emulated::run(&config)?)
+        }
+    }
+}
+
+fn boot_on_kvm(config: &VmConfig) -> anyhow::Result<i32> {
+    let t0 = Instant::now();
+    let console = Console { output: Box::new(std::io::stdout()), input: Some(libc::STDIN_FILENO) };
+    let vm = MicroVm::build(config, console)?;
+    tracing::info!("microVM ready to run in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    let reason = vm.run()?;
+    let secs = t0.elapsed().as_secs_f64();
+    match reason {
+        ExitReason::PowerOff | ExitReason::Running => {
+            eprintln!("kindling: guest powered off after {secs:.2}s");
+            Ok(0)
+        }
+        ExitReason::Reset => {
+            eprintln!("kindling: guest rebooted after {secs:.2}s; stopping (reboot ends the VM)");
+            Ok(0)
+        }
+        ExitReason::Error => anyhow::bail!("the VM stopped on a fatal vCPU error after {secs:.2}s (see the log lines above)"),
+    }
+}

@@ -1,0 +1,194 @@
+//! What a user asks for when booting a microVM, validated before anything is built.
+//!
+//! Every rejection names the offending value and how to fix it: these messages are
+//! what a user sees on the terminal.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::arch::layout;
+
+/// Largest guest the VMM agrees to build (vCPUs). The MADT uses 8-bit APIC IDs.
+pub const MAX_VCPUS: u8 = 64;
+/// Smallest memory a Linux guest can boot in with our layout.
+pub const MIN_MEMORY_MIB: u64 = 32;
+/// The x86 kernel's default COMMAND_LINE_SIZE (including the terminating NUL).
+pub const CMDLINE_MAX: usize = 2048;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("kernel image {0}: file not found; pass --kernel with the path of a bzImage or ELF vmlinux")]
+    KernelMissing(PathBuf),
+    #[error("kernel image {path}: cannot read it ({err}); check the path and its permissions")]
+    KernelUnreadable { path: PathBuf, err: std::io::Error },
+    #[error("kernel image {0}: not a Linux kernel (neither a bzImage with a 'HdrS' boot header nor an ELF vmlinux); pass the kernel's bzImage/vmlinuz or vmlinux")]
+    KernelNotLinux(PathBuf),
+    #[error("initrd {0}: file not found; pass --initrd with the path of an initramfs archive, or leave it out")]
+    InitrdMissing(PathBuf),
+    #[error("disk {0}: file not found; create the image first (e.g. `truncate -s 1G {0}` then `mkfs.ext4 {0}`) or fix the path")]
+    DiskMissing(PathBuf),
+    #[error("disk {0}: is a directory, not a disk image; pass a raw image file or block device")]
+    DiskIsDirectory(PathBuf),
+    #[error("disk option '{0}': unknown flag; the form is PATH or PATH,ro")]
+    DiskOption(String),
+    #[error("--cpus 0: a VM needs at least one vCPU; use --cpus 1 or more (up to {MAX_VCPUS})")]
+    NoCpus,
+    #[error("--cpus {0}: too many vCPUs; kindling supports up to {MAX_VCPUS}")]
+    TooManyCpus(u32),
+    #[error("--memory {0}: too little memory for a Linux guest; use --memory {MIN_MEMORY_MIB} or more (MiB)")]
+    TooLittleMemory(u64),
+    #[error("--memory {0}: more than this VMM maps (max {max} MiB)", max = layout::MAX_MEMORY_MIB)]
+    TooMuchMemory(u64),
+    #[error("kernel command line is {len} bytes with the VMM's device entries; the kernel accepts at most {max}; shorten --cmdline", max = CMDLINE_MAX - 1)]
+    CmdlineTooLong { len: usize },
+    #[error("--cmdline contains a NUL or non-ASCII byte; the kernel command line must be printable ASCII")]
+    CmdlineInvalid,
+}
+
+/// One virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl DiskConfig {
+    /// Parses `PATH` or `PATH,ro`.
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let mut parts = spec.rsplitn(2, ',');
+        let last = parts.next().unwrap_or_default();
+        match parts.next() {
+            Some(path) if last == "ro" => Ok(Self { path: path.into(), read_only: true }),
+            Some(path) if last == "rw" => Ok(Self { path: path.into(), read_only: false }),
+            Some(_) => Err(ConfigError::DiskOption(spec.to_string())),
+            None => Ok(Self { path: spec.into(), read_only: false }),
+        }
+    }
+}
+
+/// Kernel image formats the loader understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFormat {
+    BzImage,
+    Elf,
+}
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub disks: Vec<DiskConfig>,
+}
+
+impl VmConfig {
+    /// Checks everything that can be checked before touching KVM; returns the kernel format.
+    pub fn validate(&self) -> Result<KernelFormat, ConfigError> {
+        if self.cpus == 0 {
+            return Err(ConfigError::NoCpus);
+        }
+        if self.cpus > MAX_VCPUS {
+            return Err(ConfigError::TooManyCpus(self.cpus.into()));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::TooLittleMemory(self.memory_mib));
+        }
+        if self.memory_mib > layout::MAX_MEMORY_MIB {
+            return Err(ConfigError::TooMuchMemory(self.memory_mib));
+        }
+        if !self.cmdline.bytes().all(|b| b.is_ascii() && b != 0) {
+            return Err(ConfigError::CmdlineInvalid);
+        }
+        let format = kernel_format(&self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            if !initrd.is_file() {
+                return Err(ConfigError::InitrdMissing(initrd.clone()));
+            }
+        }
+        for disk in &self.disks {
+            if disk.path.is_dir() {
+                return Err(ConfigError::DiskIsDirectory(disk.path.clone()));
+            }
+            if !disk.path.exists() {
+                return Err(ConfigError::DiskMissing(disk.path.clone()));
+            }
+        }
+        Ok(format)
+    }
+}
+
+/// Sniffs the kernel image: a bzImage carries "HdrS" at 0x202, an ELF starts with \x7fELF.
+pub fn kernel_format(path: &Path) -> Result<KernelFormat, ConfigError> {
+    let mut file = File::open(path).map_err(|err| match err.kind() {
+        std::io::ErrorKind::NotFound => ConfigError::KernelMissing(path.to_path_buf()),
+        _ => ConfigError::KernelUnreadable { path: path.to_path_buf(), err },
+    })?;
+    if path.is_dir() {
+        return Err(ConfigError::KernelNotLinux(path.to_path_buf()));
+    }
+    let mut head = [0u8; 0x206];
+    let n = read_up_to(&mut file, &mut head)
+        .map_err(|err| ConfigError::KernelUnreadable { path: path.to_path_buf(), err })?;
+    if n >= 4 && head[..4] == *b"\x7fELF" {
+        return Ok(KernelFormat::Elf);
+    }
+    if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(ConfigError::KernelNotLinux(path.to_path_buf()))
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut total = 0;
+    while total < buf.len() {
+        match file.read(&mut buf[total..])? {
+            0 => break,
+            n => total += n,
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(kernel: PathBuf) -> VmConfig {
+        VmConfig { kernel, initrd: None, cmdline: "console=ttyS0".into(), cpus: 1, memory_mib: 128, disks: vec![] }
+    }
+
+    #[test]
+    fn disk_spec_parsing() {
+        assert_eq!(DiskConfig::parse("/a/b.img").unwrap(), DiskConfig { path: "/a/b.img".into(), read_only: false });
+        assert_eq!(DiskConfig::parse("/a/b.img,ro").unwrap(), DiskConfig { path: "/a/b.img".into(), read_only: true });
+        assert!(matches!(DiskConfig::parse("/a/b.img,rx"), Err(ConfigError::DiskOption(_))));
+    }
+
+    #[test]
+    fn rejects_non_kernels_and_bad_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, b"this is not a kernel").unwrap();
+        assert!(matches!(base(junk.clone()).validate(), Err(ConfigError::KernelNotLinux(_))));
+        assert!(matches!(base(dir.path().join("nope")).validate(), Err(ConfigError::KernelMissing(_))));
+
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        let k = dir.path().join("vmlinux");
+        std::fs::write(&k, &elf).unwrap();
+        assert_eq!(base(k.clone()).validate().unwrap(), KernelFormat::Elf);
+        let mut c = base(k.clone());
+        c.cpus = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::NoCpus)));
+        let mut c = base(k.clone());
+        c.memory_mib = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::TooLittleMemory(0))));
+        let mut c = base(k.clone());
+        c.disks.push(DiskConfig { path: dir.path().join("missing.img"), read_only: false });
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("missing.img") && err.contains("not found"), "{err}");
+    }
+}

@@ -1,0 +1,60 @@
+//! COM1 (0x3f8, IRQ 4): the guest console, vm-superio's 8250 UART.
+
+use std::io::Write;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::Serial;
+
+use super::IrqTrigger;
+use crate::devices::bus::BusDevice;
+
+pub const COM1_PORT: u64 = 0x3f8;
+pub const COM_PORT_LEN: u64 = 8;
+
+pub struct SerialConsole {
+    uart: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialConsole {
+    pub fn new(irq: IrqTrigger, out: Box<dyn Write + Send>) -> Self {
+        Self { uart: Serial::new(irq, out) }
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.uart.fifo_capacity());
+        if n == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(&bytes[..n]) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("serial input dropped: {e:?}");
+                0
+            }
+        }
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let (Some(b), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *b = self.uart.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(&v), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if let Err(e) = self.uart.write(off, v) {
+                // The host side of the console went away (e.g. a closed pipe): the guest
+                // keeps running, its output is dropped.
+                tracing::debug!("serial output: {e:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Emulated hardware the guest sees, and the buses vCPUs dispatch their exits to.
+
+pub mod bus;
+pub mod legacy;
+pub mod virtio;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Why the guest stopped running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExitReason {
+    Running = 0,
+    /// ACPI S5 (poweroff).
+    PowerOff = 1,
+    /// i8042 or ACPI reset, or a triple fault.
+    Reset = 2,
+    /// A vCPU hit something the VMM cannot continue from.
+    Error = 3,
+}
+
+/// Signalled by devices and vCPUs when the guest stops; the event loop waits on it.
+/// The first reason recorded wins.
+pub struct ExitSignal {
+    pub evt: EventFd,
+    reason: AtomicU8,
+}
+
+impl ExitSignal {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { evt: EventFd::new(EFD_NONBLOCK)?, reason: AtomicU8::new(ExitReason::Running as u8) })
+    }
+
+    pub fn request(&self, reason: ExitReason) {
+        let _ = self.reason.compare_exchange(ExitReason::Running as u8, reason as u8, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.evt.write(1);
+    }
+
+    pub fn reason(&self) -> ExitReason {
+        match self.reason.load(Ordering::SeqCst) {
+            1 => ExitReason::PowerOff,
+            2 => ExitReason::Reset,
+            3 => ExitReason::Error,
+            _ => ExitReason::Running,
+        }
+    }
+}

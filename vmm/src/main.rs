@@ -1,0 +1,51 @@
+use clap::Parser;
+use kindling::cli::{boot, Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    let code = match cli.command {
+        Command::Boot(args) => boot::run(&args),
+        Command::L1Guest => kindling::runner::emulated::l1_guest_main(l1_boot),
+    };
+    match code {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Logs go to stderr; RUST_LOG (or KINDLING_LOG) picks the level, "info" by default.
+fn init_logging() {
+    let filter = std::env::var("KINDLING_LOG")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/kindling/log-filter").ok().filter(|_| std::process::id() == 1 || is_l1()))
+        .filter(|f| !f.trim().is_empty())
+        .map(EnvFilter::new)
+        .unwrap_or_else(|| EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).without_time().init();
+}
+
+fn is_l1() -> bool {
+    std::env::args().nth(1).as_deref() == Some("__l1-guest")
+}
+
+/// `kindling boot ARGS` inside the level-1 VM.
+fn l1_boot(args: Vec<String>) -> i32 {
+    let argv = ["kindling".to_string(), "boot".to_string()].into_iter().chain(args);
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("kindling-l1: bad boot arguments: {e}");
+            return 2;
+        }
+    };
+    let Command::Boot(args) = cli.command else { return 2 };
+    boot::run(&args).unwrap_or_else(|e| {
+        tracing::error!("{e:#}");
+        1
+    })
+}

@@ -1,0 +1,381 @@
+//! The emulated runner: runs `kindling boot` inside a level-1 (L1) VM that QEMU emulates
+//! with TCG, exposing AMD SVM + nested paging so Debian's stock kvm-amd module gives L1 a
+//! real /dev/kvm. The user's guest is then an L2 VM under kindling's own VMM.
+//!
+//! L1 is: Debian's cloud kernel (`vmlinuz`), and an initramfs of busybox-static, the KVM
+//! modules, an /init script, and — appended per run — this very (static) executable, the
+//! guest's kernel/initrd and the boot arguments. Disks become L1 virtio drives
+//! (/dev/vda, ...). L2's console is L1's serial console, which is our stdio; L1 reports
+//! kindling's exit status through QEMU's isa-debug-exit port.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use crate::cache;
+use crate::config::VmConfig;
+
+/// Modules loaded in L1, in dependency order.
+pub const L1_MODULES: [&str; 3] = ["irqbypass.ko", "kvm.ko", "kvm-amd.ko"];
+/// Where scripts/setup installs the L1 kernel for every user (root installs).
+pub const SYSTEM_L1_DIR: &str = "/usr/local/lib/kindling/l1-kernel";
+const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// Status values are offset so that QEMU's own exit code 1 (an error) never decodes
+/// to a guest status: QEMU exits with ((value << 1) | 1).
+const STATUS_OFFSET: i32 = 16;
+/// Memory L1 needs besides the L2 guest's: its kernel, the initramfs (held twice while
+/// unpacking) and the VMM.
+const L1_OVERHEAD_MIB: u64 = 512;
+
+const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in irqbypass kvm kvm-amd; do
+  insmod /lib/modules/$m.ko || echo "kindling-l1: loading $m.ko failed"
+done
+[ -c /dev/kvm ] || echo "kindling-l1: no /dev/kvm after loading the KVM modules"
+exec /kindling/kindling __l1-guest
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatedError {
+    #[error("emulated runner needs qemu-system-x86_64; install it with `apt-get install qemu-system-x86` (scripts/setup does)")]
+    NoQemu,
+    #[error("emulated runner: no level-1 kernel found in {searched}; run scripts/setup (it extracts Debian's linux-image-*-cloud-amd64 there)")]
+    NoL1Kernel { searched: String },
+    #[error("emulated runner needs busybox-static at /bin/busybox; install it with `apt-get install busybox-static`")]
+    NoBusybox,
+    #[error("emulated runner: this kindling executable ({0}) is dynamically linked and cannot run inside the level-1 VM; build it with the workspace's .cargo/config.toml (crt-static)")]
+    NotStatic(PathBuf),
+    #[error("emulated runner: {what}: {err}")]
+    Io { what: String, err: std::io::Error },
+    #[error("emulated runner: the level-1 VM stopped without reporting kindling's exit status (QEMU exit code {0}); see the console output above")]
+    NoStatus(i32),
+    #[error("emulated runner: QEMU was killed by a signal")]
+    Killed,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EmulatedError {
+    let what = what.into();
+    move |err| EmulatedError::Io { what, err }
+}
+
+/// Debian's cloud kernel and its KVM modules, as extracted by scripts/setup.
+pub struct L1Kernel {
+    pub dir: PathBuf,
+}
+
+impl L1Kernel {
+    fn vmlinuz(&self) -> PathBuf {
+        self.dir.join("vmlinuz")
+    }
+    fn module(&self, name: &str) -> PathBuf {
+        self.dir.join("modules").join(name)
+    }
+    fn is_complete(dir: &Path) -> bool {
+        dir.join("vmlinuz").is_file() && L1_MODULES.iter().all(|m| dir.join("modules").join(m).is_file())
+    }
+}
+
+fn l1_search_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("KINDLING_L1_KERNEL_DIR") {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.push(cache::dir().join("l1-kernel"));
+    dirs.push(PathBuf::from(SYSTEM_L1_DIR));
+    dirs
+}
+
+/// Finds the newest complete L1 kernel: `<dir>/<version>/{vmlinuz,modules/*.ko}`.
+pub fn find_l1_kernel() -> Result<L1Kernel, EmulatedError> {
+    let dirs = l1_search_dirs();
+    for base in &dirs {
+        if L1Kernel::is_complete(base) {
+            return Ok(L1Kernel { dir: base.clone() });
+        }
+        let Ok(entries) = std::fs::read_dir(base) else { continue };
+        let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| L1Kernel::is_complete(p)).collect();
+        versions.sort();
+        if let Some(dir) = versions.pop() {
+            return Ok(L1Kernel { dir });
+        }
+    }
+    Err(EmulatedError::NoL1Kernel { searched: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ") })
+}
+
+/// True when the ELF file has no PT_INTERP program header (statically linked).
+pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
+    let data = std::fs::read(path)?;
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| data.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let u64_at = |o: usize| data.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    if data.get(..5) != Some(b"\x7fELF\x02") {
+        return Ok(false);
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return Ok(false);
+    };
+    const PT_INTERP: u32 = 3;
+    Ok((0..usize::from(phnum)).all(|i| u32_at(phoff as usize + i * usize::from(phentsize)) != Some(PT_INTERP)))
+}
+
+/// A newc cpio archive being written.
+struct Archive<W: Write> {
+    out: W,
+    ino: u32,
+}
+
+impl<W: Write> Archive<W> {
+    fn new(out: W) -> Self {
+        Self { out, ino: 1 }
+    }
+
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) -> std::io::Result<()> {
+        self.ino += 1;
+        let mut w = cpio::newc::Builder::new(name)
+            .ino(self.ino)
+            .mode(mode)
+            .nlink(1)
+            .write(&mut self.out, u32::try_from(data.len()).map_err(std::io::Error::other)?);
+        w.write_all(data)?;
+        w.finish()?;
+        Ok(())
+    }
+
+    fn dir(&mut self, name: &str) -> std::io::Result<()> {
+        self.entry(name, 0o040755, &[])
+    }
+
+    fn file(&mut self, name: &str, mode: u32, src: &Path) -> std::io::Result<()> {
+        let data = std::fs::read(src)?;
+        self.entry(name, 0o100000 | mode, &data)
+    }
+
+    fn finish(mut self) -> std::io::Result<W> {
+        cpio::newc::trailer(&mut self.out)?;
+        Ok(self.out)
+    }
+}
+
+/// The cached part of L1's initramfs: busybox, KVM modules, /init.
+fn base_initramfs(l1: &L1Kernel) -> Result<PathBuf, EmulatedError> {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.is_file() || !is_static_elf(busybox).unwrap_or(false) {
+        return Err(EmulatedError::NoBusybox);
+    }
+    let mut key = cache::Key::new("l1-initramfs-v1");
+    key.add(INIT_SCRIPT.as_bytes());
+    key.add_file(busybox).map_err(io("reading /bin/busybox"))?;
+    for m in L1_MODULES {
+        key.add_file(&l1.module(m)).map_err(io(format!("reading {}", l1.module(m).display())))?;
+    }
+    let path = cache::dir().join("l1").join(format!("base-{}.cpio", key.finish()));
+    if path.is_file() {
+        return Ok(path);
+    }
+    cache::write_atomic(&path, |tmp| {
+        let mut a = Archive::new(std::io::BufWriter::new(std::fs::File::create(tmp)?));
+        for d in ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"] {
+            a.dir(d)?;
+        }
+        a.file("bin/busybox", 0o755, busybox)?;
+        a.entry("init", 0o100755, INIT_SCRIPT.as_bytes())?;
+        for m in L1_MODULES {
+            a.file(&format!("lib/modules/{m}"), 0o644, &l1.module(m))?;
+        }
+        a.finish()?.flush()
+    })
+    .map_err(io(format!("writing {}", path.display())))?;
+    Ok(path)
+}
+
+/// `kindling boot` arguments for the VMM inside L1, with paths as L1 sees them.
+pub fn l1_boot_args(config: &VmConfig) -> Vec<String> {
+    let mut args = vec!["--kernel".into(), "/kindling/kernel".into()];
+    if config.initrd.is_some() {
+        args.extend(["--initrd".into(), "/kindling/initrd".into()]);
+    }
+    args.extend([
+        "--cmdline".into(),
+        config.cmdline.clone(),
+        "--cpus".into(),
+        config.cpus.to_string(),
+        "--memory".into(),
+        config.memory_mib.to_string(),
+        "--runner".into(),
+        "kvm".into(),
+    ]);
+    for (i, d) in config.disks.iter().enumerate() {
+        let letter = (b'a' + i as u8) as char;
+        args.extend(["--disk".into(), format!("/dev/vd{letter}{}", if d.read_only { ",ro" } else { "" })]);
+    }
+    args
+}
+
+/// The per-run part of L1's initramfs: kindling itself, the guest kernel/initrd, args.
+fn run_archive(config: &VmConfig, exe: &Path, dest: &Path) -> std::io::Result<()> {
+    let mut a = Archive::new(std::io::BufWriter::new(std::fs::File::create(dest)?));
+    a.dir("kindling")?;
+    a.file("kindling/kindling", 0o755, exe)?;
+    a.file("kindling/kernel", 0o644, &config.kernel)?;
+    if let Some(initrd) = &config.initrd {
+        a.file("kindling/initrd", 0o644, initrd)?;
+    }
+    let args = l1_boot_args(config).join("\0");
+    a.entry("kindling/args", 0o100644, args.as_bytes())?;
+    let filter = std::env::var("RUST_LOG").unwrap_or_default();
+    a.entry("kindling/log-filter", 0o100644, filter.as_bytes())?;
+    a.finish()?.flush()
+}
+
+/// Maps QEMU's exit code back to kindling's exit status inside L1.
+pub fn decode_exit(qemu_code: i32) -> Option<i32> {
+    (qemu_code & 1 == 1 && qemu_code >> 1 >= STATUS_OFFSET).then(|| (qemu_code >> 1) - STATUS_OFFSET)
+}
+
+pub fn encode_status(status: i32) -> u8 {
+    (status.clamp(0, 127 - STATUS_OFFSET) + STATUS_OFFSET) as u8
+}
+
+/// Runs `config` in an L1 VM; returns kindling's exit status from inside it.
+pub fn run(config: &VmConfig) -> Result<i32, EmulatedError> {
+    let t0 = Instant::now();
+    let qemu = which("qemu-system-x86_64").ok_or(EmulatedError::NoQemu)?;
+    let l1 = find_l1_kernel()?;
+    let exe = std::env::current_exe().map_err(io("locating the kindling executable"))?;
+    if !is_static_elf(&exe).map_err(io(format!("reading {}", exe.display())))? {
+        return Err(EmulatedError::NotStatic(exe));
+    }
+    let base = base_initramfs(&l1)?;
+    let work = tempfile::Builder::new().prefix("kindling-l1-").tempdir().map_err(io("creating a temporary directory"))?;
+    let initramfs = work.path().join("initramfs.cpio");
+    let per_run = work.path().join("run.cpio");
+    run_archive(config, &exe, &per_run).map_err(io("packing the guest kernel and initrd for L1"))?;
+    concat(&[&base, &per_run], &initramfs).map_err(io("writing the L1 initramfs"))?;
+    eprintln!(
+        "kindling: emulated runner: level-1 initramfs ready in {:.1}s (L1 kernel {})",
+        t0.elapsed().as_secs_f64(),
+        l1.dir.display()
+    );
+
+    let l1_mem = config.memory_mib + L1_OVERHEAD_MIB;
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-M", "q35,accel=tcg", "-cpu", "EPYC,+svm,+npt"])
+        .args(["-smp", &config.cpus.to_string(), "-m", &format!("{l1_mem}M")])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
+        .args(["-device", &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04")])
+        .arg("-kernel")
+        .arg(l1.vmlinuz())
+        .arg("-initrd")
+        .arg(&initramfs)
+        .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1 tsc=reliable"]);
+    for d in &config.disks {
+        let mut spec = format!("file={},if=virtio,format=raw,cache=writeback,discard=unmap", qemu_escape(&d.path));
+        if d.read_only {
+            spec.push_str(",readonly=on");
+        }
+        cmd.arg("-drive").arg(spec);
+    }
+    eprintln!("kindling: emulated runner: starting the level-1 VM (QEMU TCG, {} vCPUs, {l1_mem} MiB)", config.cpus);
+    let status = cmd.status().map_err(io("starting qemu-system-x86_64"))?;
+    let code = status.code().ok_or(EmulatedError::Killed)?;
+    tracing::debug!("level-1 VM exited with {code} after {:?}", t0.elapsed());
+    decode_exit(code).ok_or(EmulatedError::NoStatus(code))
+}
+
+/// Inside L1 (`kindling __l1-guest`, exec'd by /init): boots the guest on L1's KVM and
+/// reports the exit status to the host through QEMU's isa-debug-exit port.
+pub fn l1_guest_main(boot: impl FnOnce(Vec<String>) -> i32) -> ! {
+    let status = match std::fs::read("/kindling/args") {
+        Ok(raw) => {
+            let args = String::from_utf8_lossy(&raw).split('\0').map(str::to_owned).collect();
+            boot(args)
+        }
+        Err(e) => {
+            eprintln!("kindling-l1: cannot read /kindling/args: {e}");
+            1
+        }
+    };
+    report_status(status);
+    // Not reached when QEMU honours the write; power off so QEMU exits anyway.
+    // SAFETY: plain reboot(2) syscall.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    std::process::exit(status)
+}
+
+fn report_status(status: i32) {
+    let value = encode_status(status);
+    // SAFETY: ioperm grants this (root) process the debug-exit port; the `out` touches
+    // only that port, which QEMU implements.
+    unsafe {
+        if libc::ioperm(u64::from(DEBUG_EXIT_PORT), 4, 1) != 0 {
+            eprintln!("kindling-l1: ioperm failed: {}", std::io::Error::last_os_error());
+            return;
+        }
+        std::arch::asm!("out dx, al", in("dx") DEBUG_EXIT_PORT, in("al") value, options(nomem, nostack));
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
+
+/// QEMU's -drive option separates with commas; a literal comma is doubled.
+fn qemu_escape(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+fn concat(parts: &[&Path], dest: &Path) -> std::io::Result<()> {
+    let mut out = std::fs::File::create(dest)?;
+    for p in parts {
+        std::io::copy(&mut std::fs::File::open(p)?, &mut out)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_status_round_trips_and_qemu_errors_do_not_decode() {
+        for s in [0, 1, 2, 100] {
+            let qemu_code = (i32::from(encode_status(s)) << 1) | 1;
+            assert_eq!(decode_exit(qemu_code), Some(s));
+        }
+        assert_eq!(decode_exit(0), None, "L1 powered off without a status");
+        assert_eq!(decode_exit(1), None, "QEMU's own error exit");
+    }
+
+    #[test]
+    fn l1_args_map_disks_to_virtio_drives() {
+        let config = VmConfig {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: "console=ttyS0 a=b".into(),
+            cpus: 2,
+            memory_mib: 256,
+            disks: vec![
+                crate::config::DiskConfig { path: "/x.img".into(), read_only: false },
+                crate::config::DiskConfig { path: "/y,z.img".into(), read_only: true },
+            ],
+        };
+        let args = l1_boot_args(&config);
+        assert!(args.windows(2).any(|w| w == ["--disk", "/dev/vda"]));
+        assert!(args.windows(2).any(|w| w == ["--disk", "/dev/vdb,ro"]));
+        assert!(args.windows(2).any(|w| w == ["--cmdline", "console=ttyS0 a=b"]));
+        assert_eq!(qemu_escape(Path::new("/y,z.img")), "/y,,z.img");
+    }
+
+    #[test]
+    fn static_detection() {
+        assert!(!is_static_elf(Path::new("/bin/sh")).unwrap(), "Debian's /bin/sh is dynamically linked");
+        assert!(is_static_elf(&std::env::current_exe().unwrap()).unwrap(), "tests are built crt-static too");
+    }
+}

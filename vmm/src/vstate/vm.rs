@@ -1,0 +1,90 @@
+//! The KVM VM: opening /dev/kvm with actionable errors, guest RAM, in-kernel irqchip + PIT.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::layout;
+
+/// Where KVM puts the real-mode TSS on Intel (three pages just below the BIOS ROM).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("/dev/kvm does not exist: this machine has no KVM (enable virtualization in firmware and load kvm_intel or kvm_amd), or use --runner emulated")]
+    NoKvm,
+    #[error("permission denied opening /dev/kvm: add your user to its group (`sudo usermod -aG kvm $USER`, then log in again) or use --runner emulated")]
+    KvmPermission,
+    #[error("opening /dev/kvm: {0}")]
+    KvmOpen(kvm_ioctls::Error),
+    #[error("KVM API version {0} is not 12; this kernel's KVM is unsupported")]
+    KvmApi(i32),
+    #[error("KVM lacks {0:?}, which kindling needs (an in-kernel irqchip, irqfd and ioeventfd)")]
+    MissingCap(Cap),
+    #[error("KVM {op} failed: {err}")]
+    Kvm { op: &'static str, err: kvm_ioctls::Error },
+    #[error("allocating {mib} MiB of guest memory: {err}; lower --memory")]
+    Memory { mib: u64, err: String },
+}
+
+pub struct Vm {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+}
+
+impl Vm {
+    pub fn new() -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(|e| match e.errno() {
+            libc::ENOENT | libc::ENODEV | libc::ENXIO => VmError::NoKvm,
+            libc::EACCES | libc::EPERM => VmError::KvmPermission,
+            _ => VmError::KvmOpen(e),
+        })?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(VmError::KvmApi(api));
+        }
+        for cap in [Cap::Irqchip, Cap::Irqfd, Cap::Ioeventfd, Cap::UserMemory] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(cap));
+            }
+        }
+        let fd = kvm.create_vm().map_err(|err| VmError::Kvm { op: "KVM_CREATE_VM", err })?;
+        Ok(Self { kvm, fd })
+    }
+
+    /// Allocates guest RAM (anonymous, private) and registers one KVM slot per range.
+    pub fn create_memory(&self, mib: u64) -> Result<Arc<GuestMemoryMmap>, VmError> {
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mib << 20)
+            .into_iter()
+            .map(|(start, len)| (GuestAddress(start), len as usize))
+            .collect();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges)
+            .map_err(|e| VmError::Memory { mib, err: e.to_string() })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the mapping lives in `mem`, which outlives the VM: vCPU threads and
+            // devices hold the same Arc, and the VM fd is dropped with them.
+            unsafe { self.fd.set_user_memory_region(region_desc) }
+                .map_err(|err| VmError::Kvm { op: "KVM_SET_USER_MEMORY_REGION", err })?;
+        }
+        Ok(Arc::new(mem))
+    }
+
+    /// In-kernel PIC + IOAPIC + LAPICs and the PIT (which Linux calibrates against).
+    pub fn setup_irqchip(&self) -> Result<(), VmError> {
+        self.fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|err| VmError::Kvm { op: "KVM_SET_TSS_ADDR", err })?;
+        self.fd.create_irq_chip().map_err(|err| VmError::Kvm { op: "KVM_CREATE_IRQCHIP", err })?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        self.fd.create_pit2(pit).map_err(|err| VmError::Kvm { op: "KVM_CREATE_PIT2", err })
+    }
+}
