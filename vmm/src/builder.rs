@@ -68,6 +68,8 @@ const ESCAPE: u8 = 0x01;
 
 pub struct MicroVm {
     vm: Vm,
+    /// Guest RAM; KVM's memory slots point into it, so it lives as long as the VM.
+    mem: Arc<vm_memory::GuestMemoryMmap>,
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialConsole>>,
     /// (transport, queue index, ioeventfd) for every virtio queue.
@@ -139,12 +141,12 @@ impl MicroVm {
             .map(|i| Vcpu::new(&vm, i, config.cpus, (i == 0).then_some(boot)))
             .collect::<Result<Vec<_>, _>>()?;
         tracing::debug!("microVM built in {:?}", started.elapsed());
-        Ok(Self { vm, exit, serial, queues, disks, vcpus, pio: Arc::new(pio), mmio: Arc::new(mmio), input: console.input, started })
+        Ok(Self { vm, mem, exit, serial, queues, disks, vcpus, pio: Arc::new(pio), mmio: Arc::new(mmio), input: console.input, started })
     }
 
     /// Runs the guest until it powers off, resets or fails.
     pub fn run(self) -> Result<ExitReason, BuildError> {
-        let MicroVm { vm, exit, serial, queues, disks, vcpus, pio, mmio, input, started } = self;
+        let MicroVm { vm, mem, exit, serial, queues, disks, vcpus, pio, mmio, input, started } = self;
         let epoll = Epoll::new().map_err(setup("epoll"))?;
         let add = |fd: RawFd, token: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
         add(exit.evt.as_raw_fd(), TOKEN_EXIT).map_err(setup("epoll"))?;
@@ -229,7 +231,9 @@ impl MicroVm {
         for d in &disks {
             d.lock().unwrap().sync_device();
         }
+        // vCPUs are stopped: the memory can go after the VM that maps it.
         drop(vm);
+        drop(mem);
         Ok(reason)
     }
 }

@@ -26,7 +26,7 @@ fn init_logging() {
         .filter(|f| !f.trim().is_empty())
         .map(EnvFilter::new)
         .unwrap_or_else(|| EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).without_time().init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(!is_l1() && std::io::IsTerminal::is_terminal(&std::io::stderr())).with_target(false).without_time().init();
 }
 
 fn is_l1() -> bool {

@@ -1,11 +1,16 @@
-//! ACPI tables: how the guest finds its CPUs (MADT), its interrupt controller, and how it
-//! powers off and resets (hardware-reduced FADT with sleep-control and reset registers,
-//! and a DSDT carrying `\_S5`). Built with rust-vmm's `acpi_tables`.
+//! ACPI tables: how the guest finds its CPUs (MADT), its interrupt controllers, and how it
+//! powers off and resets (FADT with a PM1a control block and a reset register, and a
+//! DSDT carrying `\_S5`). Built with rust-vmm's `acpi_tables`.
+//!
+//! Deliberately *not* hardware-reduced ACPI: in that mode Linux drops the legacy PIC
+//! and with it the fixed ISA IRQ numbers that COM1 (IRQ 4) and the command-line
+//! `virtio_mmio.device=...:IRQ` devices rely on.
 //!
 //! The guest kernel finds the RSDP both through boot_params.acpi_rsdp_addr and by its
 //! scan of the BIOS area, where it is placed.
 
 use acpi_tables::aml::{Name, Package, ZERO};
+use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
@@ -20,12 +25,16 @@ use super::layout;
 const OEM_ID: [u8; 6] = *b"KINDLG";
 const OEM_TABLE_ID: [u8; 8] = *b"KINDLING";
 const OEM_REVISION: u32 = 1;
-/// \_S5 sleep type; the guest writes (SLP_TYP << 2) | SLP_EN to the sleep control register.
-pub const S5_SLEEP_TYPE: u8 = 5;
-/// SLP_EN bit of the hardware-reduced sleep control register.
-pub const SLEEP_CONTROL_SLP_EN: u8 = 1 << 5;
-/// IAPC_BOOT_ARCH: 8042 present, no VGA, no CMOS RTC.
-const IAPC_BOOT_ARCH: u16 = (1 << 1) | (1 << 2) | (1 << 5);
+/// \_S5 sleep type; the guest writes (SLP_TYP << 10) | SLP_EN to PM1a_CNT.
+pub const S5_SLEEP_TYPE: u16 = 5;
+/// PM1 control register bits.
+pub const PM1_CNT_SCI_EN: u16 = 1 << 0;
+pub const PM1_CNT_SLP_TYP_SHIFT: u16 = 10;
+pub const PM1_CNT_SLP_EN: u16 = 1 << 13;
+/// IAPC_BOOT_ARCH: legacy ISA devices, 8042 present, no VGA, no CMOS RTC.
+const IAPC_BOOT_ARCH: u16 = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 5);
+/// MADT interrupt source override flags: active high (01), level triggered (11).
+const ISO_LEVEL_HIGH: u16 = 0b1101;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
@@ -44,7 +53,10 @@ fn bytes(table: &dyn Aml) -> Vec<u8> {
 /// Writes RSDP, XSDT, FADT, DSDT and MADT for `vcpus` CPUs; returns the RSDP address.
 pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, AcpiError> {
     let rsdp_addr = layout::ACPI_START;
-    let mut next = align(rsdp_addr + Rsdp::len() as u64);
+    // The FACS must be 64-byte aligned.
+    let facs_addr = align_to(rsdp_addr + Rsdp::len() as u64, 64);
+    let facs_bytes = bytes(&FACS::new());
+    let mut next = align(facs_addr + facs_bytes.len() as u64);
     let mut place = |len: usize| {
         let at = next;
         next = align(next + len as u64);
@@ -52,22 +64,31 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, Ac
     };
 
     // DSDT: just \_S5 so the kernel registers ACPI power-off.
+
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    let s5 = Name::new("_S5_".into(), &Package::new(vec![&S5_SLEEP_TYPE, &ZERO]));
+    let s5_type = S5_SLEEP_TYPE as u8;
+    let s5 = Name::new("_S5_".into(), &Package::new(vec![&s5_type, &ZERO]));
     dsdt.append_slice(&bytes(&s5));
     let dsdt_bytes = dsdt.as_slice().to_vec();
     let dsdt_addr = place(dsdt_bytes.len());
 
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
-        .flag(Flags::HwReducedAcpi)
+        .firmware_ctrl_64(facs_addr)
+        .flag(Flags::Wbinvd)
         .flag(Flags::ResetRegSup)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    let io_reg = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port));
-    fadt.sleep_control_reg = io_reg(layout::ACPI_SLEEP_CONTROL_PORT);
-    fadt.sleep_status_reg = io_reg(layout::ACPI_SLEEP_STATUS_PORT);
-    fadt.reset_reg = io_reg(layout::ACPI_RESET_PORT);
+    let io_reg = |port: u16, bits: u8, size: AccessSize| GAS::new(AddressSpace::SystemIo, bits, 0, size, u64::from(port));
+    // No SMI command port: the platform is always in ACPI mode (SCI_EN reads as set).
+    fadt.sci_int = u16::from(layout::ACPI_SCI_IRQ).into();
+    fadt.pm1a_evt_blk = u32::from(layout::ACPI_PM1A_EVT_PORT).into();
+    fadt.pm1a_cnt_blk = u32::from(layout::ACPI_PM1A_CNT_PORT).into();
+    fadt.pm1_evt_len = 4;
+    fadt.pm1_cnt_len = 2;
+    fadt.x_pm1a_evt_blk = io_reg(layout::ACPI_PM1A_EVT_PORT, 32, AccessSize::WordAccess);
+    fadt.x_pm1a_cnt_blk = io_reg(layout::ACPI_PM1A_CNT_PORT, 16, AccessSize::WordAccess);
+    fadt.reset_reg = io_reg(layout::ACPI_RESET_PORT, 8, AccessSize::ByteAccess);
     fadt.reset_value = layout::ACPI_RESET_VALUE;
     fadt.iapc_boot_arch = IAPC_BOOT_ARCH.into();
     let fadt_bytes = bytes(&fadt.finalize());
@@ -78,7 +99,14 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, Ac
         madt.add_structure(ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled));
     }
     madt.add_structure(IoApic::new(0, layout::IOAPIC_ADDR, 0));
-    let madt_bytes = bytes(&madt);
+    let mut madt_bytes = bytes(&madt);
+    set_madt_pcat_compat(&mut madt_bytes);
+    // The SCI is level-triggered, active high, on its ISA IRQ.
+    let sci = layout::ACPI_SCI_IRQ;
+    let mut iso = vec![2u8, 10, 0, sci];
+    iso.extend_from_slice(&u32::from(sci).to_le_bytes());
+    iso.extend_from_slice(&ISO_LEVEL_HIGH.to_le_bytes());
+    append_madt_entry(&mut madt_bytes, &iso);
     let madt_addr = place(madt_bytes.len());
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -93,6 +121,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, Ac
     let rsdp_bytes = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
     for (addr, data) in [
         (rsdp_addr, &rsdp_bytes),
+        (facs_addr, &facs_bytes),
         (dsdt_addr, &dsdt_bytes),
         (fadt_addr, &fadt_bytes),
         (madt_addr, &madt_bytes),
@@ -103,8 +132,38 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, Ac
     Ok(GuestAddress(rsdp_addr))
 }
 
+/// MADT flags bit 0, PCAT_COMPAT: the guest also has (KVM's in-kernel) 8259 PICs. Without
+/// it Linux assumes no legacy IRQs, so ISA devices such as COM1 on IRQ 4 are never routed
+/// to their IOAPIC pins. `acpi_tables` has no setter for the flags, so the serialized
+/// table is patched and its checksum recomputed.
+fn set_madt_pcat_compat(madt: &mut [u8]) {
+    const FLAGS_OFFSET: usize = 40;
+    madt[FLAGS_OFFSET] |= 1;
+    fix_checksum(madt);
+}
+
+/// Appends an interrupt controller structure the crate has no type for (e.g. an
+/// interrupt source override), updating the table length and checksum.
+fn append_madt_entry(madt: &mut Vec<u8>, entry: &[u8]) {
+    madt.extend_from_slice(entry);
+    let len = madt.len() as u32;
+    madt[4..8].copy_from_slice(&len.to_le_bytes());
+    fix_checksum(madt);
+}
+
+fn fix_checksum(table: &mut [u8]) {
+    const CHECKSUM_OFFSET: usize = 9;
+    table[CHECKSUM_OFFSET] = 0;
+    let sum = table.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    table[CHECKSUM_OFFSET] = 0u8.wrapping_sub(sum);
+}
+
 fn align(addr: u64) -> u64 {
-    (addr + 15) & !15
+    align_to(addr, 16)
+}
+
+fn align_to(addr: u64, to: u64) -> u64 {
+    addr.div_ceil(to) * to
 }
 
 #[cfg(test)]
@@ -128,13 +187,15 @@ mod tests {
         let xsdt: u64 = mem.read_obj(GuestAddress(rsdp.0 + 24)).unwrap();
         let xsdt_len: u32 = mem.read_obj(GuestAddress(xsdt + 4)).unwrap();
         assert!(checksum_ok(&mem, xsdt, xsdt_len as usize));
-        // Second XSDT entry is the MADT: header + 4 LAPICs (8 bytes) + IOAPIC (12 bytes).
+        // Second XSDT entry is the MADT: header + 4 LAPICs (8 bytes) + IOAPIC (12) + ISO (10).
         let madt: u64 = mem.read_obj(GuestAddress(xsdt + 36 + 8)).unwrap();
         let mut madt_sig = [0u8; 4];
         mem.read_slice(&mut madt_sig, GuestAddress(madt)).unwrap();
         assert_eq!(&madt_sig, b"APIC");
         let madt_len: u32 = mem.read_obj(GuestAddress(madt + 4)).unwrap();
-        assert_eq!(madt_len, 44 + 4 * 8 + 12);
+        assert_eq!(madt_len, 44 + 4 * 8 + 12 + 10);
         assert!(checksum_ok(&mem, madt, madt_len as usize));
+        let flags: u32 = mem.read_obj(GuestAddress(madt + 40)).unwrap();
+        assert_eq!(flags & 1, 1, "PCAT_COMPAT");
     }
 }

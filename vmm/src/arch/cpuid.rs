@@ -11,6 +11,7 @@ const LEAF_AMD_EXT_FEATURES: u32 = 0x8000_0001;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 const AMD_ECX_CMP_LEGACY: u32 = 1 << 1;
@@ -22,12 +23,24 @@ fn bits_for(n: u32) -> u32 {
     if n <= 1 { 0 } else { 32 - (n - 1).leading_zeros() }
 }
 
+/// What the host KVM offers beyond KVM_GET_SUPPORTED_CPUID.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostCaps {
+    /// KVM_CAP_TSC_DEADLINE_TIMER: the LAPIC timer can run in TSC-deadline mode, which
+    /// Linux uses without calibrating it against the PIT (slow, and unreliable when the
+    /// host is itself emulated).
+    pub tsc_deadline: bool,
+}
+
 /// Rewrites `cpuid` (from KVM_GET_SUPPORTED_CPUID) for vCPU `index` of `count`.
-pub fn customize(cpuid: &mut CpuId, index: u8, count: u8) {
+pub fn customize(cpuid: &mut CpuId, index: u8, count: u8, caps: HostCaps) {
     let (apic_id, n) = (u32::from(index), u32::from(count));
     let core_bits = bits_for(n);
     for entry in cpuid.as_mut_slice().iter_mut() {
         patch_entry(entry, apic_id, n, core_bits);
+        if entry.function == LEAF_FEATURES && caps.tsc_deadline {
+            entry.ecx |= ECX_TSC_DEADLINE;
+        }
     }
 }
 
@@ -100,11 +113,12 @@ mod tests {
     #[test]
     fn topology_of_four_cores() {
         let mut cpuid = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0x8000_0008, 0)]).unwrap();
-        customize(&mut cpuid, 3, 4);
+        customize(&mut cpuid, 3, 4, HostCaps { tsc_deadline: true });
         let e = cpuid.as_slice();
         assert_eq!(e[0].ebx >> 24, 3, "APIC ID");
         assert_eq!((e[0].ebx >> 16) & 0xff, 4, "logical processor count");
         assert_ne!(e[0].edx & EDX_HTT, 0);
+        assert_ne!(e[0].ecx & ECX_TSC_DEADLINE, 0);
         assert_eq!((e[2].eax, e[2].ebx, e[2].edx), (2, 4, 3), "core level: 2 bits, 4 cores, x2APIC id");
         assert_eq!(e[3].ecx & 0xff, 3);
     }

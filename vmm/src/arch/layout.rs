@@ -41,11 +41,14 @@ pub const SERIAL_IRQ: u32 = 4;
 pub const FIRST_VIRTIO_IRQ: u32 = 5;
 pub const LAST_IRQ: u32 = 23;
 
-/// I/O ports of the ACPI hardware-reduced sleep control / status and reset registers.
-pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
-pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x3c1;
-pub const ACPI_RESET_PORT: u16 = 0x3c2;
+/// ACPI fixed hardware I/O ports: PM1a event block (status + enable, 4 bytes),
+/// PM1a control block (2 bytes; S5 = power off), and the FADT reset register.
+pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
+pub const ACPI_PM1A_CNT_PORT: u16 = 0x604;
+pub const ACPI_RESET_PORT: u16 = 0x608;
 pub const ACPI_RESET_VALUE: u8 = 0x42;
+/// The ACPI system control interrupt (never raised: no ACPI events are generated).
+pub const ACPI_SCI_IRQ: u8 = 9;
 
 /// 1 TiB is far beyond what this VMM is meant for and keeps all arithmetic in range.
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;

@@ -21,6 +21,9 @@ pub const L1_MODULES: [&str; 3] = ["irqbypass.ko", "kvm.ko", "kvm-amd.ko"];
 /// Where scripts/setup installs the L1 kernel for every user (root installs).
 pub const SYSTEM_L1_DIR: &str = "/usr/local/lib/kindling/l1-kernel";
 const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// AMD EPYC with SVM and nested paging, minus the features TCG cannot emulate (which
+/// QEMU would otherwise warn about at every start).
+const L1_CPU: &str = "EPYC,+svm,+npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
 /// Status values are offset so that QEMU's own exit code 1 (an error) never decodes
 /// to a guest status: QEMU exits with ((value << 1) | 1).
 const STATUS_OFFSET: i32 = 16;
@@ -265,7 +268,7 @@ pub fn run(config: &VmConfig) -> Result<i32, EmulatedError> {
 
     let l1_mem = config.memory_mib + L1_OVERHEAD_MIB;
     let mut cmd = Command::new(qemu);
-    cmd.args(["-M", "q35,accel=tcg", "-cpu", "EPYC,+svm,+npt"])
+    cmd.args(["-M", "q35,accel=tcg", "-cpu", L1_CPU])
         .args(["-smp", &config.cpus.to_string(), "-m", &format!("{l1_mem}M")])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
         .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
@@ -311,6 +314,14 @@ pub fn l1_guest_main(boot: impl FnOnce(Vec<String>) -> i32) -> ! {
 
 fn report_status(status: i32) {
     let value = encode_status(status);
+    // The console is a UART: wait until everything written has left it, or QEMU exits
+    // with the last lines (usually the error) still queued.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    // SAFETY: tcdrain on the standard descriptors; no memory is passed.
+    unsafe {
+        libc::tcdrain(libc::STDOUT_FILENO);
+        libc::tcdrain(libc::STDERR_FILENO);
+    }
     // SAFETY: ioperm grants this (root) process the debug-exit port; the `out` touches
     // only that port, which QEMU implements.
     unsafe {

@@ -49,7 +49,8 @@ impl Vcpu {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|err| VcpuError::Kvm { index, op: "KVM_GET_SUPPORTED_CPUID", err })?;
-        cpuid::customize(&mut cpuid, index, count);
+        let caps = cpuid::HostCaps { tsc_deadline: vm.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) };
+        cpuid::customize(&mut cpuid, index, count, caps);
         fd.set_cpuid2(&cpuid).map_err(|err| VcpuError::Kvm { index, op: "KVM_SET_CPUID2", err })?;
         regs::setup_common(&fd).map_err(|e| VcpuError::Regs(e, index))?;
         if let Some(boot) = boot {
@@ -120,7 +121,7 @@ impl Vcpu {
                 Some(ExitReason::Error)
             }
             Ok(VcpuExit::InternalError) => {
-                tracing::error!("vCPU {index}: KVM internal error (emulation failure in the guest)");
+                tracing::error!("vCPU {index}: KVM internal error (emulation failure in the guest); {}", self.describe());
                 Some(ExitReason::Error)
             }
             Ok(other) => {
@@ -129,9 +130,20 @@ impl Vcpu {
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) => {
-                tracing::error!("vCPU {index}: KVM_RUN failed: {e}");
+                tracing::error!("vCPU {index}: KVM_RUN failed: {e}; {}", self.describe());
                 Some(ExitReason::Error)
             }
+        }
+    }
+
+    /// Where the vCPU is, for fatal-error messages.
+    fn describe(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer
+            ),
+            _ => "registers unavailable".into(),
         }
     }
 }

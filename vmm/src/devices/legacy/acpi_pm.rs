@@ -1,6 +1,6 @@
-//! ACPI hardware-reduced power management registers (see arch::acpi's FADT): the
-//! sleep control register (S5 = power off), the sleep status register, and the reset
-//! register.
+//! ACPI fixed hardware (see arch::acpi's FADT): the PM1a event block (status, never
+//! set, and enable, a plain register the guest can read back), the PM1a control block (SCI_EN always set; SLP_TYP=S5 with
+//! SLP_EN powers the VM off) and the reset register.
 
 use std::sync::Arc;
 
@@ -8,35 +8,53 @@ use crate::arch::{acpi, layout};
 use crate::devices::bus::BusDevice;
 use crate::devices::{ExitReason, ExitSignal};
 
-/// Covers the sleep control, sleep status and reset ports.
-pub const ACPI_PM_PORT: u64 = layout::ACPI_SLEEP_CONTROL_PORT as u64;
-pub const ACPI_PM_LEN: u64 = 3;
+/// Covers PM1a_EVT (4 bytes), PM1a_CNT (2 bytes, at +4) and the reset register (+8).
+pub const ACPI_PM_PORT: u64 = layout::ACPI_PM1A_EVT_PORT as u64;
+pub const ACPI_PM_LEN: u64 = (layout::ACPI_RESET_PORT - layout::ACPI_PM1A_EVT_PORT) as u64 + 1;
+const CNT_OFFSET: u64 = (layout::ACPI_PM1A_CNT_PORT - layout::ACPI_PM1A_EVT_PORT) as u64;
+const RESET_OFFSET: u64 = (layout::ACPI_RESET_PORT - layout::ACPI_PM1A_EVT_PORT) as u64;
+
+const EN_OFFSET: u64 = 2;
 
 pub struct AcpiPm {
     exit: Arc<ExitSignal>,
+    pm1_enable: u16,
 }
 
 impl AcpiPm {
     pub fn new(exit: Arc<ExitSignal>) -> Self {
-        Self { exit }
+        Self { exit, pm1_enable: 0 }
     }
 }
 
+fn put_u16(data: &mut [u8], value: u16) {
+    let n = data.len().min(2);
+    data[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+}
+
 impl BusDevice for AcpiPm {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
+        match offset {
+            EN_OFFSET => put_u16(data, self.pm1_enable),
+            CNT_OFFSET => put_u16(data, acpi::PM1_CNT_SCI_EN),
+            _ => {}
+        }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let Some(&value) = data.first() else { return };
-        let port = ACPI_PM_PORT + offset;
-        if port == u64::from(layout::ACPI_SLEEP_CONTROL_PORT)
-            && value & acpi::SLEEP_CONTROL_SLP_EN != 0
-            && (value >> 2) & 0x7 == acpi::S5_SLEEP_TYPE
-        {
-            self.exit.request(ExitReason::PowerOff);
-        } else if port == u64::from(layout::ACPI_RESET_PORT) && value == layout::ACPI_RESET_VALUE {
-            self.exit.request(ExitReason::Reset);
+        match offset {
+            // ACPICA enables fixed events (e.g. the global lock) and reads the bits back.
+            EN_OFFSET if data.len() >= 2 => self.pm1_enable = u16::from_le_bytes([data[0], data[1]]),
+            CNT_OFFSET if data.len() >= 2 => {
+                let value = u16::from_le_bytes([data[0], data[1]]);
+                let sleep_type = (value >> acpi::PM1_CNT_SLP_TYP_SHIFT) & 0x7;
+                if value & acpi::PM1_CNT_SLP_EN != 0 && sleep_type == acpi::S5_SLEEP_TYPE {
+                    self.exit.request(ExitReason::PowerOff);
+                }
+            }
+            RESET_OFFSET if data.first() == Some(&layout::ACPI_RESET_VALUE) => self.exit.request(ExitReason::Reset),
+            _ => {}
         }
     }
 }
@@ -45,16 +63,27 @@ impl BusDevice for AcpiPm {
 mod tests {
     use super::*;
 
+    fn cnt(v: u16) -> [u8; 2] {
+        v.to_le_bytes()
+    }
+
     #[test]
     fn s5_powers_off_and_reset_resets() {
         let exit = Arc::new(ExitSignal::new().unwrap());
         let mut pm = AcpiPm::new(exit.clone());
-        pm.write(0, &[(1 << 2) | acpi::SLEEP_CONTROL_SLP_EN]); // S1: ignored
+        let mut b = [0u8; 2];
+        pm.read(CNT_OFFSET, &mut b);
+        assert_eq!(u16::from_le_bytes(b) & acpi::PM1_CNT_SCI_EN, 1, "always in ACPI mode");
+        pm.write(EN_OFFSET, &[0x20, 0x01]);
+        pm.read(EN_OFFSET, &mut b);
+        assert_eq!(b, [0x20, 0x01], "enable bits read back");
+        pm.write(CNT_OFFSET, &cnt((1 << acpi::PM1_CNT_SLP_TYP_SHIFT) | acpi::PM1_CNT_SLP_EN)); // S1: ignored
+        pm.write(CNT_OFFSET, &[0x34]); // short write: ignored
         assert_eq!(exit.reason(), ExitReason::Running);
-        pm.write(0, &[(acpi::S5_SLEEP_TYPE << 2) | acpi::SLEEP_CONTROL_SLP_EN]);
+        pm.write(CNT_OFFSET, &cnt((acpi::S5_SLEEP_TYPE << acpi::PM1_CNT_SLP_TYP_SHIFT) | acpi::PM1_CNT_SLP_EN));
         assert_eq!(exit.reason(), ExitReason::PowerOff);
         let exit = Arc::new(ExitSignal::new().unwrap());
-        AcpiPm::new(exit.clone()).write(2, &[layout::ACPI_RESET_VALUE]);
+        AcpiPm::new(exit.clone()).write(RESET_OFFSET, &[layout::ACPI_RESET_VALUE]);
         assert_eq!(exit.reason(), ExitReason::Reset);
     }
 }
