@@ -16,8 +16,17 @@ use std::time::Instant;
 use crate::cache;
 use crate::config::VmConfig;
 
-/// Modules loaded in L1, in dependency order.
-pub const L1_MODULES: [&str; 3] = ["irqbypass.ko", "kvm.ko", "kvm-amd.ko"];
+/// images/l1/modules.txt: the modules L1 loads, in dependency order (shared with scripts/setup).
+const L1_MODULE_LIST: &str = include_str!("../../../images/l1/modules.txt");
+
+/// File names of the modules L1 loads, in load order.
+pub fn l1_modules() -> impl Iterator<Item = &'static str> {
+    L1_MODULE_LIST
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.rsplit('/').next().unwrap_or(l))
+}
 /// Where scripts/setup installs the L1 kernel for every user (root installs).
 pub const SYSTEM_L1_DIR: &str = "/usr/local/lib/kindling/l1-kernel";
 const DEBUG_EXIT_PORT: u16 = 0xf4;
@@ -37,8 +46,8 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-for m in irqbypass kvm kvm-amd; do
-  insmod /lib/modules/$m.ko || echo "kindling-l1: loading $m.ko failed"
+for m in $(cat /lib/modules/order); do
+  insmod /lib/modules/$m || echo "kindling-l1: loading $m failed"
 done
 [ -c /dev/kvm ] || echo "kindling-l1: no /dev/kvm after loading the KVM modules"
 exec /kindling/kindling __l1-guest
@@ -80,7 +89,7 @@ impl L1Kernel {
         self.dir.join("modules").join(name)
     }
     fn is_complete(dir: &Path) -> bool {
-        dir.join("vmlinuz").is_file() && L1_MODULES.iter().all(|m| dir.join("modules").join(m).is_file())
+        dir.join("vmlinuz").is_file() && l1_modules().all(|m| dir.join("modules").join(m).is_file())
     }
 }
 
@@ -171,10 +180,10 @@ fn base_initramfs(l1: &L1Kernel) -> Result<PathBuf, EmulatedError> {
     if !busybox.is_file() || !is_static_elf(busybox).unwrap_or(false) {
         return Err(EmulatedError::NoBusybox);
     }
-    let mut key = cache::Key::new("l1-initramfs-v1");
+    let mut key = cache::Key::new("l1-initramfs-v2");
     key.add(INIT_SCRIPT.as_bytes());
     key.add_file(busybox).map_err(io("reading /bin/busybox"))?;
-    for m in L1_MODULES {
+    for m in l1_modules() {
         key.add_file(&l1.module(m)).map_err(io(format!("reading {}", l1.module(m).display())))?;
     }
     let path = cache::dir().join("l1").join(format!("base-{}.cpio", key.finish()));
@@ -188,9 +197,11 @@ fn base_initramfs(l1: &L1Kernel) -> Result<PathBuf, EmulatedError> {
         }
         a.file("bin/busybox", 0o755, busybox)?;
         a.entry("init", 0o100755, INIT_SCRIPT.as_bytes())?;
-        for m in L1_MODULES {
+        let order: Vec<&str> = l1_modules().collect();
+        for m in &order {
             a.file(&format!("lib/modules/{m}"), 0o644, &l1.module(m))?;
         }
+        a.entry("lib/modules/order", 0o100644, order.join("\n").as_bytes())?;
         a.finish()?.flush()
     })
     .map_err(io(format!("writing {}", path.display())))?;
@@ -297,7 +308,8 @@ pub fn run(config: &VmConfig) -> Result<i32, EmulatedError> {
 pub fn l1_guest_main(boot: impl FnOnce(Vec<String>) -> i32) -> ! {
     let status = match std::fs::read("/kindling/args") {
         Ok(raw) => {
-            let args = String::from_utf8_lossy(&raw).split('\0').map(str::to_owned).collect();
+            let args: Vec<String> = String::from_utf8_lossy(&raw).split('\0').map(str::to_owned).collect();
+            wait_for_disks(&args);
             boot(args)
         }
         Err(e) => {
@@ -310,6 +322,19 @@ pub fn l1_guest_main(boot: impl FnOnce(Vec<String>) -> i32) -> ! {
     // SAFETY: plain reboot(2) syscall.
     unsafe { libc::reboot(libc::RB_POWER_OFF) };
     std::process::exit(status)
+}
+
+/// virtio_blk probes asynchronously: give L1's /dev/vdX nodes a moment to appear.
+fn wait_for_disks(args: &[String]) {
+    let disks: Vec<PathBuf> = args
+        .windows(2)
+        .filter(|w| w[0] == "--disk")
+        .map(|w| PathBuf::from(w[1].trim_end_matches(",ro")))
+        .collect();
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    while !disks.iter().all(|d| d.exists()) && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn report_status(status: i32) {
