@@ -103,13 +103,13 @@ impl MicroVm {
         pio.insert(Arc::new(Mutex::new(AcpiPm::new(exit.clone()))), ACPI_PM_PORT, ACPI_PM_LEN)
             .map_err(setup("ACPI PM ports"))?;
 
+        // validate() already checked the length including the device entries below.
         let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(setup("command line"))?;
-        let too_long = |extra: usize| ConfigError::CmdlineTooLong { len: config.cmdline.len() + extra };
-        cmdline.insert_str(&config.cmdline).map_err(|_| too_long(0))?;
+        let too_long = || ConfigError::CmdlineTooLong { len: config.full_cmdline_len() };
+        cmdline.insert_str(&config.cmdline).map_err(|_| too_long())?;
 
         let mut queues = Vec::new();
         let mut disks = Vec::new();
-        let mut device_args = 0usize;
         for (i, disk) in config.disks.iter().enumerate() {
             let (addr, irq) = layout::virtio_mmio_slot(i).ok_or(BuildError::TooManyDevices(i))?;
             let block = Block::open(&disk.path, disk.read_only)?;
@@ -126,11 +126,7 @@ impl MicroVm {
                 queues.push((transport.clone(), q, evt));
             }
             disks.push(transport);
-            let entry = format!(" virtio_mmio.device=4K@{addr:#x}:{irq}");
-            device_args += entry.len();
-            cmdline
-                .add_virtio_mmio_device(layout::VIRTIO_MMIO_SIZE, vm_memory::GuestAddress(addr), irq, None)
-                .map_err(|_| too_long(device_args))?;
+            cmdline.insert_str(crate::config::virtio_mmio_arg(addr, irq)).map_err(|_| too_long())?;
         }
         tracing::debug!("kernel command line: {}", cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default());
 

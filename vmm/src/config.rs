@@ -102,6 +102,10 @@ impl VmConfig {
         if !self.cmdline.bytes().all(|b| b.is_ascii() && b != 0) {
             return Err(ConfigError::CmdlineInvalid);
         }
+        let len = self.full_cmdline_len();
+        if len >= CMDLINE_MAX {
+            return Err(ConfigError::CmdlineTooLong { len });
+        }
         let format = kernel_format(&self.kernel)?;
         if let Some(initrd) = &self.initrd {
             if !initrd.is_file() {
@@ -118,6 +122,25 @@ impl VmConfig {
         }
         Ok(format)
     }
+}
+
+impl VmConfig {
+    /// The command line's length once the VMM appended one `virtio_mmio.device=` entry
+    /// per device (the builder appends exactly these).
+    pub fn full_cmdline_len(&self) -> usize {
+        let devices: usize = (0..self.disks.len())
+            .map(|i| match layout::virtio_mmio_slot(i) {
+                Some((addr, irq)) => virtio_mmio_arg(addr, irq).len() + 1,
+                None => 0,
+            })
+            .sum();
+        self.cmdline.len() + devices
+    }
+}
+
+/// The kernel parameter describing one virtio-mmio device window.
+pub fn virtio_mmio_arg(addr: u64, irq: u32) -> String {
+    format!("virtio_mmio.device=4K@{addr:#x}:{irq}")
 }
 
 /// Sniffs the kernel image: a bzImage carries "HdrS" at 0x202, an ELF starts with \x7fELF.
@@ -190,5 +213,12 @@ mod tests {
         c.disks.push(DiskConfig { path: dir.path().join("missing.img"), read_only: false });
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("missing.img") && err.contains("not found"), "{err}");
+
+        let disk = dir.path().join("d.img");
+        std::fs::write(&disk, b"").unwrap();
+        let mut c = base(k.clone());
+        c.disks.push(DiskConfig { path: disk, read_only: false });
+        c.cmdline = "x".repeat(CMDLINE_MAX - 10);
+        assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong { .. })), "device entries count too");
     }
 }

@@ -82,7 +82,8 @@ pub struct L1Kernel {
 }
 
 impl L1Kernel {
-    fn vmlinuz(&self) -> PathBuf {
+    /// Debian's stock cloud kernel (also the tests' stock guest kernel).
+    pub fn vmlinuz(&self) -> PathBuf {
         self.dir.join("vmlinuz")
     }
     fn module(&self, name: &str) -> PathBuf {

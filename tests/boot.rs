@@ -1,0 +1,91 @@
+//! End-to-end boots of real Linux under kindling's VMM (through the emulated runner on
+//! machines whose /dev/kvm cannot run a stock kernel).
+
+mod common;
+
+use common::*;
+
+#[test]
+fn stock_debian_kernel_reaches_init_counts_two_cpus_and_powers_off() {
+    let kernel = debian_kernel();
+    let initrd = busybox_initramfs();
+    let (out, log) = boot(&[
+        "--kernel", kernel.to_str().unwrap(),
+        "--initrd", initrd.to_str().unwrap(),
+        "--cmdline", "console=ttyS0",
+        "--cpus", "2",
+    ]);
+    assert!(log.contains("KINDLING-INIT-OK"), "the initramfs /init did not run\n{log}");
+    assert!(log.contains("KINDLING-NPROC=2"), "the guest did not count 2 processors\n{log}");
+    assert!(log.contains("KINDLING-POWEROFF"), "{log}");
+    assert_eq!(out.status.code(), Some(0), "poweroff -f must end kindling boot with 0\n{log}");
+    assert!(log.contains("kindling: runner "), "stderr names the runner\n{log}");
+}
+
+#[test]
+fn our_kernel_writes_to_an_ext4_root_disk_and_the_write_persists() {
+    let kernel = our_kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let img = ext4_root(
+        dir.path(),
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nmount -t proc proc /proc\n\
+         echo \"KINDLING-ROOT $(grep ' / ' /proc/mounts)\"\n\
+         echo 'written by the guest' > /written-by-guest && sync && echo KINDLING-WROTE\n\
+         poweroff -f\n",
+    );
+    assert_eq!(ext4_cat(&img, "/written-by-guest"), None);
+    let disk = img.to_str().unwrap();
+    let (out, log) = boot(&[
+        "--kernel", kernel.to_str().unwrap(),
+        "--disk", disk,
+        "--cmdline", "console=ttyS0 panic=-1 root=/dev/vda rw init=/init",
+        "--cpus", "2",
+    ]);
+    assert!(log.contains("KINDLING-ROOT /dev/root / ext4 rw"), "root is not the rw ext4 disk\n{log}");
+    assert!(log.contains("KINDLING-WROTE"), "{log}");
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_eq!(ext4_cat(&img, "/written-by-guest").as_deref(), Some("written by the guest\n"), "the write is not in the image\n{log}");
+}
+
+#[test]
+fn read_only_disk_refuses_writes() {
+    let kernel = our_kernel();
+    let dir = tempfile::tempdir().unwrap();
+    // The root is read-only, so busybox cannot install its applet links: call it directly.
+    let img = ext4_root(
+        dir.path(),
+        "#!/bin/busybox sh\nbb=/bin/busybox\n$bb mount -t proc proc /proc\n$bb mount -t sysfs sys /sys\n$bb mount -t devtmpfs dev /dev\n\
+         echo \"KINDLING-RO-FLAG $($bb cat /sys/block/vda/ro)\"\n\
+         if $bb mount -o remount,rw / 2>/dev/null; then echo KINDLING-REMOUNT-RW; fi\n\
+         if $bb dd if=/dev/zero of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null; then echo KINDLING-RAW-WRITE-OK; else echo KINDLING-RAW-WRITE-REFUSED; fi\n\
+         $bb poweroff -f\n",
+    );
+    let before = std::fs::read(&img).unwrap();
+    let disk = format!("{},ro", img.display());
+    let (out, log) = boot(&[
+        "--kernel", kernel.to_str().unwrap(),
+        "--disk", &disk,
+        "--cmdline", "console=ttyS0 panic=-1 root=/dev/vda ro init=/init",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains("KINDLING-RO-FLAG 1"), "the guest must see a read-only disk\n{log}");
+    assert!(!log.contains("KINDLING-REMOUNT-RW"), "{log}");
+    assert!(log.contains("KINDLING-RAW-WRITE-REFUSED"), "{log}");
+    assert!(std::fs::read(&img).unwrap() == before, "the read-only image changed");
+}
+
+#[test]
+fn elf_vmlinux_boots_and_guest_reboot_ends_the_vm() {
+    let bzimage = our_kernel();
+    let vmlinux = bzimage.with_file_name("vmlinux");
+    let initrd = busybox_initramfs();
+    let (out, log) = boot(&[
+        "--kernel", vmlinux.to_str().unwrap(),
+        "--initrd", initrd.to_str().unwrap(),
+        "--cmdline", "console=ttyS0 kindling.run=echo+KINDLING-REBOOTING;reboot+-f",
+    ]);
+    assert!(log.contains("KINDLING-INIT-OK"), "{log}");
+    assert!(log.contains("KINDLING-REBOOTING"), "{log}");
+    assert!(!log.contains("KINDLING-POWEROFF"), "reboot -f must end the VM before the script goes on\n{log}");
+    assert_eq!(out.status.code(), Some(0), "a guest reboot ends kindling boot with 0\n{log}");
+}

@@ -1,0 +1,115 @@
+//! Shared helpers for kindling's integration tests: real kernels, real images, the real
+//! `kindling` binary. Nothing is mocked; a missing prerequisite fails the test with the
+//! command that provides it.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn kindling() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kindling"))
+}
+
+/// Debian's stock cloud kernel, as extracted by scripts/setup.
+pub fn debian_kernel() -> PathBuf {
+    kindling::runner::emulated::find_l1_kernel()
+        .unwrap_or_else(|e| panic!("{e} (the tests boot Debian's stock kernel too)"))
+        .vmlinuz()
+}
+
+fn run_script(script: &str, args: &[&str]) -> PathBuf {
+    let out = Command::new(repo().join(script)).args(args).stderr(Stdio::inherit()).output().expect(script);
+    assert!(out.status.success(), "{script} failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim().lines().last().unwrap())
+}
+
+/// kindling's own guest kernel (bzImage), built from images/kernel (cached by input hash).
+pub fn our_kernel() -> PathBuf {
+    run_script("images/kernel/build.sh", &[])
+}
+
+/// A busybox initramfs whose /init prints KINDLING-INIT-OK and KINDLING-NPROC=N, runs
+/// the `kindling.run=` command-line script, then powers off.
+pub fn busybox_initramfs() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kindling-test-initramfs-{}", std::process::id()));
+    run_script("scripts/busybox-initramfs", &[dir.join("initramfs.cpio.gz").to_str().unwrap()])
+}
+
+/// An ext4 image (made without mounting) holding busybox and `init` as /init.
+pub fn ext4_root(dir: &Path, init: &str) -> PathBuf {
+    let root = dir.join("root");
+    for d in ["bin", "proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static (apt-get install busybox-static)");
+    let init_path = root.join("init");
+    std::fs::write(&init_path, init).unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&init_path).unwrap().permissions(), 0o755);
+    std::fs::set_permissions(&init_path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let img = dir.join("disk.img");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-L", "kindling-test", "-d"])
+        .arg(&root)
+        .arg(&img)
+        .arg("64M")
+        .status()
+        .expect("mkfs.ext4 (apt-get install e2fsprogs)");
+    assert!(st.success());
+    img
+}
+
+/// Reads a file out of an ext4 image from outside, with debugfs.
+pub fn ext4_cat(img: &Path, path: &str) -> Option<String> {
+    let out = Command::new("debugfs").arg("-R").arg(format!("cat {path}")).arg(img).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let err = String::from_utf8_lossy(&out.stderr);
+    (!err.contains("not found")).then_some(text)
+}
+
+/// Runs `cmd` with no stdin, collecting output; kills it after `limit`.
+pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        stdout.read_to_end(&mut v).ok();
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        stderr.read_to_end(&mut v).ok();
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > limit {
+            child.kill().ok();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
+}
+
+/// Boots with `args`, under the runner `auto` picks here, within 10 minutes.
+pub fn boot(args: &[&str]) -> (Output, String) {
+    let mut cmd = kindling();
+    cmd.arg("boot").args(args);
+    let out = run_with_timeout(cmd, Duration::from_secs(600));
+    let text = format!(
+        "--- stdout ---\n{}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}
