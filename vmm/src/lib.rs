@@ -13,6 +13,7 @@
 //! - [`cli`]: the `kindling` command line.
 
 pub mod arch;
+pub mod bench;
 pub mod builder;
 pub mod cache;
 pub mod cli;

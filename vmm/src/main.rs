@@ -7,7 +7,8 @@ fn main() {
     init_logging();
     let code = match cli.command {
         Command::Boot(args) => boot::run(&args),
-        Command::L1Guest => kindling::runner::emulated::l1_guest_main(l1_boot),
+        Command::Bench(args) => kindling::bench::run(&args),
+        Command::L1Guest => kindling::runner::emulated::l1_guest_main(l1_run),
     };
     match code {
         Ok(code) => std::process::exit(code),
@@ -33,9 +34,9 @@ fn is_l1() -> bool {
     std::env::args().nth(1).as_deref() == Some("__l1-guest")
 }
 
-/// `kindling boot ARGS` inside the level-1 VM.
-fn l1_boot(args: Vec<String>) -> i32 {
-    let argv = ["kindling".to_string(), "boot".to_string()].into_iter().chain(args);
+/// `kindling MODE ARGS` (boot or bench) inside the level-1 VM.
+fn l1_run(mode: &str, args: Vec<String>) -> i32 {
+    let argv = ["kindling".to_string(), mode.to_string()].into_iter().chain(args);
     let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
         Err(e) => {
@@ -43,8 +44,12 @@ fn l1_boot(args: Vec<String>) -> i32 {
             return 2;
         }
     };
-    let Command::Boot(args) = cli.command else { return 2 };
-    boot::run(&args).unwrap_or_else(|e| {
+    let result = match cli.command {
+        Command::Boot(args) => boot::run(&args),
+        Command::Bench(args) => kindling::bench::run(&args),
+        Command::L1Guest => return 2,
+    };
+    result.unwrap_or_else(|e| {
         tracing::error!("{e:#}");
         1
     })

@@ -181,7 +181,7 @@ fn base_initramfs(l1: &L1Kernel) -> Result<PathBuf, EmulatedError> {
     if !busybox.is_file() || !is_static_elf(busybox).unwrap_or(false) {
         return Err(EmulatedError::NoBusybox);
     }
-    let mut key = cache::Key::new("l1-initramfs-v2");
+    let mut key = cache::Key::new("l1-initramfs-v3");
     key.add(INIT_SCRIPT.as_bytes());
     key.add_file(busybox).map_err(io("reading /bin/busybox"))?;
     for m in l1_modules() {
@@ -232,8 +232,9 @@ pub fn l1_boot_args(config: &VmConfig) -> Vec<String> {
     args
 }
 
-/// The per-run part of L1's initramfs: kindling itself, the guest kernel/initrd, args.
-fn run_archive(config: &VmConfig, exe: &Path, dest: &Path) -> std::io::Result<()> {
+/// The per-run part of L1's initramfs: kindling itself, the guest kernel/initrd, the
+/// job and its arguments (and for a benchmark, QEMU with everything it loads).
+fn run_archive(config: &VmConfig, job: &Job<'_>, exe: &Path, dest: &Path) -> std::io::Result<()> {
     let mut a = Archive::new(std::io::BufWriter::new(std::fs::File::create(dest)?));
     a.dir("kindling")?;
     a.file("kindling/kindling", 0o755, exe)?;
@@ -241,11 +242,44 @@ fn run_archive(config: &VmConfig, exe: &Path, dest: &Path) -> std::io::Result<()
     if let Some(initrd) = &config.initrd {
         a.file("kindling/initrd", 0o644, initrd)?;
     }
-    let args = l1_boot_args(config).join("\0");
-    a.entry("kindling/args", 0o100644, args.as_bytes())?;
+    let (mode, args) = match job {
+        Job::Boot => ("boot", l1_boot_args(config)),
+        Job::Bench(b) => {
+            add_qemu_bundle(&mut a)?;
+            ("bench", b.l1_args())
+        }
+    };
+    a.entry("kindling/mode", 0o100644, mode.as_bytes())?;
+    a.entry("kindling/args", 0o100644, args.join("\0").as_bytes())?;
     let filter = std::env::var("RUST_LOG").unwrap_or_default();
     a.entry("kindling/log-filter", 0o100644, filter.as_bytes())?;
     a.finish()?.flush()
+}
+
+/// QEMU's binary, its dynamic loader and libraries (from ldd) and the microvm firmware.
+fn add_qemu_bundle<W: Write>(a: &mut Archive<W>) -> std::io::Result<()> {
+    let qemu = which("qemu-system-x86_64").ok_or_else(|| std::io::Error::other("qemu-system-x86_64 not found"))?;
+    let ldd = Command::new("ldd").arg(&qemu).output()?;
+    let root = L1_QEMU_DIR.trim_start_matches('/');
+    a.dir(root)?;
+    a.dir(&format!("{root}/lib"))?;
+    a.dir(&format!("{root}/share"))?;
+    a.file(&format!("{root}/qemu-system-x86_64"), 0o755, &qemu)?;
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line.split("=>").last().unwrap_or("").split_whitespace().next().unwrap_or("");
+        if path.starts_with('/') {
+            let name = Path::new(path).file_name().and_then(|n| n.to_str()).unwrap_or("lib");
+            a.file(&format!("{root}/lib/{name}"), 0o755, Path::new(path))?;
+        }
+    }
+    for fw in ["bios-microvm.bin", "linuxboot_dma.bin", "kvmvapic.bin"] {
+        let p = Path::new("/usr/share/qemu").join(fw);
+        if p.exists() {
+            a.file(&format!("{root}/share/{fw}"), 0o644, &p)?;
+        }
+    }
+    Ok(())
 }
 
 /// Maps QEMU's exit code back to kindling's exit status inside L1.
@@ -257,8 +291,26 @@ pub fn encode_status(status: i32) -> u8 {
     (status.clamp(0, 127 - STATUS_OFFSET) + STATUS_OFFSET) as u8
 }
 
+/// What kindling does inside the level-1 VM.
+enum Job<'a> {
+    Boot,
+    Bench(&'a crate::bench::BenchArgs),
+}
+
+/// Where the benchmark's QEMU (binary, loader, libraries, firmware) lands inside L1.
+pub const L1_QEMU_DIR: &str = "/kindling/qemu";
+
 /// Runs `config` in an L1 VM; returns kindling's exit status from inside it.
 pub fn run(config: &VmConfig) -> Result<i32, EmulatedError> {
+    run_job(config, Job::Boot)
+}
+
+/// Runs `kindling bench` inside an L1 VM, with QEMU shipped in for the comparison.
+pub fn run_bench(config: &VmConfig, args: &crate::bench::BenchArgs) -> Result<i32, EmulatedError> {
+    run_job(config, Job::Bench(args))
+}
+
+fn run_job(config: &VmConfig, job: Job<'_>) -> Result<i32, EmulatedError> {
     let t0 = Instant::now();
     let qemu = which("qemu-system-x86_64").ok_or(EmulatedError::NoQemu)?;
     let l1 = find_l1_kernel()?;
@@ -270,7 +322,7 @@ pub fn run(config: &VmConfig) -> Result<i32, EmulatedError> {
     let work = tempfile::Builder::new().prefix("kindling-l1-").tempdir().map_err(io("creating a temporary directory"))?;
     let initramfs = work.path().join("initramfs.cpio");
     let per_run = work.path().join("run.cpio");
-    run_archive(config, &exe, &per_run).map_err(io("packing the guest kernel and initrd for L1"))?;
+    run_archive(config, &job, &exe, &per_run).map_err(io("packing the guest kernel and initrd for L1"))?;
     concat(&[&base, &per_run], &initramfs).map_err(io("writing the L1 initramfs"))?;
     eprintln!(
         "kindling: emulated runner: level-1 initramfs ready in {:.1}s (L1 kernel {})",
@@ -278,7 +330,11 @@ pub fn run(config: &VmConfig) -> Result<i32, EmulatedError> {
         l1.dir.display()
     );
 
-    let l1_mem = config.memory_mib + L1_OVERHEAD_MIB;
+    let mut l1_mem = config.memory_mib + L1_OVERHEAD_MIB;
+    if matches!(job, Job::Bench(_)) {
+        // QEMU and its libraries in the initramfs, and a second VMM's guest.
+        l1_mem += config.memory_mib + 256;
+    }
     let mut cmd = Command::new(qemu);
     cmd.args(["-M", "q35,accel=tcg", "-cpu", L1_CPU])
         .args(["-smp", &config.cpus.to_string(), "-m", &format!("{l1_mem}M")])
@@ -304,14 +360,16 @@ pub fn run(config: &VmConfig) -> Result<i32, EmulatedError> {
     decode_exit(code).ok_or(EmulatedError::NoStatus(code))
 }
 
-/// Inside L1 (`kindling __l1-guest`, exec'd by /init): boots the guest on L1's KVM and
-/// reports the exit status to the host through QEMU's isa-debug-exit port.
-pub fn l1_guest_main(boot: impl FnOnce(Vec<String>) -> i32) -> ! {
+/// Inside L1 (`kindling __l1-guest`, exec'd by /init): runs the job (`boot` or `bench`,
+/// from /kindling/mode) with its arguments on L1's KVM and reports the exit status to
+/// the host through QEMU's isa-debug-exit port.
+pub fn l1_guest_main(run: impl FnOnce(&str, Vec<String>) -> i32) -> ! {
+    let mode = std::fs::read_to_string("/kindling/mode").unwrap_or_else(|_| "boot".into());
     let status = match std::fs::read("/kindling/args") {
         Ok(raw) => {
             let args: Vec<String> = String::from_utf8_lossy(&raw).split('\0').map(str::to_owned).collect();
             wait_for_disks(&args);
-            boot(args)
+            run(mode.trim(), args)
         }
         Err(e) => {
             eprintln!("kindling-l1: cannot read /kindling/args: {e}");
@@ -359,7 +417,7 @@ fn report_status(status: i32) {
     }
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+pub fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
 }
 
