@@ -29,9 +29,13 @@ fn run_script(script: &str, args: &[&str]) -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim().lines().last().unwrap())
 }
 
-/// kindling's own guest kernel (bzImage), built from images/kernel (cached by input hash).
+/// kindling's own guest kernel (bzImage): `kindling images build kernel` (cached by input hash).
 pub fn our_kernel() -> PathBuf {
-    run_script("images/kernel/build.sh", &[])
+    let st = kindling().args(["images", "build", "kernel"]).stdout(Stdio::null()).status().unwrap();
+    assert!(st.success(), "kindling images build kernel failed");
+    let out = kindling().args(["images", "path", "kernel"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 /// A busybox initramfs whose /init prints KINDLING-INIT-OK and KINDLING-NPROC=N, runs

@@ -10,6 +10,7 @@
 //!   drives its event loop until the guest powers off.
 //! - [`runner`]: where the microVM runs — directly on KVM, or inside the emulated
 //!   runner's level-1 VM when hardware virtualization is not usable.
+//! - [`images`]: builds the guest kernel and root disk from the recipes in images/.
 //! - [`cli`]: the `kindling` command line.
 
 pub mod arch;
@@ -19,5 +20,6 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod images;
 pub mod runner;
 pub mod vstate;

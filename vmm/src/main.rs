@@ -8,6 +8,7 @@ fn main() {
     let code = match cli.command {
         Command::Boot(args) => boot::run(&args),
         Command::Bench(args) => kindling::bench::run(&args),
+        Command::Images(cmd) => kindling::cli::images(&cmd),
         Command::L1Guest => kindling::runner::emulated::l1_guest_main(l1_run),
     };
     match code {
@@ -47,7 +48,7 @@ fn l1_run(mode: &str, args: Vec<String>) -> i32 {
     let result = match cli.command {
         Command::Boot(args) => boot::run(&args),
         Command::Bench(args) => kindling::bench::run(&args),
-        Command::L1Guest => return 2,
+        Command::Images(_) | Command::L1Guest => return 2,
     };
     result.unwrap_or_else(|e| {
         tracing::error!("{e:#}");
