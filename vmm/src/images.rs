@@ -135,6 +135,7 @@ fn plan(targets: &[String]) -> Result<Vec<&'static Step>, ImageError> {
 pub fn build(targets: &[String]) -> Result<Vec<(&'static str, PathBuf)>, ImageError> {
     let t0 = Instant::now();
     let plan = plan(targets)?;
+    let _lock = BuildLock::acquire()?;
     let keys = keys(plan.iter().any(|s| s.deps.contains(&"agent")))?;
     let key_of = |n: &str| keys.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone()).unwrap_or_default();
     let mut outputs: Vec<(&'static str, PathBuf)> = Vec::new();
@@ -164,6 +165,29 @@ pub fn build(targets: &[String]) -> Result<Vec<(&'static str, PathBuf)>, ImageEr
     }
     eprintln!("images: done in {:.1}s", t0.elapsed().as_secs_f64());
     Ok(outputs)
+}
+
+/// One `images build` at a time per cache: a second waits instead of racing the first.
+struct BuildLock {
+    _file: std::fs::File,
+}
+
+impl BuildLock {
+    fn acquire() -> Result<Self, ImageError> {
+        use std::os::unix::io::AsRawFd;
+        let dir = cache::dir().join("images");
+        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        let file = std::fs::File::create(dir.join("build.lock")).map_err(io("creating the build lock"))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            eprintln!("images: another `kindling images build` is running; waiting for it");
+            // SAFETY: as above, blocking this time.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(io("locking the image cache")(std::io::Error::last_os_error()));
+            }
+        }
+        Ok(Self { _file: file })
+    }
 }
 
 /// Runs one recipe into `<out>.tmp-<pid>`, streaming its progress lines, then renames.
