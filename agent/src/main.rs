@@ -1,1 +1,62 @@
-fn main() {}
+//! kindling-agent: the guest's PID 1. It mounts the system, configures the network,
+//! generates the cluster PKI on first boot, starts and supervises containerd, etcd, the
+//! Kubernetes control plane, kubelet, kube-proxy and CoreDNS, reports each phase on the
+//! console, and shuts the node down in order when asked to power off.
+
+mod init;
+mod node;
+mod phase;
+mod pki;
+mod selftest;
+mod supervisor;
+
+use node::{NodeConfig, Paths};
+
+fn main() {
+    if std::process::id() != 1 {
+        eprintln!("kindling-agent runs as the VM's init (PID 1); boot the kindling root disk with `kindling boot`");
+        std::process::exit(2);
+    }
+    let signals = match init::power_signals() {
+        Ok(s) => s,
+        Err(e) => fatal(e),
+    };
+    if let Err(e) = init::mount_filesystems() {
+        fatal(e);
+    }
+    // Reported once /proc is there to tell the time since kernel start.
+    phase::report("agent-start");
+    init::sysctls();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cfg = NodeConfig::from_cmdline(&cmdline);
+    if let Err(e) = init::network(&cfg) {
+        phase::log(format!("network setup: {e:#}"));
+    }
+    let reaper = supervisor::Reaper::start();
+    let paths = Paths::new("/");
+    let node = node::Node::default();
+    {
+        let (cfg, paths, reaper, node) = (cfg.clone(), paths.clone(), reaper.clone(), node.clone());
+        std::thread::spawn(move || match node::bring_up(&cfg, &paths, reaper.clone(), &node) {
+            Ok(()) if cfg.selftest => {
+                selftest::run(&paths, &reaper);
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(1), nix::sys::signal::Signal::SIGTERM);
+            }
+            Ok(()) => {}
+            Err(e) => phase::log(format!("bring-up failed: {e:#}")),
+        });
+    }
+    // Wait for a power request; bring-up continues meanwhile.
+    let reboot = match signals.wait() {
+        Ok(nix::sys::signal::Signal::SIGINT) => true,
+        _ => false,
+    };
+    phase::log("shutting down: kubelet, control plane, etcd, containerd");
+    node.stop();
+    init::power_off(reboot)
+}
+
+fn fatal(e: anyhow::Error) -> ! {
+    phase::log(format!("fatal: {e:#}"));
+    init::power_off(false)
+}

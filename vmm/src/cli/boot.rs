@@ -19,8 +19,9 @@ pub struct BootArgs {
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line; kindling appends its virtio-mmio device entries.
-    #[arg(long, value_name = "STR", default_value = "console=ttyS0")]
-    pub cmdline: String,
+    /// Default: "console=ttyS0 panic=1", plus "root=/dev/vda rw" when a disk is given.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u32,
@@ -43,7 +44,7 @@ impl BootArgs {
         let config = VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
-            cmdline: self.cmdline.clone(),
+            cmdline: self.cmdline.clone().unwrap_or_else(|| default_cmdline(!self.disks.is_empty())),
             cpus,
             memory_mib: self.memory,
             disks,
@@ -54,6 +55,16 @@ impl BootArgs {
         config.validate()?;
         Ok(config)
     }
+}
+
+/// The command line used when none is given: serial console, reboot (ending the VM) a
+/// second after a panic, and the first disk as the root filesystem.
+pub fn default_cmdline(has_disk: bool) -> String {
+    let mut c = String::from("console=ttyS0 panic=1");
+    if has_disk {
+        c.push_str(" root=/dev/vda rw");
+    }
+    c
 }
 
 /// Runs the boot; returns the process exit status.

@@ -1,0 +1,114 @@
+//! PID 1 duties: filesystems, hostname, network, sysctls, signals, power-off.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::node::NodeConfig;
+use crate::phase;
+
+/// Mounts the API filesystems and the writable runtime directories.
+pub fn mount_filesystems() -> Result<()> {
+    let m = |src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>| -> Result<()> {
+        std::fs::create_dir_all(target).ok();
+        match mount(Some(src), target, Some(fstype), flags, data) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EBUSY) => Ok(()), // already mounted (e.g. devtmpfs automount)
+            Err(e) => Err(e).with_context(|| format!("mounting {fstype} on {target}")),
+        }
+    };
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    m("proc", "/proc", "proc", nosuid, None)?;
+    m("sysfs", "/sys", "sysfs", nosuid, None)?;
+    m("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    m("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("gid=5,mode=620,ptmxmode=666"))?;
+    m("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)?;
+    m("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, Some("nsdelegate"))?;
+    m("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    m("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    // The root disk was mounted by the kernel; make sure it is writable.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT, None::<&str>).context("remounting / read-write")?;
+    // Pods get their own mount propagation, as under systemd.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>).ok();
+    // Delegate every cgroup v2 controller to child cgroups (kubelet, containerd).
+    if let Ok(controllers) = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers") {
+        let enable: Vec<String> = controllers.split_whitespace().map(|c| format!("+{c}")).collect();
+        std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", enable.join(" ")).ok();
+    }
+    Ok(())
+}
+
+/// Kernel settings Kubernetes networking expects.
+pub fn sysctls() {
+    for (key, value) in [
+        ("net/ipv4/ip_forward", "1"),
+        ("net/bridge/bridge-nf-call-iptables", "1"),
+        ("net/bridge/bridge-nf-call-ip6tables", "1"),
+        ("net/ipv4/conf/all/route_localnet", "1"),
+        ("vm/overcommit_memory", "1"),
+        ("kernel/panic_on_oops", "1"),
+        ("kernel/panic", "10"),
+        ("fs/inotify/max_user_instances", "8192"),
+        ("fs/inotify/max_user_watches", "524288"),
+    ] {
+        if let Err(e) = std::fs::write(format!("/proc/sys/{key}"), value) {
+            phase::log(format!("sysctl {key}={value}: {e}"));
+        }
+    }
+}
+
+/// Hostname, /etc/hosts and resolv.conf, loopback, and the node address: on eth0 when
+/// the VM has a NIC, otherwise on lo so the components still have a stable address.
+pub fn network(cfg: &NodeConfig) -> Result<()> {
+    nix::unistd::sethostname(&cfg.hostname).context("setting the hostname")?;
+    std::fs::write("/etc/hostname", format!("{}\n", cfg.hostname)).ok();
+    std::fs::write("/etc/hosts", format!("127.0.0.1 localhost\n{} {}\n", cfg.address(), cfg.hostname)).ok();
+    std::fs::write("/etc/resolv.conf", format!("nameserver {}\n", cfg.dns)).ok();
+    let ip = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+        anyhow::ensure!(out.status.success() || String::from_utf8_lossy(&out.stderr).contains("File exists"), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        Ok(())
+    };
+    ip(&["link", "set", "lo", "up"])?;
+    if std::path::Path::new("/sys/class/net/eth0").exists() {
+        ip(&["addr", "add", &cfg.ip, "dev", "eth0"])?;
+        ip(&["link", "set", "eth0", "up"])?;
+        if let Some(gw) = &cfg.gateway {
+            ip(&["route", "add", "default", "via", gw])?;
+        }
+    } else {
+        let host = format!("{}/32", cfg.address());
+        ip(&["addr", "add", &host, "dev", "lo"])?;
+        phase::log(format!("no network device: node address {} lives on lo", cfg.address()));
+    }
+    Ok(())
+}
+
+/// Signals PID 1 acts on: SIGTERM/SIGUSR2/SIGPWR power off, SIGINT (Ctrl-Alt-Del) reboots.
+pub fn power_signals() -> Result<nix::sys::signal::SigSet> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGUSR2, Signal::SIGPWR, Signal::SIGINT] {
+        set.add(s);
+    }
+    set.thread_block().context("blocking power signals")?;
+    Ok(set)
+}
+
+/// Final step of an orderly shutdown: sync, unmount, power off (or reboot).
+pub fn power_off(reboot: bool) -> ! {
+    phase::log(if reboot { "rebooting" } else { "powering off" });
+    nix::unistd::sync();
+    for target in ["/tmp", "/run", "/dev/shm", "/dev/pts", "/sys/fs/cgroup"] {
+        let _ = umount2(target, MntFlags::MNT_DETACH);
+    }
+    let _ = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>);
+    nix::unistd::sync();
+    std::thread::sleep(Duration::from_millis(100));
+    let how = if reboot { nix::sys::reboot::RebootMode::RB_AUTOBOOT } else { nix::sys::reboot::RebootMode::RB_POWER_OFF };
+    let _ = nix::sys::reboot::reboot(how);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,509 @@
+//! The Kubernetes node: what runs (containerd, etcd, the control plane, kubelet,
+//! kube-proxy, CoreDNS), with which flags and files, in which order, and how readiness
+//! is decided. Everything is relative to a root directory so the same code runs in the
+//! VM (root `/`) and in host tests.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::phase;
+use crate::pki::{NodeIdentity, Pki};
+use crate::supervisor::{Component, Reaper, Spec};
+
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+pub const SERVICE_IP: &str = "10.96.0.1";
+pub const DNS_IP: &str = "10.96.0.10";
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+pub const NODE_POD_CIDR: &str = "10.244.0.0/24";
+pub const DEFAULT_IP: &str = "10.0.2.15/24";
+
+/// Settings from the kernel command line (`kindling.*=`).
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub hostname: String,
+    /// Node address with prefix length, e.g. 10.0.2.15/24.
+    pub ip: String,
+    pub gateway: Option<String>,
+    pub dns: String,
+    /// Components whose output is also shown on the console ("all" for every one).
+    pub console: Vec<String>,
+    /// Run the in-guest checks after node-ready, then power off.
+    pub selftest: bool,
+}
+
+impl NodeConfig {
+    pub fn from_cmdline(cmdline: &str) -> Self {
+        let params: HashMap<&str, &str> = cmdline
+            .split_whitespace()
+            .filter_map(|p| p.strip_prefix("kindling.")?.split_once('='))
+            .collect();
+        let get = |k: &str| params.get(k).map(|v| v.to_string());
+        Self {
+            hostname: get("hostname").unwrap_or_else(|| "kindling".into()),
+            ip: get("ip").unwrap_or_else(|| DEFAULT_IP.into()),
+            gateway: get("gw"),
+            dns: get("dns").unwrap_or_else(|| "10.0.2.3".into()),
+            console: get("console").map(|v| v.split(',').map(str::to_owned).collect()).unwrap_or_default(),
+            selftest: get("selftest").is_some_and(|v| v == "1"),
+        }
+    }
+
+    pub fn address(&self) -> &str {
+        self.ip.split('/').next().unwrap_or(&self.ip)
+    }
+
+    fn shows(&self, component: &str) -> bool {
+        self.console.iter().any(|c| c == "all" || c == component)
+    }
+}
+
+/// Where the node keeps things, under `root`.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub root: PathBuf,
+}
+
+impl Paths {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    fn at(&self, p: &str) -> PathBuf {
+        self.root.join(p.trim_start_matches('/'))
+    }
+    pub fn pki(&self) -> PathBuf {
+        self.at("/var/lib/kindling/pki")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.at("/etc/kindling")
+    }
+    pub fn logs(&self) -> PathBuf {
+        self.at("/var/log/kindling")
+    }
+    pub fn images(&self) -> PathBuf {
+        self.at("/var/lib/kindling/images")
+    }
+    pub fn etcd_data(&self) -> PathBuf {
+        self.at("/var/lib/etcd")
+    }
+    pub fn kubeconfig(&self, name: &str) -> PathBuf {
+        self.config().join(format!("{name}.conf"))
+    }
+    pub fn containerd_socket(&self) -> PathBuf {
+        self.at("/run/containerd/containerd.sock")
+    }
+    pub fn bin(&self, name: &str) -> String {
+        for dir in ["/usr/local/bin", "/usr/bin", "/usr/sbin", "/sbin"] {
+            let p = self.at(dir).join(name);
+            if p.exists() {
+                return p.display().to_string();
+            }
+        }
+        name.to_string()
+    }
+}
+
+/// Image names the rootfs recipe recorded in /etc/kindling/versions.env.
+pub fn versions(paths: &Paths) -> HashMap<String, String> {
+    std::fs::read_to_string(paths.config().join("versions.env"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
+}
+
+/// Writes PKI, kubeconfigs, kubelet/CNI configuration and the CoreDNS add-on.
+pub fn write_configs(cfg: &NodeConfig, paths: &Paths) -> Result<()> {
+    let pki = Pki::new(paths.pki());
+    let node = NodeIdentity { hostname: cfg.hostname.clone(), addresses: vec![cfg.address().to_string()], service_ip: SERVICE_IP.into() };
+    let written = pki.ensure(&node).context("generating the cluster PKI")?;
+    if !written.is_empty() {
+        phase::log(format!("PKI: wrote {}", written.join(" ")));
+    }
+    std::fs::create_dir_all(paths.config())?;
+    let server = "https://127.0.0.1:6443";
+    for (name, user) in [
+        ("admin", "kubernetes-admin".to_string()),
+        ("controller-manager", "system:kube-controller-manager".into()),
+        ("scheduler", "system:kube-scheduler".into()),
+        ("kube-proxy", "system:kube-proxy".into()),
+        ("kubelet", format!("system:node:{}", cfg.hostname)),
+    ] {
+        pki.write_kubeconfig(&paths.kubeconfig(name), name, &user, server, "kindling")?;
+    }
+    let p = |f: &str| pki.path(f).display().to_string();
+    write_file(&paths.config().join("kubelet.yaml"), &format!(
+        "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
+         authentication:\n  anonymous:\n    enabled: false\n  webhook:\n    enabled: true\n  x509:\n    clientCAFile: {ca}\n\
+         authorization:\n  mode: Webhook\n\
+         cgroupDriver: cgroupfs\nclusterDNS: [{DNS_IP}]\nclusterDomain: cluster.local\n\
+         containerRuntimeEndpoint: unix://{sock}\nfailSwapOn: false\n\
+         tlsCertFile: {crt}\ntlsPrivateKeyFile: {key}\nresolvConf: {resolv}\n\
+         serializeImagePulls: false\nimageGCHighThresholdPercent: 100\nimageGCLowThresholdPercent: 99\n\
+         evictionHard:\n  memory.available: 50Mi\n  nodefs.available: 2%\n  imagefs.available: 2%\n\
+         podCIDR: {NODE_POD_CIDR}\nsyncFrequency: 10s\nnodeStatusReportFrequency: 10s\n",
+        ca = p("ca.crt"),
+        sock = paths.containerd_socket().display(),
+        crt = p("kubelet-serving.crt"),
+        key = p("kubelet-serving.key"),
+        resolv = paths.at("/etc/resolv.conf").display(),
+    ))?;
+    let cni = paths.at("/etc/cni/net.d");
+    std::fs::create_dir_all(&cni)?;
+    write_file(&cni.join("10-kindling.conflist"), &format!(
+        r#"{{"cniVersion":"1.0.0","name":"kindling","plugins":[{{"type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":true,"hairpinMode":true,"ipam":{{"type":"host-local","ranges":[[{{"subnet":"{NODE_POD_CIDR}"}}]],"routes":[{{"dst":"0.0.0.0/0"}}]}}}},{{"type":"portmap","capabilities":{{"portMappings":true}}}}]}}"#
+    ))?;
+    let coredns_image = versions(paths).get("COREDNS_IMAGE").cloned().unwrap_or_else(|| "registry.k8s.io/coredns/coredns:v1.11.3".into());
+    write_file(&paths.config().join("coredns.yaml"), &coredns_manifest(&coredns_image))?;
+    Ok(())
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Command lines of every component.
+pub fn specs(cfg: &NodeConfig, paths: &Paths) -> HashMap<&'static str, Spec> {
+    let pki = Pki::new(paths.pki());
+    let p = |f: &str| pki.path(f).display().to_string();
+    let kc = |n: &str| paths.kubeconfig(n).display().to_string();
+    let spec = |name: &'static str, bin: &str, args: Vec<String>| {
+        let mut argv = vec![paths.bin(bin)];
+        argv.extend(args);
+        (name, Spec { name, argv, env: vec![] })
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let addr = cfg.address().to_string();
+    HashMap::from([
+        spec("containerd", "containerd", s(&["--config", &paths.at("/etc/containerd/config.toml").display().to_string()])),
+        spec("etcd", "etcd", vec![
+            "--name=kindling".into(),
+            format!("--data-dir={}", paths.etcd_data().display()),
+            "--listen-client-urls=http://127.0.0.1:2379".into(),
+            "--advertise-client-urls=http://127.0.0.1:2379".into(),
+            "--listen-peer-urls=http://127.0.0.1:2380".into(),
+            "--initial-advertise-peer-urls=http://127.0.0.1:2380".into(),
+            "--initial-cluster=kindling=http://127.0.0.1:2380".into(),
+            "--listen-metrics-urls=http://127.0.0.1:2381".into(),
+            "--snapshot-count=10000".into(),
+            "--quota-backend-bytes=1073741824".into(),
+        ]),
+        spec("kube-apiserver", "kube-apiserver", vec![
+            format!("--advertise-address={addr}"),
+            "--etcd-servers=http://127.0.0.1:2379".into(),
+            "--secure-port=6443".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            format!("--kubelet-client-certificate={}", p("apiserver-kubelet-client.crt")),
+            format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
+            format!("--kubelet-certificate-authority={}", p("ca.crt")),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            "--authorization-mode=Node,RBAC".into(),
+            "--enable-admission-plugins=NodeRestriction".into(),
+            "--allow-privileged=true".into(),
+            "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
+            "--endpoint-reconciler-type=lease".into(),
+        ]),
+        spec("kube-controller-manager", "kube-controller-manager", vec![
+            format!("--kubeconfig={}", kc("controller-manager")),
+            format!("--authentication-kubeconfig={}", kc("controller-manager")),
+            format!("--authorization-kubeconfig={}", kc("controller-manager")),
+            format!("--cluster-signing-cert-file={}", p("ca.crt")),
+            format!("--cluster-signing-key-file={}", p("ca.key")),
+            format!("--root-ca-file={}", p("ca.crt")),
+            format!("--service-account-private-key-file={}", p("sa.key")),
+            "--use-service-account-credentials=true".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            format!("--cluster-cidr={CLUSTER_CIDR}"),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+        ]),
+        spec("kube-scheduler", "kube-scheduler", vec![
+            format!("--kubeconfig={}", kc("scheduler")),
+            format!("--authentication-kubeconfig={}", kc("scheduler")),
+            format!("--authorization-kubeconfig={}", kc("scheduler")),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+        ]),
+        spec("kubelet", "kubelet", vec![
+            format!("--config={}", paths.config().join("kubelet.yaml").display()),
+            format!("--kubeconfig={}", kc("kubelet")),
+            format!("--hostname-override={}", cfg.hostname),
+            format!("--node-ip={addr}"),
+        ]),
+        spec("kube-proxy", "kube-proxy", vec![
+            format!("--kubeconfig={}", kc("kube-proxy")),
+            format!("--hostname-override={}", cfg.hostname),
+            format!("--cluster-cidr={CLUSTER_CIDR}"),
+            "--proxy-mode=iptables".into(),
+            "--conntrack-max-per-core=0".into(),
+        ]),
+    ])
+}
+
+/// The node's components, shared between bring-up (which adds them as it goes) and
+/// shutdown (which may come at any time).
+#[derive(Clone, Default)]
+pub struct Node {
+    components: Arc<Mutex<Vec<Component>>>,
+}
+
+impl Node {
+    fn add(&self, c: Component) {
+        self.components.lock().unwrap().push(c);
+    }
+
+    fn with<T>(&self, name: &str, f: impl FnOnce(&Component) -> T) -> Option<T> {
+        self.components.lock().unwrap().iter().find(|c| c.name == name).map(f)
+    }
+
+    /// Orderly shutdown: kubelet and kube-proxy, the control plane, etcd, then containerd.
+    pub fn stop(&self) {
+        let comps = self.components.lock().unwrap();
+        for group in [&["kubelet", "kube-proxy"][..], &["kube-scheduler", "kube-controller-manager", "kube-apiserver"], &["etcd"], &["containerd"]] {
+            for c in comps.iter().filter(|c| group.contains(&c.name)) {
+                c.stop(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Starts everything into `node`, reporting phases; returns once the node is Ready and
+/// cluster DNS is available.
+pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Node) -> Result<()> {
+    write_configs(cfg, paths)?;
+    let mut specs = specs(cfg, paths);
+    let mut start = |name: &'static str| -> Result<()> {
+        let spec = specs.remove(name).expect("known component");
+        node.add(Component::start(spec, reaper.clone(), &paths.logs(), cfg.shows(name)).with_context(|| format!("starting {name}"))?);
+        Ok(())
+    };
+    let comps = node;
+    // containerd and etcd depend on nothing: start both at once.
+    start("containerd")?;
+    start("etcd")?;
+    let kubectl = paths.bin("kubectl");
+    let admin = paths.kubeconfig("admin").display().to_string();
+    let ctr = paths.bin("ctr");
+    let sock = paths.containerd_socket().display().to_string();
+
+    wait_for("etcd", comps, etcd_healthy);
+    phase::report("etcd-ready");
+    start("kube-apiserver")?;
+
+    wait_for("containerd", comps, || reaper.run(&[&ctr, "--address", &sock, "version"]).is_ok_and(|(c, _)| c == 0));
+    import_images(&reaper, &ctr, &sock, &paths.images())?;
+    phase::report("containerd-ready");
+    // kubelet and kube-proxy retry until the API server answers; start them now.
+    start("kubelet")?;
+    start("kube-proxy")?;
+
+    wait_for("kube-apiserver", comps, || reaper.run(&[&kubectl, "--kubeconfig", &admin, "get", "--raw=/readyz"]).is_ok_and(|(c, o)| c == 0 && o.trim() == "ok"));
+    phase::report("apiserver-ready");
+    start("kube-controller-manager")?;
+    start("kube-scheduler")?;
+    let coredns = paths.config().join("coredns.yaml").display().to_string();
+    wait_for("kube-apiserver", comps, || reaper.run(&[&kubectl, "--kubeconfig", &admin, "apply", "-f", &coredns]).is_ok_and(|(c, _)| c == 0));
+
+    let ready_jsonpath = r#"-o=jsonpath={.status.conditions[?(@.type=="Ready")].status}"#;
+    wait_for("kubelet", comps, || {
+        reaper.run(&[&kubectl, "--kubeconfig", &admin, "get", "node", &cfg.hostname, ready_jsonpath]).is_ok_and(|(c, o)| c == 0 && o.trim() == "True")
+    });
+    phase::report("node-ready");
+    wait_for("coredns", comps, || {
+        reaper
+            .run(&[&kubectl, "--kubeconfig", &admin, "-n", "kube-system", "get", "deploy", "coredns", "-o=jsonpath={.status.availableReplicas}"])
+            .is_ok_and(|(c, o)| c == 0 && o.trim().parse::<u32>().unwrap_or(0) >= 1)
+    });
+    phase::report("dns-ready");
+    Ok(())
+}
+
+/// Imports the preloaded OCI archives into containerd's k8s.io namespace (idempotent).
+fn import_images(reaper: &Reaper, ctr: &str, sock: &str, dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        phase::log(format!("no preloaded images in {}", dir.display()));
+        return Ok(());
+    };
+    let (_, have) = reaper.run(&[ctr, "--address", sock, "-n", "k8s.io", "images", "ls", "-q"])?;
+    let marker = dir.join(".imported");
+    let stamp = std::fs::read_to_string(&marker).unwrap_or_default();
+    let mut archives: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "tar")).collect();
+    archives.sort();
+    let wanted: String = archives.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join("\n");
+    if stamp == wanted && !have.trim().is_empty() {
+        return Ok(());
+    }
+    for a in &archives {
+        let t = Instant::now();
+        let (code, out) = reaper.run(&[ctr, "--address", sock, "-n", "k8s.io", "images", "import", "--no-unpack", &a.display().to_string()])?;
+        anyhow::ensure!(code == 0, "importing {}: {out}", a.display());
+        phase::log(format!("imported {} in {:.1}s", a.display(), t.elapsed().as_secs_f64()));
+    }
+    let _ = std::fs::write(&marker, wanted);
+    Ok(())
+}
+
+fn etcd_healthy() -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&"127.0.0.1:2379".parse().unwrap(), Duration::from_secs(2)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
+/// Polls `check` every second. Every two minutes without success, says what it waits
+/// for and shows the last lines of that component's log, so a stuck node explains itself.
+fn wait_for(what: &str, node: &Node, mut check: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    let mut next_report = Duration::from_secs(120);
+    while !check() {
+        std::thread::sleep(Duration::from_secs(1));
+        if t0.elapsed() >= next_report {
+            next_report += Duration::from_secs(120);
+            phase::log(format!("still waiting for {what} after {}s", t0.elapsed().as_secs()));
+            if let Some(text) = node.with(what, |c| format!("last lines of {}:\n{}", c.log.display(), c.tail(15))) {
+                phase::log(text);
+            }
+        }
+    }
+    t0.elapsed()
+}
+
+fn coredns_manifest(image: &str) -> String {
+    format!(r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: coredns, namespace: kube-system}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: "system:coredns"}}
+rules:
+- apiGroups: [""]
+  resources: [endpoints, services, pods, namespaces]
+  verbs: [list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: "system:coredns"}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns"}}
+subjects:
+- {{kind: ServiceAccount, name: coredns, namespace: kube-system}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: coredns, namespace: kube-system}}
+data:
+  Corefile: |
+    .:53 {{
+        errors
+        health {{
+            lameduck 5s
+        }}
+        ready
+        kubernetes cluster.local in-addr.arpa ip6.arpa {{
+            pods insecure
+            fallthrough in-addr.arpa ip6.arpa
+            ttl 30
+        }}
+        forward . /etc/resolv.conf
+        cache 30
+        reload
+        loadbalance
+    }}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: coredns, namespace: kube-system, labels: {{k8s-app: kube-dns}}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{k8s-app: kube-dns}}}}
+  template:
+    metadata: {{labels: {{k8s-app: kube-dns}}}}
+    spec:
+      serviceAccountName: coredns
+      dnsPolicy: Default
+      priorityClassName: system-cluster-critical
+      tolerations: [{{key: CriticalAddonsOnly, operator: Exists}}, {{key: node-role.kubernetes.io/control-plane, effect: NoSchedule}}]
+      containers:
+      - name: coredns
+        image: {image}
+        imagePullPolicy: IfNotPresent
+        args: [-conf, /etc/coredns/Corefile]
+        volumeMounts: [{{name: config, mountPath: /etc/coredns, readOnly: true}}]
+        ports:
+        - {{containerPort: 53, name: dns, protocol: UDP}}
+        - {{containerPort: 53, name: dns-tcp, protocol: TCP}}
+        readinessProbe: {{httpGet: {{path: /ready, port: 8181}}, periodSeconds: 2}}
+        livenessProbe: {{httpGet: {{path: /health, port: 8080}}, initialDelaySeconds: 60, timeoutSeconds: 5}}
+        securityContext:
+          capabilities: {{add: [NET_BIND_SERVICE], drop: [ALL]}}
+      volumes:
+      - name: config
+        configMap: {{name: coredns, items: [{{key: Corefile, path: Corefile}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: kube-dns, namespace: kube-system, labels: {{k8s-app: kube-dns}}}}
+spec:
+  selector: {{k8s-app: kube-dns}}
+  clusterIP: {DNS_IP}
+  ports:
+  - {{name: dns, port: 53, protocol: UDP}}
+  - {{name: dns-tcp, port: 53, protocol: TCP}}
+"#)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_parsing() {
+        let c = NodeConfig::from_cmdline("console=ttyS0 kindling.ip=192.168.7.2/24 kindling.gw=192.168.7.1 kindling.console=etcd,kubelet kindling.selftest=1");
+        assert_eq!((c.address(), c.gateway.as_deref(), c.selftest), ("192.168.7.2", Some("192.168.7.1"), true));
+        assert!(c.shows("etcd") && !c.shows("kube-apiserver"));
+        let d = NodeConfig::from_cmdline("console=ttyS0");
+        assert_eq!((d.hostname.as_str(), d.address(), d.selftest), ("kindling", "10.0.2.15", false));
+    }
+
+    #[test]
+    fn configs_and_flags_point_at_files_that_exist() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = Paths::new(d.path());
+        let cfg = NodeConfig::from_cmdline("");
+        write_configs(&cfg, &paths).unwrap();
+        let specs = specs(&cfg, &paths);
+        assert_eq!(specs.len(), 7);
+        for (name, spec) in &specs {
+            for arg in &spec.argv[1..] {
+                let value = arg.split_once('=').map(|(_, v)| v).unwrap_or(arg);
+                if value.starts_with(d.path().to_str().unwrap()) && !value.contains("/etcd") && !value.contains("/containerd/") {
+                    assert!(Path::new(value).exists(), "{name}: {arg} does not exist");
+                }
+            }
+        }
+        let cni = std::fs::read_to_string(d.path().join("etc/cni/net.d/10-kindling.conflist")).unwrap();
+        assert!(cni.contains("\"bridge\"") && cni.contains(NODE_POD_CIDR));
+        assert!(std::fs::read_to_string(paths.config().join("coredns.yaml")).unwrap().contains(DNS_IP));
+    }
+}
