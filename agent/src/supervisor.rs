@@ -119,7 +119,13 @@ impl Component {
                 let started = Instant::now();
                 match run_once(&spec, &reaper, &l, console, &p) {
                     Ok(code) if s.load(Ordering::SeqCst) => phase::log(format!("{} stopped (exit {code})", spec.name)),
-                    Ok(code) => phase::log(format!("{} exited with {code}; restarting in {}s (log: {})", spec.name, backoff.as_secs(), l.display())),
+                    Ok(code) => phase::log(format!(
+                        "{} exited with {code}; restarting in {}s; last lines of {}:\n{}",
+                        spec.name,
+                        backoff.as_secs(),
+                        l.display(),
+                        tail(&l, 5)
+                    )),
                     Err(e) => phase::log(format!("{} could not start: {e}; retrying in {}s", spec.name, backoff.as_secs())),
                 }
                 *p.lock().unwrap() = None;
