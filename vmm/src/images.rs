@@ -48,7 +48,7 @@ pub enum ImageError {
     UnknownStep(String),
     #[error("step '{step}' failed ({status}); last lines of {log}:\n{tail}")]
     StepFailed { step: String, status: String, log: String, tail: String },
-    #[error("the guest agent binary was not found next to {0} (kindling-agent); build it with `cargo build --release -p kindling-agent` (scripts/setup does)")]
+    #[error("the guest agent binary (kindling-agent) was not found beside {0} nor on PATH; build it with `cargo build --release -p kindling-agent` (scripts/setup does) or name it with KINDLING_AGENT=PATH")]
     NoAgent(PathBuf),
     #[error("step '{0}' has not been built yet; run `kindling images build {0}`")]
     NotBuilt(String),
@@ -71,11 +71,18 @@ fn recipe_files(step: &str) -> impl Iterator<Item = (&'static str, &'static [u8]
     recipes::RECIPE_FILES.iter().copied().filter(move |(p, _)| p.starts_with(&prefix))
 }
 
-/// The guest agent binary packed into the root disk: `kindling-agent` beside this executable.
+/// The guest agent binary packed into the root disk: `$KINDLING_AGENT`, else
+/// `kindling-agent` beside this executable (same build), else on PATH.
 pub fn agent_binary() -> Result<PathBuf, ImageError> {
+    if let Some(p) = std::env::var_os("KINDLING_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
     let exe = std::env::current_exe().map_err(io("locating the kindling executable"))?;
-    let agent = exe.with_file_name("kindling-agent");
-    agent.is_file().then_some(agent).ok_or(ImageError::NoAgent(exe))
+    let beside = exe.with_file_name("kindling-agent");
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    crate::runner::emulated::which("kindling-agent").ok_or(ImageError::NoAgent(exe))
 }
 
 /// Computes every step's key (dependencies first).

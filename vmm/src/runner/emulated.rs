@@ -336,7 +336,9 @@ fn run_job(config: &VmConfig, job: Job<'_>) -> Result<i32, EmulatedError> {
         l1_mem += config.memory_mib + 256;
     }
     let mut cmd = Command::new(qemu);
-    cmd.args(["-M", "q35,accel=tcg", "-cpu", L1_CPU])
+    // KINDLING_L1_CPU overrides the level-1 CPU model (for diagnosing emulation issues).
+    let cpu = std::env::var("KINDLING_L1_CPU").unwrap_or_else(|_| L1_CPU.to_string());
+    cmd.args(["-M", "q35,accel=tcg", "-cpu", &cpu])
         .args(["-smp", &config.cpus.to_string(), "-m", &format!("{l1_mem}M")])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
         .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
