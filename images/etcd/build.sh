@@ -12,32 +12,11 @@ step=etcd
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:?usage: images/etcd/build.sh OUT_DIR}
 out=$(cd "$out" && pwd)
-t0=$(date +%s)
-progress() { echo "$step: $1 (+$(( $(date +%s) - t0 ))s)" >&2; }
+. "$here/../lib/step.sh"
 log=$(mktemp "${TMPDIR:-/tmp}/kindling-$step.XXXXXX.log")
 trap 'rm -f "$log"' EXIT
-fail() {
-  echo "$step: sub-step '$1' failed; last lines of its log:" >&2
-  tail -n 40 "$log" | awk '{print "    " $0}' >&2
-  echo "$step: FAILED at sub-step '$1'" >&2
-  exit 1
-}
-
-export PATH=$PATH:/usr/local/go/bin
-command -v go >/dev/null || {
-  echo "$step: 'go' (>= 1.22) not found; Debian bookworm's golang-go (1.19) is too old: install Go >= 1.22 into /usr/local/go (scripts/setup does)" >&2
-  exit 1
-}
-gov=$(go env GOVERSION)
-case "$gov" in
-  go1.2[2-9]*|go1.[3-9][0-9]*) ;;
-  *) echo "$step: $gov is too old, this module needs Go >= 1.22" >&2; exit 1 ;;
-esac
-
+use_go
 cd "$here"
-# -buildvcs=false: do not stamp the kindling repo's commit into the binary (it would
-# change the binary on every commit, and fails where git is missing).
-export GOTOOLCHAIN=local GOFLAGS="-mod=readonly -buildvcs=false" CGO_ENABLED=0
 mver=$(go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3) || { go list -m go.etcd.io/etcd/server/v3 >"$log" 2>&1; fail "read pinned version"; }
 version=${mver#v}
 # etcd's version string is a constant in go.etcd.io/etcd/api/v3/version; only

@@ -20,17 +20,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=${1:?usage: images/oci/build.sh OUT_DIR COREDNS_DIR}
 coredns_dir=${2:?usage: images/oci/build.sh OUT_DIR COREDNS_DIR}
 out=$(cd "$out" && pwd)
-t0=$(date +%s)
-progress() { echo "$step: $1 (+$(( $(date +%s) - t0 ))s)" >&2; }
+here=${here:-$(cd "$(dirname "$0")" && pwd)}
+. "$here/../lib/step.sh"
 work=$(mktemp -d "${TMPDIR:-/tmp}/kindling-$step.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 log=$work/log
-fail() {
-  echo "$step: sub-step '$1' failed; last lines of its log:" >&2
-  tail -n 40 "$log" | awk '{print "    " $0}' >&2
-  echo "$step: FAILED at sub-step '$1'" >&2
-  exit 1
-}
 
 # The sandbox ("pause") image of the pinned Kubernetes release: kubelet's
 # default --pod-infra-container-image and kubeadm's PauseVersion for v1.30 are

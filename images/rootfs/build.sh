@@ -32,8 +32,8 @@ k8s_dir=$(cd "$2" && pwd)
 etcd_dir=$(cd "$3" && pwd)
 oci_dir=$(cd "$4" && pwd)
 agent=$(realpath "$5")
-t0=$(date +%s)
-progress() { echo "$step: $1 (+$(( $(date +%s) - t0 ))s)" >&2; }
+here=${here:-$(cd "$(dirname "$0")" && pwd)}
+. "$here/../lib/step.sh"
 # The tree is staged next to OUT_DIR (same filesystem as the cache) rather than
 # in /tmp, which may be a small tmpfs.
 work=$(mktemp -d "$out/.work.XXXXXX")
@@ -45,12 +45,6 @@ cleanup() {
 }
 trap cleanup EXIT
 log=$work/log
-fail() {
-  echo "$step: sub-step '$1' failed; last lines of its log:" >&2
-  tail -n 40 "$log" | awk '{print "    " $0}' >&2
-  echo "$step: FAILED at sub-step '$1'" >&2
-  exit 1
-}
 
 suite=bookworm
 headroom_mib=2048

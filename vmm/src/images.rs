@@ -25,6 +25,8 @@ pub struct Step {
     pub probes: &'static [&'static [&'static str]],
     /// The artifact `images path <step>` prints, relative to the output directory.
     pub artifact: &'static str,
+    /// Folders of images/ besides its own that the recipe sources (part of its key).
+    pub shared: &'static [&'static str],
 }
 
 /// In dependency order. `agent` is not a recipe: it is the kindling-agent binary.
@@ -34,13 +36,23 @@ pub const STEPS: &[Step] = &[
         deps: &[],
         probes: &[&["dpkg-query", "-W", "linux-source-6.1"], &["gcc", "--version"]],
         artifact: "bzImage",
+        shared: &[],
     },
-    Step { name: "k8s", deps: &[], probes: &[&["go", "version"]], artifact: "bin" },
-    Step { name: "etcd", deps: &[], probes: &[&["go", "version"]], artifact: "bin" },
-    Step { name: "coredns", deps: &[], probes: &[&["go", "version"]], artifact: "bin" },
-    Step { name: "oci", deps: &["coredns"], probes: &[&["gcc", "--version"], &["dpkg-query", "-W", "busybox-static"]], artifact: "images.txt" },
-    Step { name: "rootfs", deps: &["k8s", "etcd", "oci", "agent"], probes: &[], artifact: "rootfs.ext4" },
+    Step { name: "k8s", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"] },
+    Step { name: "etcd", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"] },
+    Step { name: "coredns", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"] },
+    Step {
+        name: "oci",
+        deps: &["coredns"],
+        probes: &[&["gcc", "--version"], &["dpkg-query", "-W", "busybox-static"]],
+        artifact: "images.txt",
+        shared: &["lib"],
+    },
+    Step { name: "rootfs", deps: &["k8s", "etcd", "oci", "agent"], probes: &[], artifact: "rootfs.ext4", shared: &["lib"] },
 ];
+
+/// The recipes also find Go in /usr/local/go/bin; so does the key.
+const GO_VERSION: &[&str] = &["sh", "-c", "PATH=$PATH:/usr/local/go/bin go version"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -96,8 +108,10 @@ fn keys(need_agent: bool) -> Result<Vec<(&'static str, String)>, ImageError> {
     }
     for s in STEPS {
         let mut k = cache::Key::new(s.name);
-        for (path, data) in recipe_files(s.name) {
-            k.add(path.as_bytes()).add(data);
+        for dir in std::iter::once(s.name).chain(s.shared.iter().copied()) {
+            for (path, data) in recipe_files(dir) {
+                k.add(path.as_bytes()).add(data);
+            }
         }
         for d in s.deps {
             match keys.iter().find(|(n, _)| n == d) {
@@ -301,7 +315,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("images/no-such-step-key");
         // A step without a recipe: bash fails to run it, as any failing recipe would.
-        let failing = Step { name: "no-such-step", deps: &[], probes: &[], artifact: "x" };
+        let failing = Step { name: "no-such-step", deps: &[], probes: &[], artifact: "x", shared: &[] };
         let err = run_step(&failing, &out, &[]).unwrap_err();
         assert!(matches!(err, ImageError::StepFailed { .. }), "{err}");
         assert!(!out.exists());
