@@ -18,8 +18,7 @@ use_go() {
     echo "$step: 'go' (>= 1.22) not found; Debian bookworm's golang-go (1.19) is too old: install Go >= 1.22 into /usr/local/go" >&2
     exit 1
   }
-  local gov
-  gov=$(go env GOVERSION)
+  gov=$(go env GOVERSION) # also used in the recipes' progress lines
   case "$gov" in
     go1.2[2-9]*|go1.[3-9][0-9]*) ;;
     *) echo "$step: $gov is too old, this module needs Go >= 1.22" >&2; exit 1 ;;
