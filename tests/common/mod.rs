@@ -54,7 +54,6 @@ pub fn ext4_root(dir: &Path, init: &str) -> PathBuf {
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static (apt-get install busybox-static)");
     let init_path = root.join("init");
     std::fs::write(&init_path, init).unwrap();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&init_path).unwrap().permissions(), 0o755);
     std::fs::set_permissions(&init_path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let img = dir.join("disk.img");
     let st = Command::new("mkfs.ext4")
