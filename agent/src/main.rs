@@ -17,6 +17,9 @@ fn main() {
         eprintln!("kindling-agent runs as the VM's init (PID 1); boot the kindling root disk with `kindling boot`");
         std::process::exit(2);
     }
+    // The kernel starts init without PATH; every component (and what it execs: runc,
+    // the containerd shim, iptables, mount) looks its tools up there.
+    std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     let signals = match init::power_signals() {
         Ok(s) => s,
         Err(e) => fatal(e),
