@@ -181,11 +181,38 @@ pub fn build(targets: &[String]) -> Result<Vec<(&'static str, PathBuf)>, ImageEr
                 .collect::<Result<_, _>>()?;
             run_step(s, &out, &dep_dirs)?;
             eprintln!("{label}: built in {:.0}s ({})", started.elapsed().as_secs_f64(), out.display());
+            prune(s.name, &out);
         }
         outputs.push((s.name, out));
     }
     eprintln!("images: done in {:.1}s", t0.elapsed().as_secs_f64());
     Ok(outputs)
+}
+
+/// Keeps the cache bounded: besides the output just built, only the most recent other
+/// build of the same step stays (root disks are hundreds of MiB each).
+fn prune(step: &str, keep: &Path) {
+    let Some(dir) = keep.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let prefix = format!("{step}-");
+    let mut others: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p != keep && p.is_dir())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            // <step>-<32 hex digits>: never another step whose name starts the same.
+            name.strip_prefix(&prefix).is_some_and(|k| k.len() == 32 && k.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    others.sort();
+    others.pop(); // the most recent previous build stays
+    for (_, p) in others {
+        if let Err(e) = std::fs::remove_dir_all(&p) {
+            eprintln!("images: could not prune {}: {e}", p.display());
+        }
+    }
 }
 
 /// One `images build` at a time per cache: a second waits instead of racing the first.
@@ -308,6 +335,22 @@ mod tests {
         for s in STEPS {
             assert!(recipe_files(s.name).any(|(p, _)| p.ends_with("/build.sh")), "{} has no build.sh", s.name);
         }
+    }
+
+    #[test]
+    fn prune_keeps_the_new_build_and_one_previous() {
+        let d = tempfile::tempdir().unwrap();
+        let key = |i: u32| format!("{i:032x}");
+        for i in 0..4 {
+            std::fs::create_dir(d.path().join(format!("rootfs-{}", key(i)))).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::fs::create_dir(d.path().join(format!("rootfsx-{}", key(9)))).unwrap();
+        let keep = d.path().join(format!("rootfs-{}", key(3)));
+        prune("rootfs", &keep);
+        let mut left: Vec<String> = std::fs::read_dir(d.path()).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, vec![format!("rootfs-{}", key(2)), format!("rootfs-{}", key(3)), format!("rootfsx-{}", key(9))]);
     }
 
     #[test]
