@@ -78,14 +78,19 @@ impl Reaper {
         let (tx, rx) = channel();
         map.insert(pid, tx);
         drop(map);
+        // Drain stderr on its own thread so neither pipe can fill up and stall the child.
+        let err_thread = child.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                let mut err = String::new();
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                err
+            })
+        });
         let mut out = String::new();
         if let Some(mut o) = child.stdout.take() {
             let _ = std::io::Read::read_to_string(&mut o, &mut out);
         }
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
+        let err = err_thread.and_then(|t| t.join().ok()).unwrap_or_default();
         std::mem::forget(child);
         let code = rx.recv().unwrap_or(-1);
         if code != 0 {
