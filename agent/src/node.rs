@@ -307,12 +307,13 @@ pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Nod
     wait_for("containerd", comps, || reaper.run(&[&ctr, "--address", &sock, "version"]).is_ok_and(|(c, _)| c == 0));
     import_images(&reaper, &ctr, &sock, &paths.images())?;
     phase::report("containerd-ready");
-    // kubelet and kube-proxy retry until the API server answers; start them now.
-    start("kubelet")?;
-    start("kube-proxy")?;
 
     wait_for("kube-apiserver", comps, || reaper.run(&[&kubectl, "--kubeconfig", &admin, "get", "--raw=/readyz"]).is_ok_and(|(c, o)| c == 0 && o.trim() == "ok"));
     phase::report("apiserver-ready");
+    // Everything else talks to the API server. Started earlier, they only retry, and on
+    // a slow (emulated) CPU their retries starve the API server's own bootstrap.
+    start("kubelet")?;
+    start("kube-proxy")?;
     start("kube-controller-manager")?;
     start("kube-scheduler")?;
     let coredns = paths.config().join("coredns.yaml").display().to_string();
