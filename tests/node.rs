@@ -19,8 +19,9 @@ fn image_path(step: &str) -> std::path::PathBuf {
 }
 
 #[test]
-#[ignore = "issue 4 is open: under the emulated runner the first boot reaches apiserver-ready \
-            (~11 min) but not node-ready yet; run with `cargo test --test node -- --ignored`"]
+#[ignore = "issue 4 is open: under the emulated runner the node reaches apiserver-ready (~11 min) \
+            but 2-vCPU guests hit triple faults and 1 vCPU is too slow for kubelet's timeouts; \
+            run with `cargo test --test node -- --ignored`"]
 fn node_gets_ready_and_passes_the_in_guest_selftest() {
     let kernel = image_path("kernel");
     let rootfs = image_path("rootfs");
