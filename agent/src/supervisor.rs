@@ -125,11 +125,11 @@ impl Component {
                 match run_once(&spec, &reaper, &l, console, &p) {
                     Ok(code) if s.load(Ordering::SeqCst) => phase::log(format!("{} stopped (exit {code})", spec.name)),
                     Ok(code) => phase::log(format!(
-                        "{} exited with {code}; restarting in {}s; last lines of {}:\n{}",
+                        "{} exited with {code}; restarting in {}s; last errors in {}:\n{}",
                         spec.name,
                         backoff.as_secs(),
                         l.display(),
-                        tail(&l, 5)
+                        last_errors(&l, 5)
                     )),
                     Err(e) => phase::log(format!("{} could not start: {e}; retrying in {}s", spec.name, backoff.as_secs())),
                 }
@@ -170,6 +170,20 @@ impl Component {
     }
 }
 
+/// The last `n` error or fatal lines (klog's `E`/`F` prefixes, or "error" anywhere) of a
+/// log, or its last `n` lines when it has none: what explains an exit.
+pub fn last_errors(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with('E') || l.starts_with('F') || l.to_ascii_lowercase().contains("error"))
+        .collect();
+    if errors.is_empty() {
+        return tail(path, n);
+    }
+    errors[errors.len().saturating_sub(n)..].join("\n")
+}
+
 /// The last `n` lines of a file.
 pub fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -199,4 +213,19 @@ fn run_once(spec: &Spec, reaper: &Reaper, log: &Path, console: bool, pid_slot: &
         }
     }
     Ok(exited.recv().unwrap_or(-1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_errors_prefers_klog_errors_over_noise() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("x.log");
+        std::fs::write(&log, "I0101 started\nE0101 etcd: context deadline exceeded\nTrace[1]: noise\nTrace[1]: more noise\n").unwrap();
+        assert_eq!(last_errors(&log, 5), "E0101 etcd: context deadline exceeded");
+        std::fs::write(&log, "a\nb\nc\n").unwrap();
+        assert_eq!(last_errors(&log, 2), "b\nc");
+    }
 }
