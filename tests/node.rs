@@ -6,17 +6,9 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-
-fn image_path(step: &str) -> std::path::PathBuf {
-    let st = kindling().args(["images", "build", step]).stdout(Stdio::null()).status().unwrap();
-    assert!(st.success(), "kindling images build {step} failed");
-    let out = kindling().args(["images", "path", step]).output().unwrap();
-    std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 #[test]
 #[ignore = "issue 4 is open: under the emulated runner the node reaches apiserver-ready (~11 min) \

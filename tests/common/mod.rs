@@ -29,13 +29,18 @@ fn run_script(script: &str, args: &[&str]) -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim().lines().last().unwrap())
 }
 
-/// kindling's own guest kernel (bzImage): `kindling images build kernel` (cached by input hash).
-pub fn our_kernel() -> PathBuf {
-    let st = kindling().args(["images", "build", "kernel"]).stdout(Stdio::null()).status().unwrap();
-    assert!(st.success(), "kindling images build kernel failed");
-    let out = kindling().args(["images", "path", "kernel"]).output().unwrap();
+/// A step's artifact from `kindling images build STEP` (cached by input hash).
+pub fn image_path(step: &str) -> PathBuf {
+    let st = kindling().args(["images", "build", step]).stdout(Stdio::null()).status().unwrap();
+    assert!(st.success(), "kindling images build {step} failed");
+    let out = kindling().args(["images", "path", step]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// kindling's own guest kernel (bzImage).
+pub fn our_kernel() -> PathBuf {
+    image_path("kernel")
 }
 
 /// A busybox initramfs whose /init prints KINDLING-INIT-OK and KINDLING-NPROC=N, runs

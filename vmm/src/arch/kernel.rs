@@ -97,10 +97,9 @@ pub fn load(
     }
 
     let mut params = boot_params { hdr, acpi_rsdp_addr: rsdp.raw_value(), ..Default::default() };
-    for (i, entry) in e820_map(mem).iter().enumerate() {
-        params.e820_table[i] = *entry;
-    }
-    params.e820_entries = e820_map(mem).len() as u8;
+    let e820 = e820_map(mem);
+    params.e820_table[..e820.len()].copy_from_slice(&e820);
+    params.e820_entries = e820.len() as u8;
 
     let zero_page = GuestAddress(layout::ZERO_PAGE_START);
     let bp = BootParams::new::<boot_params>(&params, zero_page);
