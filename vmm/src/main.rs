@@ -6,10 +6,8 @@ fn main() {
     let cli = Cli::parse();
     init_logging();
     let code = match cli.command {
-        Command::Boot(args) => boot::run(&args),
-        Command::Bench(args) => kindling::bench::run(&args),
-        Command::Images(cmd) => kindling::cli::images(&cmd),
         Command::L1Guest => kindling::runner::emulated::l1_guest_main(l1_run),
+        command => dispatch(command),
     };
     match code {
         Ok(code) => std::process::exit(code),
@@ -24,7 +22,7 @@ fn main() {
 fn init_logging() {
     let filter = std::env::var("KINDLING_LOG")
         .ok()
-        .or_else(|| std::fs::read_to_string("/kindling/log-filter").ok().filter(|_| std::process::id() == 1 || is_l1()))
+        .or_else(|| std::fs::read_to_string("/kindling/log-filter").ok().filter(|_| is_l1()))
         .filter(|f| !f.trim().is_empty())
         .map(EnvFilter::new)
         .unwrap_or_else(|| EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
@@ -45,13 +43,21 @@ fn l1_run(mode: &str, args: Vec<String>) -> i32 {
             return 2;
         }
     };
-    let result = match cli.command {
-        Command::Boot(args) => boot::run(&args),
-        Command::Bench(args) => kindling::bench::run(&args),
-        Command::Images(_) | Command::L1Guest => return 2,
-    };
-    result.unwrap_or_else(|e| {
+    if matches!(cli.command, Command::L1Guest) {
+        return 2;
+    }
+    dispatch(cli.command).unwrap_or_else(|e| {
         tracing::error!("{e:#}");
         1
     })
+}
+
+/// Runs a user-facing command (the same on the host and inside the level-1 VM).
+fn dispatch(command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Boot(args) => boot::run(&args),
+        Command::Bench(args) => kindling::bench::run(&args),
+        Command::Images(cmd) => kindling::cli::images(&cmd),
+        Command::L1Guest => Ok(2),
+    }
 }
