@@ -1,4 +1,11 @@
 //! PID 1 duties: filesystems, hostname, network, sysctls, signals, power-off.
+//!
+//! The agent also runs as the init of a container on a host (fresh mount, UTS, IPC,
+//! network and PID namespaces; the `container` environment variable set, as systemd
+//! expects of container managers), which is how its bring-up is tested at native speed.
+//! There it leaves alone what is shared with the host: the kernel-wide sysctls, the
+//! cgroup hierarchy, the root file system's read-only state at power-off and the power
+//! itself.
 
 use std::time::Duration;
 
@@ -7,6 +14,20 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::node::NodeConfig;
 use crate::phase;
+
+/// True when the agent is the init of a container rather than of a VM.
+pub fn in_container() -> bool {
+    std::env::var_os("container").is_some()
+}
+
+/// The kernel command line, or in a container the `KINDLING_CMDLINE` variable (the
+/// host's /proc/cmdline is not ours).
+pub fn cmdline() -> String {
+    match std::env::var("KINDLING_CMDLINE") {
+        Ok(c) if in_container() => c,
+        _ => std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+    }
+}
 
 /// Mounts the API filesystems and the writable runtime directories.
 pub fn mount_filesystems() -> Result<()> {
@@ -24,14 +45,22 @@ pub fn mount_filesystems() -> Result<()> {
     m("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
     m("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("gid=5,mode=620,ptmxmode=666"))?;
     m("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)?;
-    m("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, Some("nsdelegate"))?;
+    if !in_container() {
+        m("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, Some("nsdelegate"))?;
+    }
     m("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
     m("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    // The root disk was mounted by the kernel; make sure it is writable.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT, None::<&str>).context("remounting / read-write")?;
+    // The root disk was mounted by the kernel; make sure it is writable. (A container's
+    // root is writable already and need not be a mount point.)
+    if !in_container() {
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT, None::<&str>).context("remounting / read-write")?;
+    }
     // Pods get their own mount propagation, as under systemd.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>).ok();
     // Delegate every cgroup v2 controller to child cgroups (kubelet, containerd).
+    if in_container() {
+        return Ok(());
+    }
     if let Ok(controllers) = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers") {
         let enable: Vec<String> = controllers.split_whitespace().map(|c| format!("+{c}")).collect();
         std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", enable.join(" ")).ok();
@@ -39,8 +68,10 @@ pub fn mount_filesystems() -> Result<()> {
     Ok(())
 }
 
-/// Kernel settings Kubernetes networking expects.
+/// Kernel settings Kubernetes networking expects. In a container only the network
+/// namespace's own (`net/`) settings are ours to change.
 pub fn sysctls() {
+    let container = in_container();
     for (key, value) in [
         ("net/ipv4/ip_forward", "1"),
         ("net/bridge/bridge-nf-call-iptables", "1"),
@@ -52,6 +83,9 @@ pub fn sysctls() {
         ("fs/inotify/max_user_instances", "8192"),
         ("fs/inotify/max_user_watches", "524288"),
     ] {
+        if container && !key.starts_with("net/") {
+            continue;
+        }
         if let Err(e) = std::fs::write(format!("/proc/sys/{key}"), value) {
             phase::log(format!("sysctl {key}={value}: {e}"));
         }
@@ -102,6 +136,10 @@ pub fn power_off(reboot: bool) -> ! {
     nix::unistd::sync();
     for target in ["/tmp", "/run", "/dev/shm", "/dev/pts", "/sys/fs/cgroup"] {
         let _ = umount2(target, MntFlags::MNT_DETACH);
+    }
+    if in_container() {
+        // The root may be a host file system, and power is the host's: just end.
+        std::process::exit(0);
     }
     let _ = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>);
     nix::unistd::sync();

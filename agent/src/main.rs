@@ -30,8 +30,7 @@ fn main() {
     // Reported once /proc is there to tell the time since kernel start.
     phase::report("agent-start");
     init::sysctls();
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let cfg = NodeConfig::from_cmdline(&cmdline);
+    let cfg = NodeConfig::from_cmdline(&init::cmdline());
     if let Err(e) = init::network(&cfg) {
         phase::log(format!("network setup: {e:#}"));
     }
@@ -41,11 +40,12 @@ fn main() {
     {
         let (cfg, paths, reaper, node) = (cfg.clone(), paths.clone(), reaper.clone(), node.clone());
         std::thread::spawn(move || match node::bring_up(&cfg, &paths, reaper.clone(), &node) {
-            Ok(()) if cfg.selftest => {
+            Ok(node::BringUp::Complete) if cfg.selftest => {
                 selftest::run(&paths, &reaper);
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(1), nix::sys::signal::Signal::SIGTERM);
             }
-            Ok(()) => {}
+            Ok(node::BringUp::Complete) => {}
+            Ok(node::BringUp::StoppedAfter(p)) => phase::log(format!("bring-up stopped after {p}, as kindling.until asked")),
             Err(e) => phase::log(format!("bring-up failed: {e:#}")),
         });
     }

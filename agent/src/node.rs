@@ -35,6 +35,9 @@ pub struct NodeConfig {
     pub console: Vec<String>,
     /// Run the in-guest checks after node-ready, then power off.
     pub selftest: bool,
+    /// Stop bringing the node up after this phase (`kindling.until=apiserver-ready`):
+    /// a control plane without kubelet, e.g. where cgroups are not the node's own.
+    pub until: Option<String>,
 }
 
 impl NodeConfig {
@@ -51,6 +54,7 @@ impl NodeConfig {
             dns: get("dns").unwrap_or_else(|| "10.0.2.3".into()),
             console: get("console").map(|v| v.split(',').map(str::to_owned).collect()).unwrap_or_default(),
             selftest: get("selftest").is_some_and(|v| v == "1"),
+            until: get("until"),
         }
     }
 
@@ -281,9 +285,27 @@ impl Node {
     }
 }
 
+/// Phases of bring-up, in order (`kindling-agent: phase <name> <seconds>`).
+pub const PHASES: [&str; 6] = ["agent-start", "etcd-ready", "containerd-ready", "apiserver-ready", "node-ready", "dns-ready"];
+
+/// Whether bring-up went all the way or stopped where `kindling.until` said.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BringUp {
+    Complete,
+    StoppedAfter(String),
+}
+
 /// Starts everything into `node`, reporting phases; returns once the node is Ready and
-/// cluster DNS is available.
-pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Node) -> Result<()> {
+/// cluster DNS is available (or after the `until` phase).
+pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Node) -> Result<BringUp> {
+    if let Some(u) = &cfg.until {
+        anyhow::ensure!(PHASES.contains(&u.as_str()), "kindling.until={u} is not a phase; use one of {}", PHASES.join(", "));
+    }
+    // Reports a phase; true when bring-up is to stop there.
+    let reached = |name: &str| {
+        phase::report(name);
+        cfg.until.as_deref() == Some(name)
+    };
     write_configs(cfg, paths)?;
     let mut specs = specs(cfg, paths);
     let mut start = |name: &'static str| -> Result<()> {
@@ -301,15 +323,21 @@ pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Nod
     let sock = paths.containerd_socket().display().to_string();
 
     wait_for("etcd", comps, etcd_healthy);
-    phase::report("etcd-ready");
+    if reached("etcd-ready") {
+        return Ok(BringUp::StoppedAfter("etcd-ready".into()));
+    }
     start("kube-apiserver")?;
 
     wait_for("containerd", comps, || reaper.run(&[&ctr, "--address", &sock, "version"]).is_ok_and(|(c, _)| c == 0));
     import_images(&reaper, &ctr, &sock, &paths.images())?;
-    phase::report("containerd-ready");
+    if reached("containerd-ready") {
+        return Ok(BringUp::StoppedAfter("containerd-ready".into()));
+    }
 
     wait_for("kube-apiserver", comps, || reaper.run(&[&kubectl, "--kubeconfig", &admin, "get", "--raw=/readyz"]).is_ok_and(|(c, o)| c == 0 && o.trim() == "ok"));
-    phase::report("apiserver-ready");
+    if reached("apiserver-ready") {
+        return Ok(BringUp::StoppedAfter("apiserver-ready".into()));
+    }
     // Everything else talks to the API server. Started earlier, they only retry, and on
     // a slow (emulated) CPU their retries starve the API server's own bootstrap.
     start("kubelet")?;
@@ -323,14 +351,16 @@ pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Nod
     wait_for("kubelet", comps, || {
         reaper.run(&[&kubectl, "--kubeconfig", &admin, "get", "node", &cfg.hostname, ready_jsonpath]).is_ok_and(|(c, o)| c == 0 && o.trim() == "True")
     });
-    phase::report("node-ready");
+    if reached("node-ready") {
+        return Ok(BringUp::StoppedAfter("node-ready".into()));
+    }
     wait_for("coredns", comps, || {
         reaper
             .run(&[&kubectl, "--kubeconfig", &admin, "-n", "kube-system", "get", "deploy", "coredns", "-o=jsonpath={.status.availableReplicas}"])
             .is_ok_and(|(c, o)| c == 0 && o.trim().parse::<u32>().unwrap_or(0) >= 1)
     });
     phase::report("dns-ready");
-    Ok(())
+    Ok(BringUp::Complete)
 }
 
 /// Imports the preloaded OCI archives into containerd's k8s.io namespace (idempotent).
@@ -480,8 +510,9 @@ mod tests {
 
     #[test]
     fn cmdline_parsing() {
-        let c = NodeConfig::from_cmdline("console=ttyS0 kindling.ip=192.168.7.2/24 kindling.gw=192.168.7.1 kindling.console=etcd,kubelet kindling.selftest=1");
+        let c = NodeConfig::from_cmdline("console=ttyS0 kindling.ip=192.168.7.2/24 kindling.gw=192.168.7.1 kindling.console=etcd,kubelet kindling.selftest=1 kindling.until=etcd-ready");
         assert_eq!((c.address(), c.gateway.as_deref(), c.selftest), ("192.168.7.2", Some("192.168.7.1"), true));
+        assert_eq!(c.until.as_deref(), Some("etcd-ready"));
         assert!(c.shows("etcd") && !c.shows("kube-apiserver"));
         let d = NodeConfig::from_cmdline("console=ttyS0");
         assert_eq!((d.hostname.as_str(), d.address(), d.selftest), ("kindling", "10.0.2.15", false));

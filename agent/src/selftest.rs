@@ -20,6 +20,8 @@ pub fn run(paths: &Paths, reaper: &Reaper) -> bool {
     };
     let pod_output = |name: &str, script: &str| -> Result<String, String> {
         let image = format!("--image={busybox}");
+        // A pod of the same name may be left from an earlier boot of this disk.
+        let _ = k(&["delete", "pod", name, "--ignore-not-found", "--wait=true"]);
         let (c, o) = k(&["run", name, &image, "--restart=Never", "--image-pull-policy=IfNotPresent", "--command", "--", "sh", "-c", script]);
         if c != 0 {
             return Err(o);

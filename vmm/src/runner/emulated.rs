@@ -338,8 +338,11 @@ fn run_job(config: &VmConfig, job: Job<'_>) -> Result<i32, EmulatedError> {
     let mut cmd = Command::new(qemu);
     // KINDLING_L1_CPU overrides the level-1 CPU model (for diagnosing emulation issues).
     let cpu = std::env::var("KINDLING_L1_CPU").unwrap_or_else(|_| L1_CPU.to_string());
+    // At least two L1 vCPUs: kindling's device thread (disk I/O) then runs beside a
+    // single guest vCPU instead of taking turns with it.
+    let l1_cpus = config.cpus.max(2);
     cmd.args(["-M", "q35,accel=tcg", "-cpu", &cpu])
-        .args(["-smp", &config.cpus.to_string(), "-m", &format!("{l1_mem}M")])
+        .args(["-smp", &l1_cpus.to_string(), "-m", &format!("{l1_mem}M")])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
         .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
         .args(["-device", &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04")])
@@ -355,7 +358,7 @@ fn run_job(config: &VmConfig, job: Job<'_>) -> Result<i32, EmulatedError> {
         }
         cmd.arg("-drive").arg(spec);
     }
-    eprintln!("kindling: emulated runner: starting the level-1 VM (QEMU TCG, {} vCPUs, {l1_mem} MiB)", config.cpus);
+    eprintln!("kindling: emulated runner: starting the level-1 VM (QEMU TCG, {l1_cpus} vCPUs, {l1_mem} MiB)");
     let status = cmd.status().map_err(io("starting qemu-system-x86_64"))?;
     let code = status.code().ok_or(EmulatedError::Killed)?;
     tracing::debug!("level-1 VM exited with {code} after {:?}", t0.elapsed());
