@@ -8,7 +8,8 @@
 //! Checked: PID 1 duties (mounts, hostname, loopback and node address, network sysctls,
 //! reaping), PKI written with private keys 0600, the phase report in order, per-component
 //! logs, a killed etcd restarted by the supervisor, orderly shutdown on SIGTERM
-//! (control plane, then etcd, then containerd), and a second boot of the same disk that
+//! (control plane, then etcd, then containerd), the control channel (ping, phases,
+//! exec, logs, poweroff) on its UNIX socket, and a second boot of the same disk that
 //! reuses the PKI and still has the cluster objects of the first.
 //!
 //! Needs root (namespaces, loop devices); the test says so and does nothing otherwise.
@@ -122,10 +123,24 @@ exec chroot "$2" /sbin/init"#;
         self.processes().into_iter().find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm))
     }
 
-    /// SIGTERM to the agent (a power-off request); returns its exit status.
-    fn power_off(mut self) -> (std::process::ExitStatus, String) {
-        let st = Command::new("kill").args(["-TERM", &self.agent_pid().to_string()]).status().unwrap();
-        assert!(st.success());
+    /// One request on the agent's control channel (its UNIX socket, reached through
+    /// the container's root); returns the reply lines.
+    fn control(&self, request: &str) -> Vec<String> {
+        let sock = format!("/proc/{}/root/run/kindling/agent.sock", self.agent_pid());
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap_or_else(|e| panic!("{sock}: {e}"));
+        std::io::Write::write_all(&mut s, format!("{request}\n").as_bytes()).unwrap();
+        BufReader::new(s).lines().map_while(Result::ok).collect()
+    }
+
+    /// SIGTERM to the agent (a power-off request), or with `via_control` the control
+    /// channel's poweroff; returns its exit status and everything it printed.
+    fn power_off(mut self, via_control: bool) -> (std::process::ExitStatus, String) {
+        if via_control {
+            assert_eq!(self.control(r#"{"op":"poweroff"}"#), [r#"{"ok":true}"#]);
+        } else {
+            let st = Command::new("kill").args(["-TERM", &self.agent_pid().to_string()]).status().unwrap();
+            assert!(st.success());
+        }
         self.expect("powering off", Duration::from_secs(90));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -200,6 +215,17 @@ fn agent_brings_up_the_control_plane_supervises_it_and_shuts_down_in_order() {
     let (ok, hosts) = c.exec(&["cat", "/etc/hosts"]);
     assert!(ok && hosts.contains(HOSTNAME), "{hosts}");
 
+    // The control channel: phases, a command run inside, a component's log.
+    assert_eq!(c.control(r#"{"op":"ping"}"#), [r#"{"ok":true}"#]);
+    let phases_reply = c.control(r#"{"op":"phases"}"#).join("");
+    assert!(phases_reply.contains(r#""name":"apiserver-ready""#), "{phases_reply}");
+    let exec = c.control(r#"{"op":"exec","argv":["cat","/proc/sys/kernel/hostname"]}"#);
+    assert_eq!(exec, [format!(r#"{{"out":"{HOSTNAME}\n"}}"#), r#"{"exit":0}"#.to_string()]);
+    let logs = c.control(r#"{"op":"logs","component":"etcd"}"#).join("\n");
+    assert!(logs.contains("kindling-agent: starting etcd") && logs.ends_with(r#"{"exit":0}"#), "{logs}");
+    assert!(c.control(r#"{"op":"logs","component":"../pki/ca"}"#)[0].starts_with(r#"{"error""#));
+    assert!(c.control("rm -rf /")[0].starts_with(r#"{"error":"bad request"#));
+
     // The API server answers, and takes a cluster object that must survive a reboot.
     let (ok, ready) = c.kubectl(&["get", "--raw=/readyz"]);
     assert!(ok && ready.trim() == "ok", "{ready}");
@@ -230,7 +256,7 @@ fn agent_brings_up_the_control_plane_supervises_it_and_shuts_down_in_order() {
     }
 
     // Orderly shutdown: API server before etcd before containerd.
-    let (status, log) = c.power_off();
+    let (status, log) = c.power_off(false);
     assert!(status.success(), "agent exit {status}:\n{log}");
     let (api, etcd, containerd) =
         (position(&log, "kube-apiserver stopped"), position(&log, "etcd stopped"), position(&log, "containerd stopped"));
@@ -242,6 +268,6 @@ fn agent_brings_up_the_control_plane_supervises_it_and_shuts_down_in_order() {
     assert!(!c.log().contains("PKI: wrote"), "second boot must reuse the PKI:\n{}", c.log());
     let (ok, v) = c.kubectl(&["get", "configmap", "survivor", "-o=jsonpath={.data.boot}"]);
     assert!(ok && v.trim() == "first", "cluster object lost across a reboot: {v}");
-    let (status, log) = c.power_off();
+    let (status, log) = c.power_off(true);
     assert!(status.success(), "{log}");
 }

@@ -4,6 +4,7 @@
 //! console, and shuts the node down in order when asked to power off.
 
 mod init;
+mod control;
 mod node;
 mod phase;
 mod pki;
@@ -37,6 +38,9 @@ fn main() {
     let reaper = supervisor::Reaper::start();
     let paths = Paths::new("/");
     let node = node::Node::default();
+    if let Err(e) = control::serve(paths.clone(), reaper.clone(), init::in_container()) {
+        phase::log(format!("control channel: {e:#}"));
+    }
     {
         let (cfg, paths, reaper, node) = (cfg.clone(), paths.clone(), reaper.clone(), node.clone());
         std::thread::spawn(move || match node::bring_up(&cfg, &paths, reaper.clone(), &node) {

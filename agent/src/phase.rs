@@ -8,9 +8,19 @@ pub fn uptime() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Prints `kindling-agent: phase <name> <seconds>` to the console (stdout).
+static REACHED: std::sync::Mutex<Vec<(String, f64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Prints `kindling-agent: phase <name> <seconds>` to the console (stdout), and
+/// remembers it for the control channel.
 pub fn report(name: &str) {
-    println!("kindling-agent: phase {name} {:.2}", uptime());
+    let t = uptime();
+    REACHED.lock().unwrap().push((name.to_string(), t));
+    println!("kindling-agent: phase {name} {t:.2}");
+}
+
+/// The phases reached so far, with their times.
+pub fn reached() -> Vec<(String, f64)> {
+    REACHED.lock().unwrap().clone()
 }
 
 pub fn log(msg: impl std::fmt::Display) {

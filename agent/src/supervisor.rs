@@ -100,6 +100,33 @@ impl Reaper {
     }
 }
 
+impl Reaper {
+    /// Runs a command to completion, handing its output (stdout and stderr, merged) to
+    /// `on_output` as it comes. If `on_output` fails (its reader went away), the
+    /// command is killed. Returns the exit code.
+    pub fn run_streaming(&self, argv: &[&str], on_output: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<i32> {
+        let (mut reader, writer) = std::io::pipe()?;
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(writer.try_clone()?).stderr(writer).process_group(0);
+        let (pid, exited) = self.spawn(&mut cmd)?;
+        drop(cmd); // close our copies of the pipe's write end
+        let mut buf = vec![0; 32 * 1024];
+        loop {
+            match std::io::Read::read(&mut reader, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if on_output(&buf[..n]).is_err() {
+                        // SAFETY: killing the process group of a child we started.
+                        unsafe { libc::kill(-pid, libc::SIGKILL) };
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(exited.recv().unwrap_or(-1))
+    }
+}
+
 /// A running, supervised component.
 pub struct Component {
     pub name: &'static str,
