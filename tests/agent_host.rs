@@ -93,7 +93,7 @@ exec chroot "$2" /sbin/init"#;
     /// Runs a command inside the container (its namespaces and root).
     fn exec(&self, argv: &[&str]) -> (bool, String) {
         let out = Command::new("nsenter")
-            .args(["--target", &self.agent_pid().to_string(), "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd=/", "--"])
+            .args(["--target", &self.agent_pid().to_string(), "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd", "--"])
             .args(argv)
             .env("PATH", "/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin")
             .output()

@@ -47,6 +47,7 @@ impl BenchArgs {
             cpus: self.cpus,
             memory_mib: self.memory,
             disks: vec![],
+            vsock: None,
         }
     }
 

@@ -1,5 +1,6 @@
 //! Builds a microVM from a [`VmConfig`] and runs it: memory, ACPI, kernel, devices,
-//! vCPUs, then the event loop (console input, virtio queue notifications, guest exit).
+//! vCPUs, then the event loop (console input, virtio queue notifications, device host
+//! events, guest exit).
 
 use std::io::Write;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -21,6 +22,8 @@ use crate::devices::legacy::serial::{SerialConsole, COM1_PORT, COM_PORT_LEN};
 use crate::devices::legacy::IrqTrigger;
 use crate::devices::virtio::block::{Block, DiskError};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::vsock::{Vsock, VsockError};
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::{ExitReason, ExitSignal};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -36,12 +39,14 @@ pub enum BuildError {
     #[error(transparent)]
     Disk(#[from] DiskError),
     #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error(transparent)]
     Boot(#[from] kernel::BootError),
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
-    #[error("too many virtio devices: at most {0} fit the interrupt lines; remove some --disk")]
+    #[error("too many virtio devices: at most {0} fit the interrupt lines; remove some --disk (or --vsock)")]
     TooManyDevices(usize),
     #[error("setting up {what}: {err}")]
     Setup { what: &'static str, err: String },
@@ -62,6 +67,8 @@ pub struct Console {
 const TOKEN_EXIT: u64 = 0;
 const TOKEN_INPUT: u64 = 1;
 const TOKEN_QUEUE_BASE: u64 = 16;
+/// Above every queue token: a device's host events fd (see `VirtioDevices::host_events`).
+const TOKEN_HOST_EVENTS_BASE: u64 = 1 << 32;
 
 /// Ctrl-A then x quits, as in QEMU, when the console is a terminal.
 const ESCAPE: u8 = 0x01;
@@ -72,9 +79,7 @@ pub struct MicroVm {
     mem: Arc<vm_memory::GuestMemoryMmap>,
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialConsole>>,
-    /// (transport, queue index, ioeventfd) for every virtio queue.
-    queues: Vec<(Arc<Mutex<MmioTransport>>, usize, EventFd)>,
-    disks: Vec<Arc<Mutex<MmioTransport>>>,
+    virtio: VirtioDevices,
     vcpus: Vec<Vcpu>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -108,25 +113,17 @@ impl MicroVm {
         let too_long = || ConfigError::CmdlineTooLong { len: config.full_cmdline_len() };
         cmdline.insert_str(&config.cmdline).map_err(|_| too_long())?;
 
-        let mut queues = Vec::new();
-        let mut disks = Vec::new();
-        for (i, disk) in config.disks.iter().enumerate() {
-            let (addr, irq) = layout::virtio_mmio_slot(i).ok_or(BuildError::TooManyDevices(i))?;
+        // Slots in the order config.full_cmdline_len() counts them: disks, then vsock.
+        let mut virtio = VirtioDevices::default();
+        for disk in &config.disks {
             let block = Block::open(&disk.path, disk.read_only)?;
-            let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(setup("virtio irq"))?;
-            vm.fd.register_irqfd(&irq_evt, irq).map_err(setup("virtio irqfd"))?;
-            let transport = Arc::new(Mutex::new(MmioTransport::new(Box::new(block), mem.clone(), irq_evt)));
-            mmio.insert(transport.clone(), addr, layout::VIRTIO_MMIO_SIZE).map_err(setup("virtio-mmio window"))?;
-            let queue_count = transport.lock().unwrap().queue_count();
-            for q in 0..queue_count {
-                let evt = EventFd::new(EFD_NONBLOCK).map_err(setup("virtio ioeventfd"))?;
-                vm.fd
-                    .register_ioevent(&evt, &IoEventAddress::Mmio(addr + REG_QUEUE_NOTIFY), q as u32)
-                    .map_err(setup("virtio ioeventfd"))?;
-                queues.push((transport.clone(), q, evt));
-            }
-            disks.push(transport);
-            cmdline.insert_str(crate::config::virtio_mmio_arg(addr, irq)).map_err(|_| too_long())?;
+            let arg = virtio.attach(&vm, &mem, &mut mmio, Box::new(block))?;
+            cmdline.insert_str(arg).map_err(|_| too_long())?;
+        }
+        if let Some(vsock) = &config.vsock {
+            let device = Vsock::new(u64::from(vsock.guest_cid), &vsock.uds_path)?;
+            let arg = virtio.attach(&vm, &mem, &mut mmio, Box::new(device))?;
+            cmdline.insert_str(arg).map_err(|_| too_long())?;
         }
         tracing::debug!("kernel command line: {}", cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default());
 
@@ -137,17 +134,20 @@ impl MicroVm {
             .map(|i| Vcpu::new(&vm, i, config.cpus, (i == 0).then_some(boot)))
             .collect::<Result<Vec<_>, _>>()?;
         tracing::debug!("microVM built in {:?}", started.elapsed());
-        Ok(Self { vm, mem, exit, serial, queues, disks, vcpus, pio: Arc::new(pio), mmio: Arc::new(mmio), input: console.input, started })
+        Ok(Self { vm, mem, exit, serial, virtio, vcpus, pio: Arc::new(pio), mmio: Arc::new(mmio), input: console.input, started })
     }
 
     /// Runs the guest until it powers off, resets or fails.
     pub fn run(self) -> Result<ExitReason, BuildError> {
-        let MicroVm { vm, mem, exit, serial, queues, disks, vcpus, pio, mmio, input, started } = self;
+        let MicroVm { vm, mem, exit, serial, virtio, vcpus, pio, mmio, input, started } = self;
         let epoll = Epoll::new().map_err(setup("epoll"))?;
         let add = |fd: RawFd, token: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
         add(exit.evt.as_raw_fd(), TOKEN_EXIT).map_err(setup("epoll"))?;
-        for (i, (_, _, evt)) in queues.iter().enumerate() {
+        for (i, (_, _, evt)) in virtio.queues.iter().enumerate() {
             add(evt.as_raw_fd(), TOKEN_QUEUE_BASE + i as u64).map_err(setup("epoll"))?;
+        }
+        for (i, (_, fd)) in virtio.host_events.iter().enumerate() {
+            add(*fd, TOKEN_HOST_EVENTS_BASE + i as u64).map_err(setup("epoll"))?;
         }
         let _raw = input.and_then(RawTerminal::enter);
         let escape_enabled = _raw.is_some();
@@ -212,8 +212,12 @@ impl MicroVm {
                         }
                         console.enqueue_input(bytes);
                     }
+                    token if token >= TOKEN_HOST_EVENTS_BASE => {
+                        let (transport, _) = &virtio.host_events[(token - TOKEN_HOST_EVENTS_BASE) as usize];
+                        transport.lock().unwrap().process_host_events();
+                    }
                     token => {
-                        let (transport, q, evt) = &queues[(token - TOKEN_QUEUE_BASE) as usize];
+                        let (transport, q, evt) = &virtio.queues[(token - TOKEN_QUEUE_BASE) as usize];
                         let _ = evt.read();
                         transport.lock().unwrap().process_queue(*q);
                     }
@@ -224,13 +228,63 @@ impl MicroVm {
         tracing::debug!("guest stopped ({reason:?}) after {:?}", started.elapsed());
         vcpu::stop_all(threads, &stop);
         // Disks: whatever the guest wrote reaches stable storage before we report success.
-        for d in &disks {
+        for d in &virtio.transports {
             d.lock().unwrap().sync_device();
         }
-        // vCPUs are stopped: the memory can go after the VM that maps it.
+        // Devices go first (vsock removes its socket file), then, with the vCPUs
+        // stopped, the memory after the VM that maps it.
+        drop(virtio);
         drop(vm);
         drop(mem);
         Ok(reason)
+    }
+}
+
+/// The virtio devices and what the event loop watches for them.
+#[derive(Default)]
+struct VirtioDevices {
+    /// In slot order.
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// (transport, queue index, ioeventfd) for every virtio queue.
+    queues: Vec<(Arc<Mutex<MmioTransport>>, usize, EventFd)>,
+    /// (transport, fd) for devices that also react to host-side events; the fd is owned
+    /// by the device, which lives as long as its transport here.
+    host_events: Vec<(Arc<Mutex<MmioTransport>>, RawFd)>,
+}
+
+impl VirtioDevices {
+    /// Puts `device` in the next virtio-mmio slot: interrupt through an irqfd, queue
+    /// notifications through one ioeventfd per queue. Returns the slot's kernel command
+    /// line entry.
+    fn attach(
+        &mut self,
+        vm: &Vm,
+        mem: &Arc<vm_memory::GuestMemoryMmap>,
+        mmio: &mut Bus,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<String, BuildError> {
+        let slot = self.transports.len();
+        let (addr, irq) = layout::virtio_mmio_slot(slot).ok_or(BuildError::TooManyDevices(slot))?;
+        let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(setup("virtio irq"))?;
+        vm.fd.register_irqfd(&irq_evt, irq).map_err(setup("virtio irqfd"))?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), irq_evt)));
+        mmio.insert(transport.clone(), addr, layout::VIRTIO_MMIO_SIZE).map_err(setup("virtio-mmio window"))?;
+        let (queue_count, host_events_fd) = {
+            let t = transport.lock().unwrap();
+            (t.queue_count(), t.host_events_fd())
+        };
+        for q in 0..queue_count {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(setup("virtio ioeventfd"))?;
+            vm.fd
+                .register_ioevent(&evt, &IoEventAddress::Mmio(addr + REG_QUEUE_NOTIFY), q as u32)
+                .map_err(setup("virtio ioeventfd"))?;
+            self.queues.push((transport.clone(), q, evt));
+        }
+        if let Some(fd) = host_events_fd {
+            self.host_events.push((transport.clone(), fd));
+        }
+        self.transports.push(transport);
+        Ok(crate::config::virtio_mmio_arg(addr, irq))
     }
 }
 

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use crate::arch::layout;
@@ -44,6 +45,14 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize },
     #[error("--cmdline contains a NUL or non-ASCII byte; the kernel command line must be printable ASCII")]
     CmdlineInvalid,
+    #[error("vsock guest CID {0}: CIDs 0-2 are reserved (2 is the host) and {max} means any; use 3 or more", max = u32::MAX)]
+    VsockCid(u32),
+    #[error("vsock socket {}: exists and is not a UNIX socket; remove it or pass another --vsock path", .0.display())]
+    VsockNotSocket(PathBuf),
+    #[error("vsock socket {}: directory {} does not exist; create it or pass another --vsock path", path.display(), dir.display())]
+    VsockNoDir { path: PathBuf, dir: PathBuf },
+    #[error("vsock socket {}: the path is {len} bytes, but with the `_<port>` suffix used for guest connections it must fit {max}; pass a shorter --vsock path", path.display(), max = VSOCK_PATH_MAX)]
+    VsockPathTooLong { path: PathBuf, len: usize },
 }
 
 /// One virtio-blk disk.
@@ -67,6 +76,55 @@ impl DiskConfig {
     }
 }
 
+/// The length a UNIX socket path can have (sun_path is 108 bytes with the NUL).
+const UNIX_PATH_MAX: usize = 107;
+/// Longest `--vsock` path: `P_<port>` must fit too, for any 32-bit port.
+pub const VSOCK_PATH_MAX: usize = UNIX_PATH_MAX - "_4294967295".len();
+
+/// A virtio-vsock device whose host side is UNIX sockets (see
+/// [`crate::devices::virtio::vsock`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context ID.
+    pub guest_cid: u32,
+    /// The VMM listens here. A host program connects and sends `CONNECT <port>\n` to
+    /// reach guest port `<port>`. Guest connections to host port N go to `<uds_path>_N`.
+    pub uds_path: PathBuf,
+}
+
+impl VsockConfig {
+    /// The CID `kindling boot --vsock` gives the guest.
+    pub const DEFAULT_GUEST_CID: u32 = 3;
+
+    pub fn new(uds_path: PathBuf) -> Self {
+        Self { guest_cid: Self::DEFAULT_GUEST_CID, uds_path }
+    }
+
+    /// Checks what can be checked before binding. A stale socket file is fine: the device
+    /// replaces it when nothing listens on it any more.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest_cid < 3 || self.guest_cid == u32::MAX {
+            return Err(ConfigError::VsockCid(self.guest_cid));
+        }
+        let path = &self.uds_path;
+        let len = path.as_os_str().len();
+        if len > VSOCK_PATH_MAX {
+            return Err(ConfigError::VsockPathTooLong { path: path.clone(), len });
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(ConfigError::VsockNoDir { path: path.clone(), dir: dir.to_path_buf() });
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => Err(ConfigError::VsockNotSocket(path.clone())),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Kernel image formats the loader understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelFormat {
@@ -82,6 +140,7 @@ pub struct VmConfig {
     pub cpus: u8,
     pub memory_mib: u64,
     pub disks: Vec<DiskConfig>,
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -120,15 +179,23 @@ impl VmConfig {
                 return Err(ConfigError::DiskMissing(disk.path.clone()));
             }
         }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
         Ok(format)
     }
 }
 
 impl VmConfig {
+    /// Number of virtio devices: the disks in order, then vsock.
+    pub fn virtio_device_count(&self) -> usize {
+        self.disks.len() + usize::from(self.vsock.is_some())
+    }
+
     /// The command line's length once the VMM appended one `virtio_mmio.device=` entry
     /// per device (the builder appends exactly these).
     pub fn full_cmdline_len(&self) -> usize {
-        let devices: usize = (0..self.disks.len())
+        let devices: usize = (0..self.virtio_device_count())
             .map(|i| match layout::virtio_mmio_slot(i) {
                 Some((addr, irq)) => virtio_mmio_arg(addr, irq).len() + 1,
                 None => 0,
@@ -180,7 +247,7 @@ mod tests {
     use super::*;
 
     fn base(kernel: PathBuf) -> VmConfig {
-        VmConfig { kernel, initrd: None, cmdline: "console=ttyS0".into(), cpus: 1, memory_mib: 128, disks: vec![] }
+        VmConfig { kernel, initrd: None, cmdline: "console=ttyS0".into(), cpus: 1, memory_mib: 128, disks: vec![], vsock: None }
     }
 
     #[test]
@@ -220,5 +287,33 @@ mod tests {
         c.disks.push(DiskConfig { path: disk, read_only: false });
         c.cmdline = "x".repeat(CMDLINE_MAX - 10);
         assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong { .. })), "device entries count too");
+    }
+
+    #[test]
+    fn vsock_checks_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = |name: &str| VsockConfig::new(dir.path().join(name));
+        assert_eq!(sock("v.sock").validate().map_err(|e| e.to_string()), Ok(()));
+        let mut low = sock("v.sock");
+        low.guest_cid = 2;
+        assert!(matches!(low.validate(), Err(ConfigError::VsockCid(2))));
+        let err = VsockConfig::new(dir.path().join("nodir/v.sock")).validate().unwrap_err().to_string();
+        assert!(err.contains("nodir") && err.contains("does not exist"), "{err}");
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        let err = sock("file").validate().unwrap_err().to_string();
+        assert!(err.contains("not a UNIX socket"), "{err}");
+        // A stale socket passes: the device replaces it.
+        drop(std::os::unix::net::UnixListener::bind(dir.path().join("stale")).unwrap());
+        assert!(sock("stale").validate().is_ok());
+        assert!(matches!(sock(&"x".repeat(VSOCK_PATH_MAX)).validate(), Err(ConfigError::VsockPathTooLong { .. })));
+        assert!(VsockConfig::new("v.sock".into()).validate().is_ok(), "a bare name lives in the current directory");
+    }
+
+    #[test]
+    fn vsock_device_counts_towards_the_command_line() {
+        let mut c = base("/k".into());
+        let without = c.full_cmdline_len();
+        c.vsock = Some(VsockConfig::new("/tmp/v.sock".into()));
+        assert!(c.full_cmdline_len() > without);
     }
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use clap::Args;
 
 use crate::builder::{Console, MicroVm};
-use crate::config::{DiskConfig, VmConfig};
+use crate::config::{DiskConfig, VmConfig, VsockConfig};
 use crate::devices::ExitReason;
 use crate::runner::{self, emulated, Runner, RunnerChoice};
 
@@ -32,6 +32,11 @@ pub struct BootArgs {
     /// append ",ro" for read-only.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     pub disks: Vec<String>,
+    /// A virtio-vsock device (guest CID 3) whose host side is the UNIX socket PATH.
+    /// Host programs connect to PATH and send "CONNECT <port>\n" to reach a guest port;
+    /// the guest's connections to host port N go to PATH_N.
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
     /// Where the VM runs: auto picks KVM when it can boot a stock kernel here.
     #[arg(long, value_enum, default_value_t = RunnerChoice::Auto)]
     pub runner: RunnerChoice,
@@ -48,6 +53,7 @@ impl BootArgs {
             cpus,
             memory_mib: self.memory,
             disks,
+            vsock: self.vsock.clone().map(VsockConfig::new),
         };
         if self.cpus > u32::from(crate::config::MAX_VCPUS) {
             return Err(crate::config::ConfigError::TooManyCpus(self.cpus).into());
@@ -76,6 +82,10 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
             eprintln!("kindling: runner kvm ({why})");
             boot_on_kvm(&config)
         }
+        Runner::Emulated if config.vsock.is_some() => anyhow::bail!(
+            "--vsock needs the kvm runner, and the runner is emulated ({why}); the emulated runner's VMM runs \
+             inside a level-1 VM, out of reach of host sockets; boot where /dev/kvm is usable, or without --vsock"
+        ),
         Runner::Emulated => {
             eprintln!("kindling: runner emulated ({why})");
             Ok(emulated::run(&config)?)

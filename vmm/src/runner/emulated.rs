@@ -465,6 +465,7 @@ mod tests {
                 crate::config::DiskConfig { path: "/x.img".into(), read_only: false },
                 crate::config::DiskConfig { path: "/y,z.img".into(), read_only: true },
             ],
+            vsock: None,
         };
         let args = l1_boot_args(&config);
         assert!(args.windows(2).any(|w| w == ["--disk", "/dev/vda"]));

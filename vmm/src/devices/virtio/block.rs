@@ -228,7 +228,8 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(index) else { return false };
         let mut used_any = false;
         loop {
             if let Err(e) = queue.disable_notification(mem) {
@@ -309,7 +310,7 @@ mod tests {
         mq.build_desc_chain(descs).unwrap();
         let mut q: Queue = mq.create_queue().unwrap();
         mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        assert!(block.process_queue(0, &mut q, mem));
+        assert!(block.process_queue(0, std::slice::from_mut(&mut q), mem));
         let used_len: u32 = mem.read_obj(mq.used_addr().unchecked_add(8)).unwrap();
         (mem.read_obj(GuestAddress(STATUS)).unwrap(), used_len)
     }
@@ -421,7 +422,7 @@ mod tests {
         let mq = MockSplitQueue::new(&m, 16);
         mq.add_desc_chains(&descs, 0).unwrap();
         let mut q: Queue = mq.create_queue().unwrap();
-        assert!(b.process_queue(0, &mut q, &m));
+        assert!(b.process_queue(0, std::slice::from_mut(&mut q), &m));
         let used_idx: u16 = m.read_obj(mq.used_addr().unchecked_add(2)).unwrap();
         assert_eq!(used_idx, 1, "the looping chain was completed, not left hanging");
     }

@@ -1,6 +1,7 @@
 //! virtio-mmio transport (virtio 1.x spec, section 4.2.2): one 4 KiB register window
 //! per device, queue notifications through ioeventfd, interrupts through irqfd.
 
+use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_config::{
@@ -96,7 +97,22 @@ impl MmioTransport {
             return;
         }
         let mem = self.mem.clone();
-        if self.device.process_queue(index, &mut self.queues[index], &mem) {
+        if self.device.process_queue(index, &mut self.queues, &mem) {
+            self.raise(VIRTIO_MMIO_INT_VRING);
+        }
+    }
+
+    /// See [`VirtioDevice::host_events_fd`].
+    pub fn host_events_fd(&self) -> Option<RawFd> {
+        self.device.host_events_fd()
+    }
+
+    /// Called by the event loop when [`Self::host_events_fd`] is readable.
+    pub fn process_host_events(&mut self) {
+        let mem = self.mem.clone();
+        // Before activation the queues are not the driver's yet: the device gets none.
+        let queues: &mut [Queue] = if self.is_active() { &mut self.queues } else { &mut [] };
+        if self.device.process_host_events(queues, &mem) {
             self.raise(VIRTIO_MMIO_INT_VRING);
         }
     }
@@ -118,6 +134,7 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
+        self.device.reset();
         for q in &mut self.queues {
             q.reset();
         }
@@ -273,7 +290,7 @@ mod tests {
         fn config(&self) -> &[u8] {
             &[1, 2, 3, 4]
         }
-        fn process_queue(&mut self, _i: usize, _q: &mut Queue, _m: &GuestMemoryMmap) -> bool {
+        fn process_queue(&mut self, _i: usize, _q: &mut [Queue], _m: &GuestMemoryMmap) -> bool {
             self.processed += 1;
             true
         }

@@ -2,6 +2,9 @@
 
 pub mod block;
 pub mod mmio;
+pub mod vsock;
+
+use std::os::unix::io::RawFd;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -19,9 +22,26 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Device configuration space, read through the transport at offset 0x100.
     fn config(&self) -> &[u8];
-    /// Services the available descriptors of queue `index`. Returns true when used
-    /// buffers were added and the driver asked to be notified.
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    /// Services the available descriptors of queue `index`, which the driver notified.
+    /// All queues are passed because a device may answer on another queue (vsock
+    /// replies to a TX packet on RX). Returns true when used buffers were added and the
+    /// driver asked to be notified.
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
     /// Makes everything the device acknowledged durable (called when the VM stops).
     fn sync(&mut self) {}
+    /// A file descriptor that becomes readable when the device has work that no queue
+    /// notification announces (vsock: host sockets). The event loop watches it and
+    /// calls [`Self::process_host_events`].
+    fn host_events_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Handles what made [`Self::host_events_fd`] readable. `queues` is empty while the
+    /// driver has not activated the device. In that case the device still consumes the
+    /// event (the fd is level-triggered) and keeps what it has for the guest. Returns
+    /// true as [`Self::process_queue`] does.
+    fn process_host_events(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+        false
+    }
+    /// The driver reset the device: forget everything tied to the driver's state.
+    fn reset(&mut self) {}
 }

@@ -1,0 +1,155 @@
+//! The virtio-vsock device: moves packets between the virtqueues and the [`Muxer`].
+//!
+//! TX (guest to host) is drained whenever the guest notifies it. RX (host to guest) is
+//! filled whenever there is something to send and the guest left buffers. That happens
+//! after TX processing (replies), when the guest adds buffers, and on host socket
+//! events. The event queue is never used: it only carries transport resets after live
+//! migration, which kindling does not do.
+
+use std::os::unix::io::RawFd;
+use std::path::Path;
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::muxer::Muxer;
+use super::packet::{self, RxBuffer, MAX_PAYLOAD};
+use super::{VsockError, RX_QUEUE, TX_QUEUE};
+use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+
+const QUEUE_SIZE: u16 = 256;
+
+pub struct Vsock {
+    muxer: Muxer,
+    /// virtio_vsock_config: guest_cid (le64).
+    config: [u8; 8],
+    /// Payload bounce buffer, for both directions.
+    scratch: Vec<u8>,
+}
+
+impl Vsock {
+    /// A device for guest `guest_cid`, listening for host clients on `uds_path`.
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
+        Ok(Self { muxer: Muxer::new(uds_path, guest_cid)?, config: guest_cid.to_le_bytes(), scratch: vec![0; MAX_PAYLOAD] })
+    }
+
+    /// Hands every packet the guest queued to the muxer. TX buffers are only read, so
+    /// they are returned with length 0.
+    fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used_any = false;
+        loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                tracing::warn!("vsock: {e}");
+                return used_any;
+            }
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                match packet::read_header(chain, mem) {
+                    Ok((hdr, mut reader)) => match packet::read_payload(&hdr, &mut reader, &mut self.scratch) {
+                        Ok(payload) => self.muxer.send_pkt(&hdr, payload),
+                        Err(e) => {
+                            tracing::debug!("vsock: refusing packet {hdr:?}: {e}");
+                            self.muxer.refuse(&hdr);
+                        }
+                    },
+                    Err(e) => tracing::debug!("vsock: dropping TX chain {head}: {e}"),
+                }
+                if let Err(e) = queue.add_used(mem, head, 0) {
+                    tracing::warn!("vsock: cannot return TX descriptor {head}: {e}");
+                    return used_any;
+                }
+                used_any = true;
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue, // more buffers arrived meanwhile
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!("vsock: {e}");
+                    break;
+                }
+            }
+        }
+        used_any && queue.needs_notification(mem).unwrap_or(true)
+    }
+
+    /// Fills guest RX buffers with whatever the muxer has for the guest.
+    fn fill_rx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(RX_QUEUE).filter(|q| q.ready()) else { return false };
+        let mut used_any = false;
+        while self.muxer.has_rx() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let head = chain.head_index();
+            let len = match RxBuffer::new(chain, mem) {
+                Ok(buf) => {
+                    let room = buf.payload_capacity();
+                    let Some((hdr, n)) = self.muxer.next_rx(&mut self.scratch[..room]) else {
+                        // Nothing could use this buffer after all: leave it to the guest.
+                        queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                        break;
+                    };
+                    buf.fill(&hdr, &self.scratch[..n]).unwrap_or_else(|e| {
+                        tracing::warn!("vsock: writing RX buffer {head}: {e}");
+                        0
+                    })
+                }
+                Err(e) => {
+                    // Returned empty, so that the guest can reuse it; the packet waits
+                    // for the next buffer.
+                    tracing::debug!("vsock: unusable RX buffer {head}: {e}");
+                    0
+                }
+            };
+            if let Err(e) = queue.add_used(mem, head, len) {
+                tracing::warn!("vsock: cannot return RX descriptor {head}: {e}");
+                break;
+            }
+            used_any = true;
+        }
+        used_any && queue.needs_notification(mem).unwrap_or(true)
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        match index {
+            TX_QUEUE => {
+                let tx_notify = queues.get_mut(TX_QUEUE).is_some_and(|q| self.process_tx(q, mem));
+                // Replies (RESPONSE, RST, credit updates) go out right away.
+                self.fill_rx(queues, mem) | tx_notify
+            }
+            RX_QUEUE => self.fill_rx(queues, mem),
+            // The event queue (index 2) is never used, as said above.
+            _ => false,
+        }
+    }
+
+    fn host_events_fd(&self) -> Option<RawFd> {
+        Some(self.muxer.epoll_fd())
+    }
+
+    fn process_host_events(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        self.muxer.process_host_events();
+        self.fill_rx(queues, mem)
+    }
+
+    fn reset(&mut self) {
+        self.muxer.reset();
+    }
+}

@@ -1,0 +1,222 @@
+//! vsock packets in guest memory: the 44-byte header (virtio spec 5.10.6) and the checks
+//! that turn an untrusted descriptor chain into a header plus payload, or refuse it.
+//!
+//! TX chains (guest to host) must be entirely device-readable and RX chains (host to
+//! guest) entirely device-writable. Every range goes through vm-memory's bounds checks
+//! when the Reader/Writer is built, so a chain pointing outside guest memory is refused
+//! before a single byte is copied.
+
+use std::io::{Read, Write};
+
+use virtio_queue::{DescriptorChain, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+
+/// Size of `struct virtio_vsock_hdr` on the wire (packed, little endian).
+pub const HDR_LEN: usize = 44;
+/// Largest payload in one packet, as in Linux (VIRTIO_VSOCK_MAX_PKT_BUF_SIZE): a bigger
+/// `len` is a malformed packet, and host-to-guest packets never carry more.
+pub const MAX_PAYLOAD: usize = 64 << 10;
+
+pub const TYPE_STREAM: u16 = 1;
+/// SHUTDOWN flags: the sender will receive no more / send no more.
+pub const SHUTDOWN_RCV: u32 = 1;
+pub const SHUTDOWN_SEND: u32 = 2;
+pub const SHUTDOWN_BOTH: u32 = SHUTDOWN_RCV | SHUTDOWN_SEND;
+
+/// Packet operations; 0 (INVALID) and anything above 7 are not operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Op {
+    Request = 1,
+    Response = 2,
+    Rst = 3,
+    Shutdown = 4,
+    Rw = 5,
+    CreditUpdate = 6,
+    CreditRequest = 7,
+}
+
+impl Op {
+    pub fn from_raw(op: u16) -> Option<Self> {
+        Some(match op {
+            1 => Self::Request,
+            2 => Self::Response,
+            3 => Self::Rst,
+            4 => Self::Shutdown,
+            5 => Self::Rw,
+            6 => Self::CreditUpdate,
+            7 => Self::CreditRequest,
+            _ => return None,
+        })
+    }
+}
+
+/// `struct virtio_vsock_hdr`. Fields are kept raw (`op` included) so that a packet with an
+/// unknown operation can still be answered with RST.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub len: u32,
+    pub type_: u16,
+    pub op: u16,
+    pub flags: u32,
+    pub buf_alloc: u32,
+    pub fwd_cnt: u32,
+}
+
+impl Header {
+    pub fn from_bytes(b: &[u8; HDR_LEN]) -> Self {
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let u16_at = |i: usize| u16::from_le_bytes(b[i..i + 2].try_into().expect("2 bytes"));
+        Self {
+            src_cid: u64_at(0),
+            dst_cid: u64_at(8),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            type_: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+
+    pub fn to_bytes(&self) -> [u8; HDR_LEN] {
+        let mut b = [0u8; HDR_LEN];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+
+    pub fn op(&self) -> Option<Op> {
+        Op::from_raw(self.op)
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PacketError {
+    #[error("descriptor chain is malformed or points outside guest memory")]
+    BadChain,
+    #[error("TX chain contains a device-writable descriptor")]
+    WritableInTx,
+    #[error("RX chain contains a device-readable descriptor")]
+    ReadableInRx,
+    #[error("chain holds {0} bytes, less than the {HDR_LEN}-byte header")]
+    TooShort(usize),
+    #[error("header announces {len} payload bytes but the chain holds {avail}")]
+    LenBeyondChain { len: u32, avail: usize },
+    #[error("payload of {0} bytes is over the {MAX_PAYLOAD}-byte packet limit")]
+    PayloadTooLong(u32),
+}
+
+type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
+
+/// Reads the header of a guest-to-host packet; the returned reader is positioned at the
+/// payload.
+pub fn read_header<'m>(chain: Chain<'m>, mem: &'m GuestMemoryMmap) -> Result<(Header, Reader<'m>), PacketError> {
+    // The guest may rewrite descriptors while we look; the worst a race can do is make
+    // the Reader below skip a descriptor, which the length checks then catch.
+    if chain.clone().any(|d| d.is_write_only()) {
+        return Err(PacketError::WritableInTx);
+    }
+    let mut reader = chain.reader(mem).map_err(|_| PacketError::BadChain)?;
+    let avail = reader.available_bytes();
+    let mut raw = [0u8; HDR_LEN];
+    if avail < HDR_LEN {
+        return Err(PacketError::TooShort(avail));
+    }
+    reader.read_exact(&mut raw).map_err(|_| PacketError::BadChain)?;
+    Ok((Header::from_bytes(&raw), reader))
+}
+
+/// Copies an RW packet's payload into `scratch` and returns it; other operations carry
+/// no payload (any bytes after their header are ignored).
+pub fn read_payload<'s>(hdr: &Header, reader: &mut Reader<'_>, scratch: &'s mut [u8]) -> Result<&'s [u8], PacketError> {
+    if hdr.op() != Some(Op::Rw) {
+        return Ok(&[]);
+    }
+    let len = hdr.len as usize;
+    if len > MAX_PAYLOAD || len > scratch.len() {
+        return Err(PacketError::PayloadTooLong(hdr.len));
+    }
+    let avail = reader.available_bytes();
+    if len > avail {
+        return Err(PacketError::LenBeyondChain { len: hdr.len, avail });
+    }
+    reader.read_exact(&mut scratch[..len]).map_err(|_| PacketError::BadChain)?;
+    Ok(&scratch[..len])
+}
+
+/// A guest RX buffer, checked to be device-writable and large enough for a header.
+pub struct RxBuffer<'m> {
+    writer: Writer<'m>,
+}
+
+impl<'m> RxBuffer<'m> {
+    pub fn new(chain: Chain<'m>, mem: &'m GuestMemoryMmap) -> Result<Self, PacketError> {
+        if chain.clone().any(|d| !d.is_write_only()) {
+            return Err(PacketError::ReadableInRx);
+        }
+        let writer = chain.writer(mem).map_err(|_| PacketError::BadChain)?;
+        match writer.available_bytes() {
+            n if n < HDR_LEN => Err(PacketError::TooShort(n)),
+            _ => Ok(Self { writer }),
+        }
+    }
+
+    /// Payload bytes that fit after the header (capped at the packet limit).
+    pub fn payload_capacity(&self) -> usize {
+        (self.writer.available_bytes() - HDR_LEN).min(MAX_PAYLOAD)
+    }
+
+    /// Writes the packet; returns the used length to report. `payload` must fit
+    /// [`Self::payload_capacity`], which the Writer's up-front bounds checks make
+    /// infallible.
+    pub fn fill(mut self, hdr: &Header, payload: &[u8]) -> Result<u32, PacketError> {
+        debug_assert_eq!(hdr.len as usize, payload.len());
+        self.writer.write_all(&hdr.to_bytes()).map_err(|_| PacketError::BadChain)?;
+        self.writer.write_all(payload).map_err(|_| PacketError::BadChain)?;
+        Ok((HDR_LEN + payload.len()) as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_in_little_endian() {
+        let h = Header {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 0x1234_5678,
+            dst_port: 52,
+            len: 7,
+            type_: TYPE_STREAM,
+            op: Op::Rw as u16,
+            flags: SHUTDOWN_BOTH,
+            buf_alloc: 1 << 18,
+            fwd_cnt: 99,
+        };
+        let b = h.to_bytes();
+        assert_eq!(&b[0..8], &3u64.to_le_bytes());
+        assert_eq!(&b[16..20], &[0x78, 0x56, 0x34, 0x12]);
+        assert_eq!(&b[30..32], &5u16.to_le_bytes());
+        assert_eq!(Header::from_bytes(&b), h);
+        assert_eq!(Header { op: 0, ..h }.op(), None);
+        assert_eq!(Header { op: 8, ..h }.op(), None);
+    }
+}

@@ -1,0 +1,246 @@
+//! Host TCP ports forwarded to guest ports over vsock (`kindling boot --forward`).
+//!
+//! A forward listens on a host address; each accepted connection opens a stream to the
+//! guest through the VMM's vsock UNIX socket with Firecracker's hybrid-vsock handshake
+//! (`CONNECT <port>\n`, answered `OK <n>\n`), then copies bytes both ways. It needs no
+//! root, no TAP and no guest network, and works the same through the emulated runner,
+//! whose outer process offers the vsock socket by relaying to the level-1 VM.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// `[ADDR:]HOSTPORT:GUESTPORT`; ADDR defaults to 127.0.0.1.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardSpec {
+    pub host: SocketAddr,
+    pub guest_port: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("--forward {0:?}: expected [ADDR:]HOSTPORT:GUESTPORT, e.g. 16443:6443 or 0.0.0.0:8080:80")]
+    Syntax(String),
+    #[error("--forward {spec}: host port {port} is already in use (another program or another kindling VM); pick a free one, e.g. --forward {alt}:{guest}")]
+    InUse { spec: String, port: u16, alt: u16, guest: u32 },
+    #[error("--forward {spec}: cannot listen on {addr}: {err}")]
+    Listen { spec: String, addr: SocketAddr, err: std::io::Error },
+    #[error("vsock socket {path}: {err}")]
+    Vsock { path: PathBuf, err: std::io::Error },
+    #[error("guest port {port} refused the connection (nothing listens there, or the guest is not up yet): {reply:?}")]
+    Refused { port: u32, reply: String },
+}
+
+impl FromStr for ForwardSpec {
+    type Err = ForwardError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ForwardError::Syntax(s.to_string());
+        let (host, guest) = s.rsplit_once(':').ok_or_else(bad)?;
+        let guest_port: u32 = guest.parse().map_err(|_| bad())?;
+        if guest_port == 0 || guest_port > 65535 {
+            return Err(bad());
+        }
+        let host = match host.rsplit_once(':') {
+            None => SocketAddr::from(([127, 0, 0, 1], host.parse::<u16>().map_err(|_| bad())?)),
+            Some((addr, port)) => {
+                let addr = addr.trim_start_matches('[').trim_end_matches(']');
+                SocketAddr::new(addr.parse().map_err(|_| bad())?, port.parse().map_err(|_| bad())?)
+            }
+        };
+        Ok(Self { host, guest_port })
+    }
+}
+
+impl std::fmt::Display for ForwardSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.guest_port)
+    }
+}
+
+/// Opens a stream to guest `port` through the vsock UNIX socket at `uds`.
+pub fn connect_guest(uds: &Path, port: u32) -> Result<UnixStream, ForwardError> {
+    let vsock_err = |err| ForwardError::Vsock { path: uds.to_path_buf(), err };
+    let mut s = UnixStream::connect(uds).map_err(vsock_err)?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(vsock_err)?;
+    // Read the reply a byte at a time: what follows the newline is the guest's data.
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(vsock_err)?;
+    let mut reply = Vec::new();
+    let mut byte = [0u8];
+    while reply.len() < 64 {
+        match s.read(&mut byte) {
+            Ok(1) if byte[0] == b'\n' => break,
+            Ok(1) => reply.push(byte[0]),
+            Ok(_) => break,
+            Err(e) if reply.is_empty() && e.kind() != std::io::ErrorKind::WouldBlock => return Err(vsock_err(e)),
+            Err(_) => break,
+        }
+    }
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    if !reply.starts_with("OK ") {
+        return Err(ForwardError::Refused { port, reply });
+    }
+    s.set_read_timeout(None).map_err(vsock_err)?;
+    Ok(s)
+}
+
+/// Binds every forward's host address up front, so a port in use fails the boot before
+/// the VM starts, then serves each on its own thread for the life of the process.
+pub fn start(specs: &[ForwardSpec], uds: &Path) -> Result<(), ForwardError> {
+    let mut listeners = Vec::new();
+    for spec in specs {
+        let l = TcpListener::bind(spec.host).map_err(|err| match err.kind() {
+            std::io::ErrorKind::AddrInUse => ForwardError::InUse {
+                spec: spec.to_string(),
+                port: spec.host.port(),
+                alt: spec.host.port().checked_add(1).unwrap_or(1024),
+                guest: spec.guest_port,
+            },
+            _ => ForwardError::Listen { spec: spec.to_string(), addr: spec.host, err },
+        })?;
+        listeners.push((l, spec.clone()));
+    }
+    for (l, spec) in listeners {
+        let uds = uds.to_path_buf();
+        std::thread::Builder::new()
+            .name(format!("forward-{}", spec.host.port()))
+            .spawn(move || {
+                for conn in l.incoming().flatten() {
+                    let uds = uds.clone();
+                    let port = spec.guest_port;
+                    std::thread::spawn(move || match connect_guest(&uds, port) {
+                        Ok(guest) => splice(conn, guest),
+                        Err(e) => {
+                            tracing::warn!("forward {} -> guest port {port}: {e}", conn.peer_addr().map(|a| a.to_string()).unwrap_or_default());
+                            let _ = conn.shutdown(Shutdown::Both);
+                        }
+                    });
+                }
+            })
+            .expect("spawning a forward thread");
+    }
+    Ok(())
+}
+
+/// Either end of a forwarded connection.
+pub trait Stream: Read + Write + Send + 'static {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>>;
+    fn shutdown_write(&self);
+    fn shutdown_both(&self);
+}
+
+impl Stream for TcpStream {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+}
+
+impl Stream for UnixStream {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+}
+
+/// Copies bytes both ways until both directions are done; each direction's end is
+/// passed on as a half-close, so request/response protocols see their EOF.
+pub fn splice(a: impl Stream, b: impl Stream) {
+    let (Ok(mut a2), Ok(mut b2)) = (a.try_clone_box(), b.try_clone_box()) else {
+        a.shutdown_both();
+        b.shutdown_both();
+        return;
+    };
+    let (mut a, mut b) = (a, b);
+    let t = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut a2, &mut b2);
+        b2.shutdown_write();
+    });
+    let _ = std::io::copy(&mut b, &mut a);
+    a.shutdown_write();
+    let _ = t.join();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn specs_parse_with_and_without_an_address() {
+        let s: ForwardSpec = "16443:6443".parse().unwrap();
+        assert_eq!((s.host.to_string(), s.guest_port), ("127.0.0.1:16443".to_string(), 6443));
+        let s: ForwardSpec = "0.0.0.0:8080:80".parse().unwrap();
+        assert_eq!(s.host.to_string(), "0.0.0.0:8080");
+        let s: ForwardSpec = "[::1]:8080:80".parse().unwrap();
+        assert_eq!(s.host.to_string(), "[::1]:8080");
+        for bad in ["", "6443", "a:b", "1:0", "1:70000", "70000:1", "x.y:1:2"] {
+            assert!(bad.parse::<ForwardSpec>().is_err(), "{bad}");
+        }
+    }
+
+    /// A stand-in for the VMM's vsock socket with a real UNIX listener: answers the
+    /// handshake like the device does, then echoes, upper-cased.
+    fn fake_guest(dir: &Path, accept: bool) -> PathBuf {
+        let path = dir.join("v.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let mut line = Vec::new();
+                let mut b = [0u8];
+                while c.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                assert_eq!(line, b"CONNECT 6443");
+                if !accept {
+                    continue; // dropped: the device closes refused connections
+                }
+                c.write_all(b"OK 1073741824\n").unwrap();
+                let mut data = Vec::new();
+                c.read_to_end(&mut data).unwrap();
+                c.write_all(&data.to_ascii_uppercase()).unwrap();
+            }
+        });
+        path
+    }
+
+    #[test]
+    fn forwards_a_tcp_connection_with_half_close() {
+        let d = tempfile::tempdir().unwrap();
+        let uds = fake_guest(d.path(), true);
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        start(&[format!("{port}:6443").parse().unwrap()], &uds).unwrap();
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(b"hello guest").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut back = String::new();
+        c.read_to_string(&mut back).unwrap();
+        assert_eq!(back, "HELLO GUEST");
+    }
+
+    #[test]
+    fn a_port_in_use_is_refused_up_front_and_a_refusing_guest_is_reported() {
+        let d = tempfile::tempdir().unwrap();
+        let uds = fake_guest(d.path(), false);
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let err = start(&[format!("{port}:6443").parse().unwrap()], &uds).unwrap_err();
+        assert!(err.to_string().contains("already in use"), "{err}");
+        assert!(matches!(connect_guest(&uds, 6443), Err(ForwardError::Refused { .. })));
+        assert!(matches!(connect_guest(&d.path().join("missing.sock"), 6443), Err(ForwardError::Vsock { .. })));
+    }
+}
