@@ -12,6 +12,7 @@
 //!   runner's level-1 VM when hardware virtualization is not usable.
 //! - [`forward`]: host TCP ports forwarded to guest ports over vsock.
 //! - [`images`]: builds the guest kernel and root disk from the recipes in images/.
+//! - [`daemon`]: `kindling daemon`, the provisioner's REST API, and its client.
 //! - [`cli`]: the `kindling` command line.
 
 pub mod arch;
@@ -20,6 +21,7 @@ pub mod builder;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod devices;
 pub mod forward;
 pub mod images;

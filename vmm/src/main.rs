@@ -58,6 +58,7 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
         Command::Boot(args) => boot::run(&args),
         Command::Bench(args) => kindling::bench::run(&args),
         Command::Images(cmd) => kindling::cli::images(&cmd),
+        Command::Daemon(args) => kindling::daemon::run(&args),
         Command::L1Guest => Ok(2),
     }
 }

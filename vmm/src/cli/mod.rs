@@ -22,6 +22,9 @@ pub enum Command {
     /// Build the guest kernel and root disk (cached; only what changed is rebuilt).
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// Serve the provisioner API (create, start, stop, delete microVMs) on a UNIX
+    /// socket, in the foreground; VMs keep running when it exits.
+    Daemon(crate::daemon::DaemonArgs),
     /// (internal) Inside the emulated runner's level-1 VM: run the boot it was given.
     #[command(name = "__l1-guest", hide = true)]
     L1Guest,
