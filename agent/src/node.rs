@@ -301,6 +301,9 @@ pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Nod
     if let Some(u) = &cfg.until {
         anyhow::ensure!(PHASES.contains(&u.as_str()), "kindling.until={u} is not a phase; use one of {}", PHASES.join(", "));
     }
+    if cfg.until.as_deref() == Some("agent-start") {
+        return Ok(BringUp::StoppedAfter("agent-start".into()));
+    }
     // Reports a phase; true when bring-up is to stop there.
     let reached = |name: &str| {
         phase::report(name);

@@ -13,11 +13,15 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-/// `[ADDR:]HOSTPORT:GUESTPORT`; ADDR defaults to 127.0.0.1.
+/// `[ADDR:]HOSTPORT:GUESTPORT`, or a range `[ADDR:]A-B:C-D` of equal length; ADDR
+/// defaults to 127.0.0.1.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForwardSpec {
+    /// The first host address (a range continues with the following ports).
     pub host: SocketAddr,
     pub guest_port: u32,
+    /// Number of consecutive ports (1 for a single port).
+    pub count: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,25 +42,49 @@ impl FromStr for ForwardSpec {
     type Err = ForwardError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || ForwardError::Syntax(s.to_string());
+        // "A-B" or "A" -> (A, B - A + 1)
+        let range = |r: &str| -> Result<(u32, u32), ForwardError> {
+            let (a, b) = match r.split_once('-') {
+                Some((a, b)) => (a.parse::<u32>().map_err(|_| bad())?, b.parse::<u32>().map_err(|_| bad())?),
+                None => {
+                    let a = r.parse::<u32>().map_err(|_| bad())?;
+                    (a, a)
+                }
+            };
+            if a == 0 || b > 65535 || b < a {
+                return Err(bad());
+            }
+            Ok((a, b - a + 1))
+        };
         let (host, guest) = s.rsplit_once(':').ok_or_else(bad)?;
-        let guest_port: u32 = guest.parse().map_err(|_| bad())?;
-        if guest_port == 0 || guest_port > 65535 {
+        let (guest_port, guest_count) = range(guest)?;
+        let (addr, host_ports) = match host.rsplit_once(':') {
+            None => (std::net::IpAddr::from([127, 0, 0, 1]), host),
+            Some((addr, ports)) => (addr.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| bad())?, ports),
+        };
+        let (host_port, host_count) = range(host_ports)?;
+        if host_count != guest_count {
             return Err(bad());
         }
-        let host = match host.rsplit_once(':') {
-            None => SocketAddr::from(([127, 0, 0, 1], host.parse::<u16>().map_err(|_| bad())?)),
-            Some((addr, port)) => {
-                let addr = addr.trim_start_matches('[').trim_end_matches(']');
-                SocketAddr::new(addr.parse().map_err(|_| bad())?, port.parse().map_err(|_| bad())?)
-            }
-        };
-        Ok(Self { host, guest_port })
+        Ok(Self { host: SocketAddr::new(addr, host_port as u16), guest_port, count: host_count as u16 })
     }
 }
 
 impl std::fmt::Display for ForwardSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.host, self.guest_port)
+        if self.count <= 1 {
+            write!(f, "{}:{}", self.host, self.guest_port)
+        } else {
+            let last = |p: u32| p + u32::from(self.count) - 1;
+            write!(f, "{}-{}:{}-{}", self.host, last(u32::from(self.host.port())), self.guest_port, last(self.guest_port))
+        }
+    }
+}
+
+impl ForwardSpec {
+    /// (host address, guest port) of every port in the spec.
+    pub fn pairs(&self) -> impl Iterator<Item = (SocketAddr, u32)> + '_ {
+        (0..self.count).map(move |i| (SocketAddr::new(self.host.ip(), self.host.port() + i), self.guest_port + u32::from(i)))
     }
 }
 
@@ -87,41 +115,68 @@ pub fn connect_guest(uds: &Path, port: u32) -> Result<UnixStream, ForwardError> 
 }
 
 /// Binds every forward's host address up front, so a port in use fails the boot before
-/// the VM starts, then serves each on its own thread for the life of the process.
+/// the VM starts, then serves them all from one thread for the life of the process.
+/// In a range, ports already in use are skipped with a warning (a NodePort range is
+/// forwarded best-effort); a single port in use is an error.
 pub fn start(specs: &[ForwardSpec], uds: &Path) -> Result<(), ForwardError> {
     let mut listeners = Vec::new();
     for spec in specs {
-        let l = TcpListener::bind(spec.host).map_err(|err| match err.kind() {
-            std::io::ErrorKind::AddrInUse => ForwardError::InUse {
-                spec: spec.to_string(),
-                port: spec.host.port(),
-                alt: spec.host.port().checked_add(1).unwrap_or(1024),
-                guest: spec.guest_port,
-            },
-            _ => ForwardError::Listen { spec: spec.to_string(), addr: spec.host, err },
-        })?;
-        listeners.push((l, spec.clone()));
-    }
-    for (l, spec) in listeners {
-        let uds = uds.to_path_buf();
-        std::thread::Builder::new()
-            .name(format!("forward-{}", spec.host.port()))
-            .spawn(move || {
-                for conn in l.incoming().flatten() {
-                    let uds = uds.clone();
-                    let port = spec.guest_port;
-                    std::thread::spawn(move || match connect_guest(&uds, port) {
-                        Ok(guest) => splice(conn, guest),
-                        Err(e) => {
-                            tracing::warn!("forward {} -> guest port {port}: {e}", conn.peer_addr().map(|a| a.to_string()).unwrap_or_default());
-                            let _ = conn.shutdown(Shutdown::Both);
-                        }
-                    });
+        for (addr, guest_port) in spec.pairs() {
+            match TcpListener::bind(addr) {
+                Ok(l) => listeners.push((l, guest_port)),
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && spec.count > 1 => {
+                    tracing::warn!("forward {spec}: host port {} is in use; guest port {guest_port} is not forwarded", addr.port());
                 }
-            })
-            .expect("spawning a forward thread");
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+                    return Err(ForwardError::InUse {
+                        spec: spec.to_string(),
+                        port: addr.port(),
+                        alt: addr.port().checked_add(1).unwrap_or(1024),
+                        guest: guest_port,
+                    })
+                }
+                Err(err) => return Err(ForwardError::Listen { spec: spec.to_string(), addr, err }),
+            }
+        }
     }
+    if listeners.is_empty() {
+        return Ok(());
+    }
+    let uds = uds.to_path_buf();
+    std::thread::Builder::new()
+        .name("forwards".into())
+        .spawn(move || accept_loop(listeners, uds))
+        .expect("spawning the forward thread");
     Ok(())
+}
+
+fn accept_loop(listeners: Vec<(TcpListener, u32)>, uds: PathBuf) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    loop {
+        let mut fds: Vec<PollFd> = listeners.iter().map(|(l, _)| PollFd::new(l.as_fd(), PollFlags::POLLIN)).collect();
+        if let Err(e) = poll(&mut fds, PollTimeout::NONE) {
+            if e != nix::errno::Errno::EINTR {
+                tracing::error!("forwards: poll: {e}");
+                return;
+            }
+            continue;
+        }
+        let ready: Vec<usize> = fds.iter().enumerate().filter(|(_, f)| f.revents().is_some_and(|r| !r.is_empty())).map(|(i, _)| i).collect();
+        drop(fds);
+        for i in ready {
+            let (listener, port) = &listeners[i];
+            let Ok((conn, peer)) = listener.accept() else { continue };
+            let (uds, port) = (uds.clone(), *port);
+            std::thread::spawn(move || match connect_guest(&uds, port) {
+                Ok(guest) => splice(conn, guest),
+                Err(e) => {
+                    tracing::warn!("forward {peer} -> guest port {port}: {e}");
+                    let _ = conn.shutdown(Shutdown::Both);
+                }
+            });
+        }
+    }
 }
 
 /// Either end of a forwarded connection.
@@ -181,12 +236,15 @@ mod tests {
     #[test]
     fn specs_parse_with_and_without_an_address() {
         let s: ForwardSpec = "16443:6443".parse().unwrap();
-        assert_eq!((s.host.to_string(), s.guest_port), ("127.0.0.1:16443".to_string(), 6443));
+        assert_eq!((s.host.to_string(), s.guest_port, s.count), ("127.0.0.1:16443".to_string(), 6443, 1));
+        let r: ForwardSpec = "30000-32767:30000-32767".parse().unwrap();
+        assert_eq!((r.count, r.pairs().last().unwrap().1), (2768, 32767));
+        assert_eq!(r.to_string(), "127.0.0.1:30000-32767:30000-32767");
         let s: ForwardSpec = "0.0.0.0:8080:80".parse().unwrap();
         assert_eq!(s.host.to_string(), "0.0.0.0:8080");
         let s: ForwardSpec = "[::1]:8080:80".parse().unwrap();
         assert_eq!(s.host.to_string(), "[::1]:8080");
-        for bad in ["", "6443", "a:b", "1:0", "1:70000", "70000:1", "x.y:1:2"] {
+        for bad in ["", "6443", "a:b", "1:0", "1:70000", "70000:1", "x.y:1:2", "1-3:1-2", "5-1:5-1"] {
             assert!(bad.parse::<ForwardSpec>().is_err(), "{bad}");
         }
     }

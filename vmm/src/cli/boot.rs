@@ -37,6 +37,11 @@ pub struct BootArgs {
     /// the guest's connections to host port N go to PATH_N.
     #[arg(long, value_name = "PATH")]
     pub vsock: Option<PathBuf>,
+    /// Forward host TCP connections to a guest port over vsock: [ADDR:]HOSTPORT:GUESTPORT
+    /// (ADDR defaults to 127.0.0.1), or a range A-B:C-D. Repeatable. Without --vsock, a
+    /// private vsock socket is made for it.
+    #[arg(long = "forward", value_name = "[ADDR:]HOST:GUEST")]
+    pub forwards: Vec<crate::forward::ForwardSpec>,
     /// Where the VM runs: auto picks KVM when it can boot a stock kernel here.
     #[arg(long, value_enum, default_value_t = RunnerChoice::Auto)]
     pub runner: RunnerChoice,
@@ -75,20 +80,24 @@ pub fn default_cmdline(has_disk: bool) -> String {
 
 /// Runs the boot; returns the process exit status.
 pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
-    let config = args.to_config()?;
+    let mut config = args.to_config()?;
+    // Forwards travel over vsock: give the VM a private socket when none was asked for.
+    let private = tempfile::Builder::new().prefix("kindling-vsock-").tempdir()?;
+    if !args.forwards.is_empty() && config.vsock.is_none() {
+        config.vsock = Some(VsockConfig::new(private.path().join("vsock.sock")));
+    }
     let (runner, why) = runner::choose(args.runner);
     match runner {
         Runner::Kvm => {
             eprintln!("kindling: runner kvm ({why})");
+            if let Some(v) = &config.vsock {
+                crate::forward::start(&args.forwards, &v.uds_path)?;
+            }
             boot_on_kvm(&config)
         }
-        Runner::Emulated if config.vsock.is_some() => anyhow::bail!(
-            "--vsock needs the kvm runner, and the runner is emulated ({why}); the emulated runner's VMM runs \
-             inside a level-1 VM, out of reach of host sockets; boot where /dev/kvm is usable, or without --vsock"
-        ),
         Runner::Emulated => {
             eprintln!("kindling: runner emulated ({why})");
-            Ok(emulated::run(&config)?)
+            Ok(emulated::run(&config, &args.forwards)?)
         }
     }
 }

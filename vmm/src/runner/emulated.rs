@@ -7,6 +7,12 @@
 //! guest's kernel/initrd and the boot arguments. Disks become L1 virtio drives
 //! (/dev/vda, ...). L2's console is L1's serial console, which is our stdio; L1 reports
 //! kindling's exit status through QEMU's isa-debug-exit port.
+//!
+//! The guest's vsock reaches the host through a relay: this process offers the vsock
+//! UNIX socket (and any `--forward` ports) on the host and passes each connection,
+//! handshake included, to a TCP port QEMU's user networking forwards into L1
+//! (`hostfwd`, with L1 otherwise cut off: `restrict=on`), where kindling passes it on to
+//! the L2 VMM's vsock socket. Guest-initiated vsock connections stay inside L1.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,6 +21,7 @@ use std::time::Instant;
 
 use crate::cache;
 use crate::config::VmConfig;
+use crate::forward::ForwardSpec;
 
 /// images/l1/modules.txt: the modules L1 loads, in dependency order (shared with scripts/setup).
 const L1_MODULE_LIST: &str = include_str!("../../../images/l1/modules.txt");
@@ -39,6 +46,10 @@ const STATUS_OFFSET: i32 = 16;
 /// Memory L1 needs besides the L2 guest's: its kernel, the initramfs (held twice while
 /// unpacking) and the VMM.
 const L1_OVERHEAD_MIB: u64 = 512;
+/// The TCP port in L1 where the vsock relay listens (QEMU forwards a host port to it).
+const L1_RELAY_PORT: u16 = 1100;
+/// The L2 VMM's vsock socket inside L1.
+const L1_VSOCK_PATH: &str = "/kindling/vsock.sock";
 
 const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -50,6 +61,10 @@ for m in $(cat /lib/modules/order); do
   insmod /lib/modules/$m || echo "kindling-l1: loading $m failed"
 done
 [ -c /dev/kvm ] || echo "kindling-l1: no /dev/kvm after loading the KVM modules"
+ip link set lo up
+if [ -e /sys/class/net/eth0 ]; then
+  ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0
+fi
 exec /kindling/kindling __l1-guest
 "#;
 
@@ -69,6 +84,10 @@ pub enum EmulatedError {
     NoStatus(i32),
     #[error("emulated runner: QEMU was killed by a signal")]
     Killed,
+    #[error("vsock socket {0} is in use by a running VM; pick another path or stop that VM")]
+    VsockInUse(PathBuf),
+    #[error(transparent)]
+    Forward(#[from] crate::forward::ForwardError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EmulatedError {
@@ -229,6 +248,9 @@ pub fn l1_boot_args(config: &VmConfig) -> Vec<String> {
         let letter = (b'a' + i as u8) as char;
         args.extend(["--disk".into(), format!("/dev/vd{letter}{}", if d.read_only { ",ro" } else { "" })]);
     }
+    if config.vsock.is_some() {
+        args.extend(["--vsock".into(), L1_VSOCK_PATH.into()]);
+    }
     args
 }
 
@@ -300,17 +322,76 @@ enum Job<'a> {
 /// Where the benchmark's QEMU (binary, loader, libraries, firmware) lands inside L1.
 pub const L1_QEMU_DIR: &str = "/kindling/qemu";
 
-/// Runs `config` in an L1 VM; returns kindling's exit status from inside it.
-pub fn run(config: &VmConfig) -> Result<i32, EmulatedError> {
-    run_job(config, Job::Boot)
+/// Runs `config` in an L1 VM; returns kindling's exit status from inside it. With a
+/// vsock device, its host socket and `forwards` are served here, relayed into L1.
+pub fn run(config: &VmConfig, forwards: &[ForwardSpec]) -> Result<i32, EmulatedError> {
+    run_job(config, Job::Boot, forwards)
 }
 
 /// Runs `kindling bench` inside an L1 VM, with QEMU shipped in for the comparison.
 pub fn run_bench(config: &VmConfig, args: &crate::bench::BenchArgs) -> Result<i32, EmulatedError> {
-    run_job(config, Job::Bench(args))
+    run_job(config, Job::Bench(args), &[])
 }
 
-fn run_job(config: &VmConfig, job: Job<'_>) -> Result<i32, EmulatedError> {
+/// A free TCP port on the host's loopback (for QEMU's hostfwd).
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Host side of the relay: the vsock socket at `uds`, each connection passed to
+/// `127.0.0.1:relay_port` (QEMU's forward into L1). Removes the socket when dropped.
+struct HostRelay {
+    uds: PathBuf,
+}
+
+impl HostRelay {
+    fn start(uds: &Path, relay_port: u16) -> Result<Self, EmulatedError> {
+        if std::os::unix::net::UnixStream::connect(uds).is_ok() {
+            return Err(EmulatedError::VsockInUse(uds.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(uds);
+        let listener = std::os::unix::net::UnixListener::bind(uds).map_err(io(format!("listening on {}", uds.display())))?;
+        std::thread::Builder::new()
+            .name("vsock-relay".into())
+            .spawn(move || {
+                for conn in listener.incoming().flatten() {
+                    std::thread::spawn(move || match std::net::TcpStream::connect(("127.0.0.1", relay_port)) {
+                        Ok(l1) => crate::forward::splice(conn, l1),
+                        Err(e) => tracing::warn!("vsock relay: cannot reach the level-1 VM: {e}"),
+                    });
+                }
+            })
+            .map_err(io("starting the vsock relay"))?;
+        Ok(Self { uds: uds.to_path_buf() })
+    }
+}
+
+impl Drop for HostRelay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds);
+    }
+}
+
+/// Inside L1: passes each connection on the relay port to the L2 VMM's vsock socket.
+fn start_l1_relay() {
+    let listener = match std::net::TcpListener::bind(("0.0.0.0", L1_RELAY_PORT)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("kindling-l1: vsock relay: cannot listen on port {L1_RELAY_PORT}: {e}");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || match std::os::unix::net::UnixStream::connect(L1_VSOCK_PATH) {
+                Ok(vsock) => crate::forward::splice(conn, vsock),
+                Err(e) => eprintln!("kindling-l1: vsock relay: {L1_VSOCK_PATH}: {e}"),
+            });
+        }
+    });
+}
+
+fn run_job(config: &VmConfig, job: Job<'_>, forwards: &[ForwardSpec]) -> Result<i32, EmulatedError> {
     let t0 = Instant::now();
     let qemu = which("qemu-system-x86_64").ok_or(EmulatedError::NoQemu)?;
     let l1 = find_l1_kernel()?;
@@ -335,7 +416,19 @@ fn run_job(config: &VmConfig, job: Job<'_>) -> Result<i32, EmulatedError> {
         // QEMU and its libraries in the initramfs, and a second VMM's guest.
         l1_mem += config.memory_mib + 256;
     }
+    // The vsock relay: QEMU forwards a free host port to L1's relay port.
+    let mut relay = None;
+    let mut netdev = None;
+    if let Some(vsock) = &config.vsock {
+        let port = free_port().map_err(io("picking a port for the vsock relay"))?;
+        relay = Some(HostRelay::start(&vsock.uds_path, port)?);
+        crate::forward::start(forwards, &vsock.uds_path)?;
+        netdev = Some(format!("user,id=relay,restrict=on,hostfwd=tcp:127.0.0.1:{port}-10.0.2.15:{L1_RELAY_PORT}"));
+    }
     let mut cmd = Command::new(qemu);
+    if let Some(n) = &netdev {
+        cmd.args(["-netdev", n, "-device", "virtio-net-pci,netdev=relay,romfile="]);
+    }
     // KINDLING_L1_CPU overrides the level-1 CPU model (for diagnosing emulation issues).
     let cpu = std::env::var("KINDLING_L1_CPU").unwrap_or_else(|_| L1_CPU.to_string());
     // At least two L1 vCPUs: kindling's device thread (disk I/O) then runs beside a
@@ -360,6 +453,7 @@ fn run_job(config: &VmConfig, job: Job<'_>) -> Result<i32, EmulatedError> {
     }
     eprintln!("kindling: emulated runner: starting the level-1 VM (QEMU TCG, {l1_cpus} vCPUs, {l1_mem} MiB)");
     let status = cmd.status().map_err(io("starting qemu-system-x86_64"))?;
+    drop(relay);
     let code = status.code().ok_or(EmulatedError::Killed)?;
     tracing::debug!("level-1 VM exited with {code} after {:?}", t0.elapsed());
     decode_exit(code).ok_or(EmulatedError::NoStatus(code))
@@ -374,6 +468,9 @@ pub fn l1_guest_main(run: impl FnOnce(&str, Vec<String>) -> i32) -> ! {
         Ok(raw) => {
             let args: Vec<String> = String::from_utf8_lossy(&raw).split('\0').map(str::to_owned).collect();
             wait_for_disks(&args);
+            if args.iter().any(|a| a == "--vsock") {
+                start_l1_relay();
+            }
             run(mode.trim(), args)
         }
         Err(e) => {
