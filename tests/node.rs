@@ -11,9 +11,6 @@ use std::time::Duration;
 use common::*;
 
 #[test]
-#[ignore = "issue 4 is open: under the emulated runner the node reaches apiserver-ready (~11 min) \
-            but 2-vCPU guests hit triple faults and 1 vCPU is too slow for kubelet's timeouts; \
-            run with `cargo test --test node -- --ignored`"]
 fn node_gets_ready_and_passes_the_in_guest_selftest() {
     let kernel = image_path("kernel");
     let rootfs = image_path("rootfs");
@@ -24,7 +21,7 @@ fn node_gets_ready_and_passes_the_in_guest_selftest() {
 
     let mut cmd = kindling();
     cmd.args(["boot", "--kernel", kernel.to_str().unwrap(), "--disk", disk.to_str().unwrap()])
-        .args(["--cpus", "2", "--memory", "2048"])
+        .args(["--cpus", "1", "--memory", "2048"])
         .args(["--cmdline", "console=ttyS0 panic=1 root=/dev/vda rw kindling.selftest=1"]);
     let out = run_with_timeout(cmd, Duration::from_secs(45 * 60));
     let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
