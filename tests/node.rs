@@ -30,6 +30,9 @@ fn node_gets_ready_and_passes_the_in_guest_selftest() {
         .filter_map(|l| l.strip_prefix("kindling-agent: phase "))
         .filter_map(|l| l.split_whitespace().next())
         .collect();
+    for l in log.lines().filter(|l| l.starts_with("kindling-agent: phase ")) {
+        eprintln!("{l}");
+    }
     for p in ["agent-start", "etcd-ready", "containerd-ready", "apiserver-ready", "node-ready", "dns-ready"] {
         assert!(phases.contains(&p), "phase {p} never reported; phases {phases:?}\n{}", tail(&log));
     }
