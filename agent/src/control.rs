@@ -9,8 +9,12 @@
 //! | `{"op":"exec","argv":["kubectl","get","nodes"]}` | `{"out":"…"}`… then `{"exit":0}` |
 //! | `{"op":"logs","component":"etcd","follow":false}` | `{"out":"…"}`… then `{"exit":0}` |
 //! | `{"op":"poweroff"}` | `{"ok":true}`, then an orderly shutdown |
+//! | `{"op":"import","bytes":N}` + N raw bytes | `{"out":"…"}`… then `{"exit":0}` |
 //!
-//! A bad request gets `{"error":"…"}`.
+//! `import` is followed, on the same connection, by exactly N bytes of an OCI or docker
+//! image archive, which go to `ctr -n k8s.io images import --all-platforms` (through a
+//! FIFO, so the archive is never stored whole in the guest): kubelet can then run the
+//! image without a registry. A bad request gets `{"error":"…"}`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -39,6 +43,8 @@ pub enum Request {
     Exec { argv: Vec<String> },
     Logs { component: String, #[serde(default)] follow: bool },
     Poweroff,
+    /// `bytes` raw bytes of an image archive follow the request line.
+    Import { bytes: u64 },
 }
 
 /// Starts the listener thread: vsock in a VM, a UNIX socket in a container.
@@ -94,19 +100,21 @@ fn send(out: &mut impl Write, v: serde_json::Value) -> std::io::Result<()> {
     out.write_all(line.as_bytes())
 }
 
-fn handle<S: Read + Write + TryCloneStream>(ctx: &Ctx, conn: S) {
+fn handle<S: Read + Write + TryCloneStream + Send>(ctx: &Ctx, conn: S) {
     let Ok(mut out) = conn.try_clone_stream() else { return };
+    // The reader stays: what follows the request line (an import's bytes) is in its buffer.
+    let mut input = BufReader::new(conn);
     let mut line = String::new();
-    if BufReader::new(conn).read_line(&mut line).is_err() {
+    if input.read_line(&mut line).is_err() {
         return;
     }
     let _ = match serde_json::from_str::<Request>(line.trim()) {
-        Ok(req) => dispatch(ctx, req, &mut out),
+        Ok(req) => dispatch(ctx, req, &mut input, &mut out),
         Err(e) => send(&mut out, json!({ "error": format!("bad request {:?}: {e}", line.trim()) })),
     };
 }
 
-fn dispatch(ctx: &Ctx, req: Request, out: &mut impl Write) -> std::io::Result<()> {
+fn dispatch(ctx: &Ctx, req: Request, input: &mut (dyn Read + Send), out: &mut impl Write) -> std::io::Result<()> {
     match req {
         Request::Ping => send(out, json!({ "ok": true })),
         Request::Phases => {
@@ -133,7 +141,100 @@ fn dispatch(ctx: &Ctx, req: Request, out: &mut impl Write) -> std::io::Result<()
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(1), nix::sys::signal::Signal::SIGTERM);
             Ok(())
         }
+        Request::Import { bytes: 0 } => send(out, json!({ "error": "import needs the archive's size: {\"op\":\"import\",\"bytes\":N}, then N bytes" })),
+        Request::Import { bytes } => {
+            let ctr = ctx.paths.bin("ctr");
+            let sock = ctx.paths.containerd_socket().display().to_string();
+            let fifo_dir = ctx.paths.root.join("run/kindling");
+            let run = |fifo: &Path, on_output: &mut dyn FnMut(&[u8]) -> std::io::Result<()>| {
+                let fifo = fifo.display().to_string();
+                let argv = [ctr.as_str(), "--address", &sock, "-n", "k8s.io", "images", "import", "--all-platforms", &fifo];
+                ctx.reaper.run_streaming(&argv, on_output)
+            };
+            import(&fifo_dir, bytes, input, out, run)
+        }
     }
+}
+
+/// What the FIFO writer of an import saw.
+#[derive(Debug, PartialEq)]
+enum Fed {
+    /// All the bytes went to the importer.
+    All,
+    /// The connection ended after this many bytes.
+    InputEnded(u64),
+    /// The importer stopped reading (it exited) after this many bytes.
+    ReaderGone(u64),
+    /// The importer never opened its input.
+    NeverOpened,
+}
+
+/// Feeds `bytes` bytes of `input` to a command through a FIFO (its input file) while
+/// `run` runs it and streams its output back; replies with its exit code. The command
+/// may stop reading early (it failed): the writer notices and gives up.
+fn import(
+    fifo_dir: &Path,
+    bytes: u64,
+    input: &mut (dyn Read + Send),
+    out: &mut impl Write,
+    run: impl FnOnce(&Path, &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<i32>,
+) -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    std::fs::create_dir_all(fifo_dir)?;
+    let fifo = fifo_dir.join(format!("import-{}-{}.fifo", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst)));
+    let _ = std::fs::remove_file(&fifo);
+    if let Err(e) = nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)) {
+        return send(out, json!({ "error": format!("import: mkfifo {}: {e}", fifo.display()) }));
+    }
+    let done = AtomicBool::new(false);
+    let (result, fed) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| feed_fifo(&fifo, bytes, input, &done));
+        let result = run(&fifo, &mut |chunk| send(out, json!({ "out": String::from_utf8_lossy(chunk) })));
+        done.store(true, Ordering::SeqCst);
+        (result, writer.join().unwrap_or(Fed::NeverOpened))
+    });
+    let _ = std::fs::remove_file(&fifo);
+    match (result, fed) {
+        (Err(e), _) => send(out, json!({ "error": format!("import: running ctr: {e}") })),
+        (Ok(_), Fed::InputEnded(n)) => {
+            send(out, json!({ "error": format!("import: the connection ended after {n} of the {bytes} bytes announced; send the whole archive") }))
+        }
+        (Ok(code), _) => send(out, json!({ "exit": code })),
+    }
+}
+
+/// Opens the FIFO for writing once the importer has opened it for reading (polling, so
+/// that an importer that exits first does not leave this thread blocked), then copies.
+fn feed_fifo(fifo: &Path, bytes: u64, input: &mut (dyn Read + Send), done: &std::sync::atomic::AtomicBool) -> Fed {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = loop {
+        match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(fifo) {
+            Ok(f) => break f,
+            // ENXIO: no reader yet.
+            Err(_) if done.load(std::sync::atomic::Ordering::SeqCst) => return Fed::NeverOpened,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    if fcntl(&file, FcntlArg::F_SETFL(OFlag::empty())).is_err() {
+        return Fed::ReaderGone(0);
+    }
+    let mut file = file;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let want = buf.len().min((bytes - sent) as usize);
+        let n = match input.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => return Fed::InputEnded(sent),
+            Ok(n) => n,
+        };
+        if file.write_all(&buf[..n]).is_err() {
+            return Fed::ReaderGone(sent);
+        }
+        sent += n as u64;
+    }
+    Fed::All
 }
 
 /// The log of a component, refusing names that would leave the log directory.
@@ -185,6 +286,9 @@ mod tests {
     fn requests_parse_and_bad_ones_are_refused() {
         assert_eq!(serde_json::from_str::<Request>(r#"{"op":"exec","argv":["ls","/"]}"#).unwrap(), Request::Exec { argv: vec!["ls".into(), "/".into()] });
         assert_eq!(serde_json::from_str::<Request>(r#"{"op":"logs","component":"etcd"}"#).unwrap(), Request::Logs { component: "etcd".into(), follow: false });
+        assert_eq!(serde_json::from_str::<Request>(r#"{"op":"import","bytes":1048576}"#).unwrap(), Request::Import { bytes: 1 << 20 });
+        assert!(serde_json::from_str::<Request>(r#"{"op":"import"}"#).is_err(), "the size is required");
+        assert!(serde_json::from_str::<Request>(r#"{"op":"import","bytes":-1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"format-disk"}"#).is_err());
         assert!(serde_json::from_str::<Request>("not json").is_err());
     }
@@ -200,4 +304,49 @@ mod tests {
         assert!(component_log(&paths, "missing").is_none());
     }
 
+
+    /// Runs `import` with a real importer process (`sh -c SCRIPT sh FIFO COPY`) reading
+    /// the FIFO, the way ctr does; returns the reply lines and what it wrote to COPY.
+    fn import_with(script: &str, announced: u64, data: &[u8]) -> (Vec<serde_json::Value>, Option<Vec<u8>>) {
+        let d = tempfile::tempdir().unwrap();
+        let fifo_dir = d.path().join("run");
+        let mut input: &[u8] = data;
+        let mut out = Vec::new();
+        let copy = d.path().join("copy");
+        let run = |fifo: &Path, on_output: &mut dyn FnMut(&[u8]) -> std::io::Result<()>| {
+            let o = std::process::Command::new("sh").arg("-c").arg(script).arg("sh").arg(fifo).arg(&copy).output()?;
+            on_output(&o.stdout)?;
+            Ok(o.status.code().unwrap_or(-1))
+        };
+        import(&fifo_dir, announced, &mut input, &mut out, run).unwrap();
+        let replies = String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(std::fs::read_dir(&fifo_dir).unwrap().count(), 0, "the FIFO is removed");
+        (replies, std::fs::read(&copy).ok())
+    }
+
+    #[test]
+    fn import_streams_exactly_the_announced_bytes_through_a_fifo() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        // The bytes after the archive must not be read: they are not the importer's.
+        let mut with_trailer = data.clone();
+        with_trailer.extend_from_slice(b"TRAILER");
+        let (replies, copy) = import_with(r#"cat "$1" >"$2"; echo imported"#, data.len() as u64, &with_trailer);
+        assert_eq!(replies.last().unwrap(), &json!({ "exit": 0 }), "{replies:?}");
+        assert!(replies.iter().any(|r| r["out"].as_str().is_some_and(|o| o.contains("imported"))), "{replies:?}");
+        assert_eq!(copy.unwrap(), data);
+    }
+
+    #[test]
+    fn import_reports_an_importer_that_fails_or_a_short_archive_without_hanging() {
+        // Exits without ever opening its input.
+        let (replies, _) = import_with("echo 'ctr: bad flag'; exit 3", 1000, &[7u8; 1000]);
+        assert_eq!(replies.last().unwrap(), &json!({ "exit": 3 }), "{replies:?}");
+        // Reads a little, then gives up.
+        let (replies, _) = import_with(r#"head -c 10 "$1" >/dev/null; exit 1"#, 5_000_000, &vec![1u8; 5_000_000]);
+        assert_eq!(replies.last().unwrap(), &json!({ "exit": 1 }), "{replies:?}");
+        // The connection ends early.
+        let (replies, _) = import_with(r#"cat "$1" >/dev/null"#, 100, &[0u8; 40]);
+        let err = replies.last().unwrap()["error"].as_str().unwrap().to_string();
+        assert!(err.contains("after 40 of the 100 bytes"), "{err}");
+    }
 }

@@ -13,6 +13,7 @@
 //! - [`forward`]: host TCP ports forwarded to guest ports over vsock.
 //! - [`images`]: builds the guest kernel and root disk from the recipes in images/.
 //! - [`daemon`]: `kindling daemon`, the provisioner's REST API, and its client.
+//! - [`cluster`]: Kubernetes clusters on the daemon's VMs (`kindling start` and co.).
 //! - [`cli`]: the `kindling` command line.
 
 pub mod arch;
@@ -20,6 +21,7 @@ pub mod bench;
 pub mod builder;
 pub mod cache;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod devices;

@@ -55,6 +55,7 @@ fn l1_run(mode: &str, args: Vec<String>) -> i32 {
 /// Runs a user-facing command (the same on the host and inside the level-1 VM).
 fn dispatch(command: Command) -> anyhow::Result<i32> {
     match command {
+        Command::Cluster(cmd) => kindling::cli::cluster::run(cmd),
         Command::Boot(args) => boot::run(&args),
         Command::Bench(args) => kindling::bench::run(&args),
         Command::Images(cmd) => kindling::cli::images(&cmd),

@@ -1,6 +1,7 @@
 //! The `kindling` command line.
 
 pub mod boot;
+pub mod cluster;
 
 use clap::{Parser, Subcommand};
 
@@ -13,6 +14,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The cluster commands: start, status, list, stop, delete, logs, kubectl, exec, ip,
+    /// image, service.
+    #[command(flatten)]
+    Cluster(cluster::ClusterCommand),
     /// Boot one microVM in the foreground: its serial console on stdout, exit 0 when the
     /// guest powers off or reboots.
     Boot(boot::BootArgs),

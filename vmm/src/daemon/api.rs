@@ -50,7 +50,7 @@ pub struct VmSpec {
     /// Give the VM a virtio-vsock device whose host side is `<vm dir>/vsock.sock`.
     #[serde(default)]
     pub vsock: bool,
-    /// Host-to-guest TCP port forwards, `[ADDR:]HOSTPORT:GUESTPORT`.
+    /// Host-to-guest TCP port forwards, `[ADDR:]HOSTPORT:GUESTPORT` or `[ADDR:]A-B:C-D`.
     #[serde(default)]
     pub forwards: Vec<String>,
     #[serde(default)]

@@ -112,10 +112,24 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Parses a forward `[ADDR:]HOSTPORT:GUESTPORT` (ADDR an IPv4 address, or IPv6 in brackets).
-pub fn parse_forward(spec: &str) -> Result<(Option<IpAddr>, u16, u16), String> {
+/// A parsed forward: `count` consecutive host ports from `host_port`, to as many guest
+/// ports from `guest_port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forward {
+    pub addr: Option<IpAddr>,
+    pub host_port: u16,
+    pub guest_port: u16,
+    pub count: u16,
+}
+
+/// Parses a forward `[ADDR:]HOSTPORT:GUESTPORT` (ADDR an IPv4 address, or IPv6 in
+/// brackets), or a range of equal lengths `[ADDR:]A-B:C-D`.
+pub fn parse_forward(spec: &str) -> Result<Forward, String> {
     let bad = |why: &str| {
-        format!("forward {spec:?}: {why}; the form is [ADDR:]HOSTPORT:GUESTPORT, for example \"8080:80\" or \"127.0.0.1:6443:6443\"")
+        format!(
+            "forward {spec:?}: {why}; the form is [ADDR:]HOSTPORT:GUESTPORT or [ADDR:]A-B:C-D, \
+             for example \"8080:80\", \"127.0.0.1:6443:6443\" or \"30000-32767:30000-32767\""
+        )
     };
     let (addr, ports) = if let Some(rest) = spec.strip_prefix('[') {
         let (a, rest) = rest.split_once("]:").ok_or_else(|| bad("an IPv6 address in brackets must be followed by ':'"))?;
@@ -136,7 +150,23 @@ pub fn parse_forward(spec: &str) -> Result<(Option<IpAddr>, u16, u16), String> {
     };
     let (h, g) = ports.split_once(':').ok_or_else(|| bad("missing the guest port"))?;
     let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| bad(&format!("{p:?} is not a port (1-65535)")));
-    Ok((addr, port(h)?, port(g)?))
+    let range = |r: &str| -> Result<(u16, u16), String> {
+        match r.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (port(a)?, port(b)?);
+                if b < a {
+                    return Err(bad(&format!("the range {r:?} ends before it starts")));
+                }
+                Ok((a, b - a + 1))
+            }
+            None => Ok((port(r)?, 1)),
+        }
+    };
+    let ((host_port, hn), (guest_port, gn)) = (range(h)?, range(g)?);
+    if hn != gn {
+        return Err(bad(&format!("the host range has {hn} ports and the guest range {gn}; give ranges of the same length")));
+    }
+    Ok(Forward { addr, host_port, guest_port, count: hn })
 }
 
 fn check_file(what: &str, field: &str, path: &Path, allow_block: bool) -> Result<(), String> {
@@ -335,10 +365,13 @@ mod tests {
 
     #[test]
     fn forwards() {
-        assert_eq!(parse_forward("8080:80").unwrap(), (None, 8080, 80));
-        assert_eq!(parse_forward("127.0.0.1:6443:6443").unwrap(), (Some("127.0.0.1".parse().unwrap()), 6443, 6443));
-        assert_eq!(parse_forward("[::1]:22:2222").unwrap(), (Some("::1".parse().unwrap()), 22, 2222));
-        for bad in ["80", "a:1:2", "1:2:3:4", "0:80", "80:70000", "[::1]22:1"] {
+        let f = |addr: Option<&str>, host_port, guest_port, count| Forward { addr: addr.map(|a| a.parse().unwrap()), host_port, guest_port, count };
+        assert_eq!(parse_forward("8080:80").unwrap(), f(None, 8080, 80, 1));
+        assert_eq!(parse_forward("127.0.0.1:6443:6443").unwrap(), f(Some("127.0.0.1"), 6443, 6443, 1));
+        assert_eq!(parse_forward("[::1]:22:2222").unwrap(), f(Some("::1"), 22, 2222, 1));
+        assert_eq!(parse_forward("127.0.0.1:30000-32767:30000-32767").unwrap(), f(Some("127.0.0.1"), 30000, 30000, 2768));
+        assert_eq!(parse_forward("20000-20009:30000-30009").unwrap(), f(None, 20000, 30000, 10));
+        for bad in ["80", "a:1:2", "1:2:3:4", "0:80", "80:70000", "[::1]22:1", "1-3:1-2", "5-1:5-1", "1-:1-2"] {
             assert!(parse_forward(bad).unwrap_err().contains("[ADDR:]HOSTPORT:GUESTPORT"), "{bad}");
         }
     }

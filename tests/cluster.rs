@@ -1,0 +1,400 @@
+//! The cluster commands (`kindling start`, `status`, `list`, `stop`, `delete`, `logs`,
+//! `exec`, `ip`, `kubectl`, `service`, `image load`) through the real `kindling` binary,
+//! each test with its own state directory, daemon socket and kubeconfig; the daemon is
+//! the real one, started on demand by the CLI, and the VMs are real.
+//!
+//! - `errors_say_what_to_do_before_anything_boots`, `kubectl_is_the_hosts_with_the_context`:
+//!   seconds, no VM.
+//! - `lifecycle_of_a_node_up_to_its_agent`: kindling's kernel and root disk booted only up
+//!   to the agent (`--until agent-start`): start, status, exec, ip, logs, an orderly stop,
+//!   a restart that keeps the disk's data, delete. A few minutes under the emulated runner.
+//! - `a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly`: the whole
+//!   product (ignored for now, see its reason).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// What a command did.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn text(&self) -> String {
+        format!("exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.code, self.stdout, self.stderr)
+    }
+
+    fn ok(self) -> Self {
+        assert_eq!(self.code, Some(0), "expected success\n{}", self.text());
+        self
+    }
+
+    /// Fails with exit 1 and an error line containing `needle`.
+    fn fails_with(self, needle: &str) -> Self {
+        assert_eq!(self.code, Some(1), "expected failure\n{}", self.text());
+        assert!(self.stderr.contains(needle), "expected {needle:?} in the error\n{}", self.text());
+        self
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e})\n{}", self.text()))
+    }
+}
+
+/// An isolated kindling: its own state directory, daemon socket and kubeconfig. When
+/// dropped, its clusters are deleted and the daemon the CLI started is stopped.
+struct Env {
+    dir: tempfile::TempDir,
+    path: Option<String>,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self { dir: tempfile::Builder::new().prefix("kc").tempdir().unwrap(), path: None }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kube").join("config")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = kindling();
+        c.args(args)
+            .env("KINDLING_STATE_DIR", self.state())
+            .env("KINDLING_SOCKET", self.dir.path().join("daemon.sock"))
+            .env("KUBECONFIG", self.kubeconfig())
+            .env_remove("KINDLING_CLUSTER");
+        if let Some(p) = &self.path {
+            c.env("PATH", p);
+        }
+        c
+    }
+
+    fn run(&self, args: &[&str], limit: Duration) -> Run {
+        let out = run_with_timeout(self.cmd(args), limit);
+        Run { code: out.status.code(), stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into() }
+    }
+
+    /// A quick command (no VM to wait for).
+    fn quick(&self, args: &[&str]) -> Run {
+        self.run(args, Duration::from_secs(120))
+    }
+
+    /// The host's kubectl against this environment's kubeconfig.
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Run {
+        let kubectl = kindling::runner::emulated::which("kubectl").expect("kubectl on PATH (scripts/setup installs it)");
+        let mut child = Command::new(kubectl)
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        Run { code: out.status.code(), stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into() }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let names: Vec<String> = std::fs::read_dir(self.state().join("clusters"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_string))
+            .collect();
+        for n in names {
+            let _ = self.run(&["delete", "--name", &n], Duration::from_secs(300));
+        }
+        if let Ok(pid) = std::fs::read_to_string(self.state().join("daemon.lock")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+                let t0 = Instant::now();
+                while std::path::Path::new(&format!("/proc/{pid}")).exists() && t0.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn errors_say_what_to_do_before_anything_boots() {
+    let env = Env::new();
+    let r = env.quick(&["list"]).ok();
+    assert!(r.stdout.contains("no clusters; create one with `kindling start`"), "{}", r.text());
+    assert_eq!(env.quick(&["list", "-o", "json"]).ok().json(), serde_json::json!([]));
+
+    // Every command on a cluster that does not exist says how to create it.
+    let archive = env.dir.path().join("app.tar");
+    std::fs::write(&archive, b"not really an archive").unwrap();
+    let archive = archive.to_str().unwrap();
+    let nope = "no cluster named \"nope\"; create it with `kindling start --name nope`";
+    for args in [
+        &["status", "--name", "nope"][..],
+        &["status", "--name", "nope", "-o", "json"],
+        &["stop", "--name", "nope"],
+        &["delete", "--name", "nope"],
+        &["ip", "--name", "nope"],
+        &["logs", "--name", "nope"],
+        &["logs", "etcd", "--name", "nope"],
+        &["exec", "--name", "nope", "--", "true"],
+        &["service", "web", "--url", "--name", "nope"],
+        &["image", "load", archive, "--name", "nope"],
+    ] {
+        env.quick(args).fails_with(nope);
+    }
+    env.quick(&["image", "load", "/nonexistent/app.tar"]).fails_with("image archive /nonexistent/app.tar: cannot open it");
+
+    // Bad arguments are refused before anything is built or booted.
+    env.quick(&["start", "--name", "Dev"]).fails_with("cluster name \"Dev\" is not allowed");
+    env.quick(&["start", "--name", "dev-"]).fails_with("must end with a letter or a digit");
+    env.quick(&["start", "--memory", "100"]).fails_with("--memory 100: out of range");
+    env.quick(&["start", "--disk-size", "0"]).fails_with("--disk-size 0: out of range");
+    env.quick(&["start", "--until", "sometime"]).fails_with("not a phase");
+    if let kindling::runner::KvmStatus::Unusable(why) = kindling::runner::probe_kvm() {
+        let r = env.quick(&["start", "--name", "fast", "--runner", "kvm"]).fails_with("--runner kvm: ");
+        assert!(r.stderr.contains(&why) && r.stderr.contains("leave out --runner"), "{}", r.text());
+        assert!(!env.state().join("vms/fast").exists() && !env.state().join("clusters/fast.json").exists());
+    }
+
+    // A name held by a VM that is not a cluster.
+    let kernel = env.dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"k").unwrap();
+    let client = kindling::daemon::client::Client::new(env.dir.path().join("daemon.sock"));
+    client.create(&kindling::daemon::api::VmSpec::new("plain", &kernel)).unwrap();
+    env.quick(&["start", "--name", "plain"]).fails_with("the name \"plain\" is already taken by a VM that is not a kindling cluster");
+    env.quick(&["status", "--name", "plain"]).fails_with("already taken");
+    assert!(env.quick(&["list"]).ok().stdout.contains("no clusters"), "a plain VM is not a cluster");
+
+    // A daemon that cannot run says where to look.
+    let broken = Env { dir: tempfile::tempdir().unwrap(), path: None };
+    let mut cmd = broken.cmd(&["list"]);
+    cmd.env("KINDLING_SOCKET", "/proc/version/daemon.sock");
+    let out = run_with_timeout(cmd, Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("daemon not reachable at /proc/version/daemon.sock") && err.contains("daemon.log"), "{err}");
+}
+
+#[test]
+fn kubectl_is_the_hosts_with_the_context() {
+    let mut env = Env::new();
+    let bin = env.dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    env.path = Some(bin.display().to_string());
+    env.quick(&["kubectl", "--", "get", "nodes"]).fails_with("kubectl is not on your PATH; install it with scripts/setup");
+
+    // A stand-in kubectl that shows its arguments and exits 3.
+    let stub = bin.join("kubectl");
+    std::fs::write(&stub, "#!/bin/sh\necho \"kubectl $*\"\nexit 3\n").unwrap();
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    env.quick(&["kubectl", "--", "get", "nodes"]).fails_with("has no context \"kindling\"; `kindling start` writes it");
+    std::fs::create_dir_all(env.kubeconfig().parent().unwrap()).unwrap();
+    std::fs::write(
+        env.kubeconfig(),
+        "apiVersion: v1\nkind: Config\nclusters: [{name: dev, cluster: {server: 'https://127.0.0.1:1'}}]\n\
+         users: [{name: dev, user: {}}]\ncontexts: [{name: dev, context: {cluster: dev, user: dev}}]\ncurrent-context: dev\n",
+    )
+    .unwrap();
+    let r = env.quick(&["kubectl", "--name", "dev", "--", "get", "pods", "-A"]);
+    assert_eq!(r.code, Some(3), "kubectl's exit code is kindling's\n{}", r.text());
+    assert_eq!(r.stdout, "kubectl --context dev get pods -A\n", "{}", r.text());
+}
+
+/// The VM directory, disk and record of a cluster, and whether each exists.
+fn leftovers(env: &Env, name: &str) -> Vec<PathBuf> {
+    let state = env.state();
+    [state.join("vms").join(name), state.join("clusters").join(format!("{name}.json")), state.join("clusters").join(format!("{name}.disk.ext4"))]
+        .into_iter()
+        .filter(|p| p.exists())
+        .collect()
+}
+
+fn has_context(env: &Env, name: &str) -> bool {
+    let text = std::fs::read_to_string(env.kubeconfig()).unwrap_or_default();
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap_or(serde_yaml_ng::Value::Null);
+    doc["contexts"].as_sequence().is_some_and(|l| l.iter().any(|c| c["name"].as_str() == Some(name)))
+}
+
+#[test]
+fn lifecycle_of_a_node_up_to_its_agent() {
+    let env = Env::new();
+    let name = "life";
+    // The kubeconfig has another cluster's entries and, as if left by an earlier start,
+    // ours: delete removes ours only.
+    std::fs::create_dir_all(env.kubeconfig().parent().unwrap()).unwrap();
+    std::fs::write(
+        env.kubeconfig(),
+        "apiVersion: v1\nkind: Config\nclusters: [{name: other, cluster: {server: 'https://10.1.1.1'}}, {name: life, cluster: {server: 'https://127.0.0.1:1'}}]\n\
+         users: [{name: other, user: {token: t}}, {name: life, user: {}}]\n\
+         contexts: [{name: other, context: {cluster: other, user: other}}, {name: life, context: {cluster: life, user: life}}]\ncurrent-context: other\n",
+    )
+    .unwrap();
+    let start = ["start", "--name", name, "--until", "agent-start", "--cpus", "1", "--memory", "1024", "--disk-size", "3"];
+    let r = env.run(&start, Duration::from_secs(60 * 60)).ok();
+    assert!(r.stdout.contains("agent-start") && r.stdout.contains("cluster \"life\" reached agent-start"), "{}", r.text());
+    assert!(r.stdout.contains("runner: "), "the runner is named\n{}", r.text());
+
+    let st = env.quick(&["status", "--name", name, "-o", "json"]).ok().json();
+    assert_eq!(st["status"], "running", "{st}");
+    assert_eq!(st["phases"][0]["name"], "agent-start", "{st}");
+    let api = st["api_server"].as_str().unwrap().to_string();
+    assert!(api.starts_with("https://127.0.0.1:"), "{st}");
+    assert_eq!(st["disk_size_gib"], 3);
+    assert!(st["disk"].as_str().unwrap().ends_with("/vms/life/disk.ext4"), "{st}");
+    let list = env.quick(&["list", "-o", "json"]).ok().json();
+    assert_eq!(list.as_array().map(|l| l.len()), Some(1), "{list}");
+    assert!(env.quick(&["status", "--name", name]).ok().stdout.contains(&api));
+
+    // Commands in the node: output streamed, exit code passed on, data on its disk.
+    let r = env.quick(&["exec", "--name", name, "--", "sh", "-c", "echo kept-across-restarts >/var/lib/kindling-test-marker; cat /proc/sys/kernel/hostname"]).ok();
+    assert_eq!(r.stdout.trim(), name, "{}", r.text());
+    assert_eq!(env.quick(&["exec", "--name", name, "--", "sh", "-c", "exit 7"]).code, Some(7));
+    // The node's address: what its command line gives (kindling.ip, set by the VMM when
+    // the VM has a network), else the agent's default.
+    let cmdline = env.quick(&["exec", "--name", name, "--", "cat", "/proc/cmdline"]).ok().stdout;
+    let expected = cmdline.split_whitespace().find_map(|p| p.strip_prefix("kindling.ip=")).map(|v| v.split('/').next().unwrap()).unwrap_or("10.0.2.15");
+    assert_eq!(env.quick(&["ip", "--name", name]).ok().stdout.trim(), expected);
+    assert!(env.quick(&["logs", "--name", name]).ok().stdout.contains("kindling-agent: phase agent-start"));
+    let r = env.quick(&["start", "--name", name, "--until", "agent-start"]).ok();
+    assert!(r.stdout.contains("is already running"), "{}", r.text());
+
+    // An orderly stop, through the agent.
+    let r = env.run(&["stop", "--name", name, "-o", "json"], Duration::from_secs(600)).ok();
+    assert_eq!((r.json()["was_running"].as_bool(), r.json()["orderly"].as_bool()), (Some(true), Some(true)), "{}", r.text());
+    assert_eq!(env.quick(&["status", "--name", name, "-o", "json"]).ok().json()["status"], "stopped");
+    env.quick(&["exec", "--name", name, "--", "true"]).fails_with("cluster \"life\" is not running (stopped); start it with `kindling start --name life`");
+    assert!(env.quick(&["stop", "--name", name]).ok().stdout.contains("is not running"));
+
+    // A restart keeps the disk (and the API port).
+    let r = env.run(&start, Duration::from_secs(30 * 60)).ok();
+    assert!(r.stdout.contains("starting it again with its data"), "{}", r.text());
+    let r = env.quick(&["exec", "--name", name, "--", "cat", "/var/lib/kindling-test-marker"]).ok();
+    assert_eq!(r.stdout.trim(), "kept-across-restarts");
+    assert_eq!(env.quick(&["status", "--name", name, "-o", "json"]).ok().json()["api_server"], api.as_str());
+
+    // Delete: VM, disk, record and our kubeconfig entries; the other cluster's stay.
+    let r = env.run(&["delete", "--name", name, "-o", "json"], Duration::from_secs(600)).ok();
+    assert!(r.json()["removed"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().ends_with("disk.ext4")), "{}", r.text());
+    assert_eq!(leftovers(&env, name), Vec::<PathBuf>::new());
+    assert!(!has_context(&env, name) && has_context(&env, "other"));
+    let kc = std::fs::read_to_string(env.kubeconfig()).unwrap();
+    assert!(!kc.contains("https://127.0.0.1:1") && kc.contains("token: t") && kc.contains("current-context: other"), "{kc}");
+    assert_eq!(env.quick(&["list", "-o", "json"]).ok().json(), serde_json::json!([]));
+    env.quick(&["status", "--name", name]).fails_with("no cluster named \"life\"");
+}
+
+/// A plain HTTP GET; the body, or why not.
+fn http_get(url: &str) -> Result<String, String> {
+    let addr = url.strip_prefix("http://").ok_or("not http")?.trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).ok_or(format!("no HTTP answer: {text:?}"))
+}
+
+fn busybox_image() -> (PathBuf, String) {
+    let oci_dir = image_path("oci").parent().unwrap().to_path_buf();
+    let env = std::fs::read_to_string(oci_dir.join("images.env")).unwrap_or_default();
+    let image = env.lines().find_map(|l| l.strip_prefix("BUSYBOX_IMAGE=")).unwrap_or("kindling.local/busybox:1.35").trim_matches('"').to_string();
+    (oci_dir.join("busybox.oci.tar"), image)
+}
+
+const APP: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: httpd
+        image: IMAGE
+        imagePullPolicy: IfNotPresent
+        command: ["sh", "-c", "mkdir -p /www && echo hello from kindling >/www/index.html && exec httpd -f -p 8080 -h /www"]
+        ports: [{containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 8080, targetPort: 8080, nodePort: 30080}]
+"#;
+
+fn wait_for_body(url: &str, limit: Duration) {
+    let t0 = Instant::now();
+    loop {
+        match http_get(url) {
+            Ok(body) if body.contains("hello from kindling") => return,
+            r if t0.elapsed() > limit => panic!("{url} did not answer \"hello from kindling\" within {limit:?}: {r:?}"),
+            _ => std::thread::sleep(Duration::from_secs(5)),
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a node that gets Ready (many minutes under the emulated runner here; issue 4) and a guest \
+            that accepts the vsock forwards of 6443 and 30000-32767 (today nothing in the guest listens on those \
+            vsock ports, so the forward is refused); run with `cargo test --test cluster -- --ignored` with \
+            kubectl (scripts/setup) on PATH, up to ~1 h under emulation"]
+fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
+    let env = Env::new();
+    let name = "e2e";
+    let long = Duration::from_secs(90 * 60);
+    let r = env.run(&["start", "--name", name], long).ok();
+    assert!(r.stdout.contains("node-ready") && r.stdout.contains("is Ready"), "{}", r.text());
+    assert!(has_context(&env, name));
+
+    let nodes = env.kubectl(&["--context", name, "get", "nodes", "--no-headers"], None).ok();
+    assert!(nodes.stdout.split_whitespace().nth(1) == Some("Ready"), "{}", nodes.text());
+    let via_kindling = env.quick(&["kubectl", "--name", name, "--", "get", "nodes", "--no-headers"]).ok();
+    assert!(via_kindling.stdout.contains(" Ready"), "{}", via_kindling.text());
+
+    // A locally built image without a registry: the busybox archive, loaded again.
+    let (archive, image) = busybox_image();
+    env.run(&["image", "load", archive.to_str().unwrap(), "--name", name], Duration::from_secs(30 * 60)).ok();
+    let images = env.quick(&["exec", "--name", name, "--", "ctr", "-n", "k8s.io", "images", "ls", "-q"]).ok();
+    assert!(images.stdout.contains(&image), "{}", images.text());
+
+    env.kubectl(&["--context", name, "apply", "-f", "-"], Some(&APP.replace("IMAGE", &image))).ok();
+    env.kubectl(&["--context", name, "rollout", "status", "deployment/web", "--timeout=30m"], None).ok();
+    let url = env.quick(&["service", "web", "--url", "--name", name]).ok().stdout.trim().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    wait_for_body(&url, Duration::from_secs(15 * 60));
+
+    env.run(&["stop", "--name", name], Duration::from_secs(15 * 60)).ok();
+    assert_eq!(env.quick(&["status", "--name", name, "-o", "json"]).ok().json()["status"], "stopped");
+    env.run(&["start", "--name", name], long).ok();
+    env.kubectl(&["--context", name, "get", "deployment", "web"], None).ok();
+    env.kubectl(&["--context", name, "rollout", "status", "deployment/web", "--timeout=30m"], None).ok();
+    wait_for_body(&url, Duration::from_secs(15 * 60));
+
+    env.run(&["delete", "--name", name], Duration::from_secs(15 * 60)).ok();
+    assert_eq!(leftovers(&env, name), Vec::<PathBuf>::new(), "no VM directory, disk or record is left");
+    assert!(!has_context(&env, name), "no context is left");
+    assert_eq!(env.quick(&["list", "-o", "json"]).ok().json(), serde_json::json!([]));
+}
