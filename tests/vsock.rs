@@ -4,7 +4,9 @@
 //! vsock UNIX socket (Firecracker's `CONNECT <port>` handshake) and through a TCP port
 //! forwarded with `--forward`; under the emulated runner both cross the level-1 VM's
 //! relay. Checked: requests and replies both ways, a 100 KB request (many packets and
-//! credit updates), streamed command output, and power-off through the channel.
+//! credit updates), streamed command output, a guest TCP server reached from a host
+//! port (the agent exposes guest TCP ports on vsock, as it does for the API server and
+//! NodePorts), and power-off through the channel.
 
 mod common;
 
@@ -65,14 +67,15 @@ fn host_and_guest_agent_talk_over_vsock_and_a_forwarded_port() {
     let dir = tempfile::tempdir().unwrap();
     let initrd = agent_initramfs(dir.path());
     let uds = dir.path().join("v.sock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (port, web) = (free(), free());
     let log = std::fs::File::create(dir.path().join("console.log")).unwrap();
     let mut vm = kindling()
         .args(["boot", "--kernel", our_kernel().to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "--memory", "512"])
-        .args(["--cmdline", "console=ttyS0 panic=1 kindling.until=agent-start"])
+        .args(["--cmdline", "console=ttyS0 panic=1 kindling.until=agent-start kindling.expose=8080"])
         .arg("--vsock")
         .arg(&uds)
-        .args(["--forward", &format!("{port}:1024")])
+        .args(["--forward", &format!("{port}:1024"), "--forward", &format!("{web}:8080")])
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -109,6 +112,19 @@ fn host_and_guest_agent_talk_over_vsock_and_a_forwarded_port() {
     let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     assert_eq!(request(tcp, r#"{"op":"ping"}"#), [r#"{"ok":true}"#]);
+    // A guest TCP server, exposed by the agent on vsock 8080 and forwarded to the host:
+    // host TCP -> vsock (through L1 under emulation) -> agent -> guest TCP.
+    let out = request(
+        vsock_connect(&uds).unwrap(),
+        r#"{"op":"exec","argv":["sh","-c","mkdir -p /tmp/www && echo served-from-the-guest > /tmp/www/index.html && httpd -p 8080 -h /tmp/www"]}"#,
+    );
+    assert_eq!(out.last().map(String::as_str), Some(r#"{"exit":0}"#), "{out:?}");
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", web)).unwrap();
+    http.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    http.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
+    let mut page = String::new();
+    let _ = http.read_to_string(&mut page);
+    assert!(page.starts_with("HTTP/1.") && page.contains("served-from-the-guest"), "{page}");
     // A port nobody listens on is refused, not hung.
     let mut s = UnixStream::connect(&uds).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();

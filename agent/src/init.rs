@@ -29,6 +29,16 @@ pub fn cmdline() -> String {
     }
 }
 
+/// Raises the open-file limit to the kernel's maximum: the agent listens on thousands
+/// of vsock ports, and containerd and kubelet (which inherit it) expect a high limit
+/// as under systemd.
+pub fn raise_fd_limit() {
+    let max = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1 << 20);
+    if let Err(e) = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, max, max) {
+        phase::log(format!("raising the open-file limit to {max}: {e}"));
+    }
+}
+
 /// Mounts the API filesystems and the writable runtime directories.
 pub fn mount_filesystems() -> Result<()> {
     let m = |src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>| -> Result<()> {

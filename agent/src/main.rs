@@ -7,6 +7,7 @@ mod init;
 mod control;
 mod node;
 mod phase;
+mod ports;
 mod pki;
 mod selftest;
 mod supervisor;
@@ -31,6 +32,7 @@ fn main() {
     // Reported once /proc is there to tell the time since kernel start.
     phase::report("agent-start");
     init::sysctls();
+    init::raise_fd_limit();
     let cfg = NodeConfig::from_cmdline(&init::cmdline());
     if let Err(e) = init::network(&cfg) {
         phase::log(format!("network setup: {e:#}"));
@@ -40,6 +42,11 @@ fn main() {
     let node = node::Node::default();
     if let Err(e) = control::serve(paths.clone(), reaper.clone(), init::in_container()) {
         phase::log(format!("control channel: {e:#}"));
+    }
+    if !init::in_container() {
+        if let Err(e) = ports::parse(&cfg.expose).and_then(|p| ports::expose(&p, cfg.address())) {
+            phase::log(format!("exposing ports on vsock: {e:#}"));
+        }
     }
     {
         let (cfg, paths, reaper, node) = (cfg.clone(), paths.clone(), reaper.clone(), node.clone());

@@ -38,6 +38,8 @@ pub struct NodeConfig {
     /// Stop bringing the node up after this phase (`kindling.until=apiserver-ready`):
     /// a control plane without kubelet, e.g. where cgroups are not the node's own.
     pub until: Option<String>,
+    /// Guest TCP ports offered on vsock (`kindling.expose=6443,30000-32767`).
+    pub expose: String,
 }
 
 impl NodeConfig {
@@ -55,6 +57,7 @@ impl NodeConfig {
             console: get("console").map(|v| v.split(',').map(str::to_owned).collect()).unwrap_or_default(),
             selftest: get("selftest").is_some_and(|v| v == "1"),
             until: get("until"),
+            expose: get("expose").unwrap_or_else(|| crate::ports::DEFAULT_EXPOSE.into()),
         }
     }
 
