@@ -357,10 +357,6 @@ fn wait_for_body(url: &str, limit: Duration) {
 }
 
 #[test]
-#[ignore = "needs a node that gets Ready (many minutes under the emulated runner here; issue 4) and a guest \
-            that accepts the vsock forwards of 6443 and 30000-32767 (today nothing in the guest listens on those \
-            vsock ports, so the forward is refused); run with `cargo test --test cluster -- --ignored` with \
-            kubectl (scripts/setup) on PATH, up to ~1 h under emulation"]
 fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     let env = Env::new();
     let name = "e2e";

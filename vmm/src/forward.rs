@@ -186,29 +186,23 @@ pub trait Stream: Read + Write + Send + 'static {
     fn shutdown_both(&self);
 }
 
-impl Stream for TcpStream {
-    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn shutdown_write(&self) {
-        let _ = self.shutdown(Shutdown::Write);
-    }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(Shutdown::Both);
-    }
+/// TCP and UNIX streams are both sockets: the same three calls.
+macro_rules! socket_stream {
+    ($($t:ty),*) => {$(
+        impl Stream for $t {
+            fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>> {
+                Ok(Box::new(self.try_clone()?))
+            }
+            fn shutdown_write(&self) {
+                let _ = self.shutdown(Shutdown::Write);
+            }
+            fn shutdown_both(&self) {
+                let _ = self.shutdown(Shutdown::Both);
+            }
+        }
+    )*};
 }
-
-impl Stream for UnixStream {
-    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn shutdown_write(&self) {
-        let _ = self.shutdown(Shutdown::Write);
-    }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(Shutdown::Both);
-    }
-}
+socket_stream!(TcpStream, UnixStream);
 
 /// Copies bytes both ways until both directions are done; each direction's end is
 /// passed on as a half-close, so request/response protocols see their EOF.
