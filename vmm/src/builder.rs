@@ -22,6 +22,7 @@ use crate::devices::legacy::serial::{SerialConsole, COM1_PORT, COM_PORT_LEN};
 use crate::devices::legacy::IrqTrigger;
 use crate::devices::virtio::block::{Block, DiskError};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::{self, Net, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{ExitReason, ExitSignal};
@@ -41,12 +42,14 @@ pub enum BuildError {
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
     Boot(#[from] kernel::BootError),
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
-    #[error("too many virtio devices: at most {0} fit the interrupt lines; remove some --disk (or --vsock)")]
+    #[error("too many virtio devices: at most {0} fit the interrupt lines; remove some --disk (or --vsock, --net none)")]
     TooManyDevices(usize),
     #[error("setting up {what}: {err}")]
     Setup { what: &'static str, err: String },
@@ -113,7 +116,7 @@ impl MicroVm {
         let too_long = || ConfigError::CmdlineTooLong { len: config.full_cmdline_len() };
         cmdline.insert_str(&config.cmdline).map_err(|_| too_long())?;
 
-        // Slots in the order config.full_cmdline_len() counts them: disks, then vsock.
+        // Slots in the order config.full_cmdline_len() counts them: disks, vsock, net.
         let mut virtio = VirtioDevices::default();
         for disk in &config.disks {
             let block = Block::open(&disk.path, disk.read_only)?;
@@ -124,6 +127,26 @@ impl MicroVm {
             let device = Vsock::new(u64::from(vsock.guest_cid), &vsock.uds_path)?;
             let arg = virtio.attach(&vm, &mem, &mut mmio, Box::new(device))?;
             cmdline.insert_str(arg).map_err(|_| too_long())?;
+        }
+        if let Some(net_config) = &config.net {
+            let (backend, guest, summary): (Box<dyn net::Backend>, _, _) = match net_config.backend {
+                crate::config::NetBackend::Tap => {
+                    let (tap, guest, summary) = net::tap::Tap::setup()?;
+                    (Box::new(tap), guest, summary)
+                }
+                crate::config::NetBackend::Passt => {
+                    let (passt, guest, summary) = net::passt::Passt::start()?;
+                    (Box::new(passt), guest, summary)
+                }
+            };
+            tracing::info!("net: {summary}");
+            let device = Net::new(backend, net::guest_mac())?;
+            let arg = virtio.attach(&vm, &mem, &mut mmio, Box::new(device))?;
+            cmdline.insert_str(arg).map_err(|_| too_long())?;
+            let addresses = guest.cmdline_args(&config.cmdline);
+            if !addresses.trim().is_empty() {
+                cmdline.insert_str(addresses).map_err(|_| too_long())?;
+            }
         }
         tracing::debug!("kernel command line: {}", cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default());
 

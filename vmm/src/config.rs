@@ -125,6 +125,32 @@ impl VsockConfig {
     }
 }
 
+/// Where a virtio-net device's frames go (see [`crate::devices::virtio::net`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetBackend {
+    /// A tap device the VMM creates (root).
+    Tap,
+    /// A passt process the VMM starts (no privileges needed).
+    Passt,
+}
+
+impl NetBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetBackend::Tap => "tap",
+            NetBackend::Passt => "passt",
+        }
+    }
+}
+
+/// A virtio-net device. The guest's address, gateway and DNS server are appended to
+/// the kernel command line (`kindling.ip= kindling.gw= kindling.dns=`) once the
+/// backend is set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub backend: NetBackend,
+}
+
 /// Kernel image formats the loader understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelFormat {
@@ -141,6 +167,7 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub disks: Vec<DiskConfig>,
     pub vsock: Option<VsockConfig>,
+    pub net: Option<NetConfig>,
 }
 
 impl VmConfig {
@@ -187,21 +214,23 @@ impl VmConfig {
 }
 
 impl VmConfig {
-    /// Number of virtio devices: the disks in order, then vsock.
+    /// Number of virtio devices: the disks in order, then vsock, then net.
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len() + usize::from(self.vsock.is_some())
+        self.disks.len() + usize::from(self.vsock.is_some()) + usize::from(self.net.is_some())
     }
 
     /// The command line's length once the VMM appended one `virtio_mmio.device=` entry
-    /// per device (the builder appends exactly these).
+    /// per device and, with a network, the guest's addresses at their longest (the
+    /// builder appends exactly these, or less).
     pub fn full_cmdline_len(&self) -> usize {
+        let net = if self.net.is_some() { crate::devices::virtio::net::MAX_CMDLINE_ARGS_LEN } else { 0 };
         let devices: usize = (0..self.virtio_device_count())
             .map(|i| match layout::virtio_mmio_slot(i) {
                 Some((addr, irq)) => virtio_mmio_arg(addr, irq).len() + 1,
                 None => 0,
             })
             .sum();
-        self.cmdline.len() + devices
+        self.cmdline.len() + devices + net
     }
 }
 
@@ -247,7 +276,7 @@ mod tests {
     use super::*;
 
     fn base(kernel: PathBuf) -> VmConfig {
-        VmConfig { kernel, initrd: None, cmdline: "console=ttyS0".into(), cpus: 1, memory_mib: 128, disks: vec![], vsock: None }
+        VmConfig { kernel, initrd: None, cmdline: "console=ttyS0".into(), cpus: 1, memory_mib: 128, disks: vec![], vsock: None, net: None }
     }
 
     #[test]
@@ -315,5 +344,25 @@ mod tests {
         let without = c.full_cmdline_len();
         c.vsock = Some(VsockConfig::new("/tmp/v.sock".into()));
         assert!(c.full_cmdline_len() > without);
+    }
+
+    #[test]
+    fn net_device_and_guest_addresses_count_towards_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        let k = dir.path().join("vmlinux");
+        std::fs::write(&k, &elf).unwrap();
+        let mut c = base(k);
+        let without = c.full_cmdline_len();
+        c.net = Some(NetConfig { backend: NetBackend::Passt });
+        let reserved = crate::devices::virtio::net::MAX_CMDLINE_ARGS_LEN;
+        assert!(c.full_cmdline_len() > without + reserved, "a device entry and the addresses");
+        // A command line that fits without the network no longer fits with it.
+        c.cmdline = "x".repeat(CMDLINE_MAX - without - 1 + "console=ttyS0".len());
+        c.net = None;
+        assert!(c.validate().is_ok(), "{:?}", c.full_cmdline_len());
+        c.net = Some(NetConfig { backend: NetBackend::Tap });
+        assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong { .. })));
     }
 }

@@ -6,7 +6,8 @@ use std::time::Instant;
 use clap::Args;
 
 use crate::builder::{Console, MicroVm};
-use crate::config::{DiskConfig, VmConfig, VsockConfig};
+use crate::config::{DiskConfig, NetConfig, VmConfig, VsockConfig};
+use crate::devices::virtio::net::{self as virtio_net, NetChoice};
 use crate::devices::ExitReason;
 use crate::runner::{self, emulated, Runner, RunnerChoice};
 
@@ -42,6 +43,12 @@ pub struct BootArgs {
     /// private vsock socket is made for it.
     #[arg(long = "forward", value_name = "[ADDR:]HOST:GUEST")]
     pub forwards: Vec<crate::forward::ForwardSpec>,
+    /// The guest's network (virtio-net): tap (root: a tap device with NAT), passt
+    /// (user-mode, no root), none, or auto: tap when root with /dev/net/tun, else passt
+    /// when installed, else none. The guest's address, gateway and DNS server are
+    /// appended to the kernel command line (kindling.ip= kindling.gw= kindling.dns=).
+    #[arg(long, value_enum, value_name = "auto|tap|passt|none", default_value_t = NetChoice::Auto)]
+    pub net: NetChoice,
     /// Where the VM runs: auto picks KVM when it can boot a stock kernel here.
     #[arg(long, value_enum, default_value_t = RunnerChoice::Auto)]
     pub runner: RunnerChoice,
@@ -59,6 +66,7 @@ impl BootArgs {
             memory_mib: self.memory,
             disks,
             vsock: self.vsock.clone().map(VsockConfig::new),
+            net: None,
         };
         if self.cpus > u32::from(crate::config::MAX_VCPUS) {
             return Err(crate::config::ConfigError::TooManyCpus(self.cpus).into());
@@ -78,6 +86,10 @@ pub fn default_cmdline(has_disk: bool) -> String {
     c
 }
 
+/// `kindling boot`'s exit status when the guest crashed (triple fault); a supervisor
+/// may restart such a VM. (1 is a VMM error, 0 a power-off or a requested reboot.)
+pub const EXIT_GUEST_CRASHED: i32 = 3;
+
 /// Runs the boot; returns the process exit status.
 pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
     let mut config = args.to_config()?;
@@ -87,9 +99,14 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
         config.vsock = Some(VsockConfig::new(private.path().join("vsock.sock")));
     }
     let (runner, why) = runner::choose(args.runner);
+    let (backend, net_why) = virtio_net::choose(args.net, runner == Runner::Emulated)?;
+    config.net = backend.map(|backend| NetConfig { backend });
+    // Checked again: the guest's addresses lengthen the command line.
+    config.validate()?;
     match runner {
         Runner::Kvm => {
             eprintln!("kindling: runner kvm ({why})");
+            eprintln!("kindling: net {} ({net_why})", backend.map_or("none", |b| b.as_str()));
             if let Some(v) = &config.vsock {
                 crate::forward::start(&args.forwards, &v.uds_path)?;
             }
@@ -97,7 +114,16 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
         }
         Runner::Emulated => {
             eprintln!("kindling: runner emulated ({why})");
-            Ok(emulated::run(&config, &args.forwards)?)
+            eprintln!("kindling: net {} ({net_why})", backend.map_or("none", |b| b.as_str()));
+            match emulated::run(&config, &args.forwards) {
+                // QEMU ended with the level-1 VM reset and no status reported: L1 itself
+                // crashed (its emulated nested virtualization), which ends the guest too.
+                Err(emulated::EmulatedError::NoStatus(0)) => {
+                    eprintln!("kindling: the level-1 VM reset without reporting the guest's status: treated as a guest crash");
+                    Ok(EXIT_GUEST_CRASHED)
+                }
+                r => Ok(r?),
+            }
         }
     }
 }
@@ -117,6 +143,10 @@ fn boot_on_kvm(config: &VmConfig) -> anyhow::Result<i32> {
         ExitReason::Reset => {
             eprintln!("kindling: guest rebooted after {secs:.2}s; stopping (reboot ends the VM)");
             Ok(0)
+        }
+        ExitReason::TripleFault => {
+            eprintln!("kindling: the guest crashed (a vCPU triple-faulted) after {secs:.2}s; stopping");
+            Ok(EXIT_GUEST_CRASHED)
         }
         ExitReason::Error => anyhow::bail!("the VM stopped on a fatal vCPU error after {secs:.2}s (see the log lines above)"),
     }

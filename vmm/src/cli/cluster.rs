@@ -77,7 +77,7 @@ pub enum ClusterCommand {
 pub struct StartArgs {
     #[command(flatten)]
     pub name: NameArg,
-    /// vCPUs of the node [default: 2; a restart keeps the cluster's].
+    /// vCPUs of the node [default: 2, or 1 under the emulated runner; a restart keeps the cluster's].
     #[arg(long, value_name = "N")]
     pub cpus: Option<u32>,
     /// Memory of the node in MiB [default: 4096; a restart keeps the cluster's].

@@ -38,6 +38,8 @@ pub const DEFAULT_DISK_GIB: u64 = 20;
 /// How long `start` waits for the node to be Ready by default (the emulated runner
 /// needs many minutes).
 pub const DEFAULT_WAIT_SECS: u64 = 45 * 60;
+/// How often `start` restarts a guest that crashed before it was Ready.
+pub const CRASH_RESTARTS: u32 = 2;
 /// How long `stop` waits for an orderly power-off before stopping the VM process.
 pub const DEFAULT_STOP_WAIT_SECS: u64 = 120;
 /// The disk's file name in the VM directory.
@@ -320,9 +322,12 @@ fn runner_name(r: RunnerKind) -> &'static str {
 }
 
 /// Says which runner `auto` (or the choice) leads to; refuses `kvm` where it cannot work.
-fn check_runner(kind: RunnerKind, say: &Say) -> Result<()> {
+/// Says which runner the cluster will use and why; returns true for the emulated one.
+fn check_runner(kind: RunnerKind, say: &Say) -> Result<bool> {
     use crate::runner::{probe_kvm, KvmStatus};
-    match (kind, probe_kvm()) {
+    let status = probe_kvm();
+    let emulated = kind == RunnerKind::Emulated || (kind == RunnerKind::Auto && matches!(status, KvmStatus::Unusable(_)));
+    match (kind, status) {
         (RunnerKind::Kvm, KvmStatus::Unusable(why)) => {
             bail!("--runner kvm: {why}; leave out --runner to run the cluster under the emulated runner (slower), or fix /dev/kvm")
         }
@@ -332,7 +337,23 @@ fn check_runner(kind: RunnerKind, say: &Say) -> Result<()> {
             "runner: emulated, because {why}; the node runs under QEMU's emulator inside a level-1 VM and takes many minutes to get Ready"
         )),
     }
-    Ok(())
+    Ok(emulated)
+}
+
+/// vCPUs for a new cluster: the default is 1 under the emulated runner, whose level-1
+/// VM resets under a busy guest with 2 or more vCPUs (QEMU's emulated nested SVM).
+fn cpus_for(asked: Option<u32>, emulated: bool, say: &Say) -> u32 {
+    match asked {
+        Some(c) if emulated && c > 1 => {
+            say.line(format!(
+                "warning: --cpus {c} under the emulated runner: its level-1 VM has reset under a busy multi-vCPU guest; --cpus 1 is the reliable choice there"
+            ));
+            c
+        }
+        Some(c) => c,
+        None if emulated => 1,
+        None => DEFAULT_CPUS,
+    }
 }
 
 fn build_images(say: &Say) -> Result<(PathBuf, PathBuf)> {
@@ -511,12 +532,29 @@ pub fn start(o: &StartOptions, say: &Say) -> Result<StartReport> {
         record.disk_size_gib,
         record.api_url()
     ));
-    ctx.client.start(name)?;
     let target = o.until.clone().unwrap_or_else(|| READY_PHASE.to_string());
     let what = if target == READY_PHASE { "the node to be Ready".to_string() } else { format!("phase {target}") };
-    say.line(format!("waiting for {what} (phases in seconds since the guest kernel started; console: `{}`)", command_for("logs", name)));
     let wait = o.wait.unwrap_or(Duration::from_secs(DEFAULT_WAIT_SECS));
-    let phases = wait_ready(&ctx, name, &vm, console_offset, &target, wait, say)?;
+    let mut attempt = 0;
+    let phases = loop {
+        let console_offset = if attempt == 0 { console_offset } else { std::fs::metadata(&vm.console_log).map(|m| m.len()).unwrap_or(0) };
+        ctx.client.start(name)?;
+        say.line(format!("waiting for {what} (phases in seconds since the guest kernel started; console: `{}`)", command_for("logs", name)));
+        match wait_ready(&ctx, name, &vm, console_offset, &target, wait, say) {
+            Ok(phases) => break phases,
+            // A guest crash (triple fault) is restarted: the node's state is on its disk.
+            // Under the emulated runner, nested virtualization does this now and then.
+            Err(e) if attempt < CRASH_RESTARTS && ctx.vm(name).ok().flatten().is_some_and(|v| v.exit_code == Some(crate::cli::boot::EXIT_GUEST_CRASHED)) => {
+                attempt += 1;
+                say.line(format!(
+                    "the guest crashed (a vCPU triple-faulted; the console is in `{}`); restarting it, attempt {attempt} of {CRASH_RESTARTS}",
+                    command_for("logs", name)
+                ));
+                tracing::debug!("crash before Ready: {e:#}");
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let agent = Agent::vsock(agent::vsock_socket(&vm.dir));
     // The agent writes admin.conf right after agent-start.
     let kubeconfig = if target == "agent-start" { None } else { Some(write_kubeconfig(&agent, &record)?) };
@@ -538,7 +576,7 @@ pub fn start(o: &StartOptions, say: &Say) -> Result<StartReport> {
 fn first_start_prepare(ctx: &Ctx, o: &StartOptions, record: Option<ClusterRecord>, say: &Say) -> Result<(ClusterRecord, Vm)> {
     let name = o.name.as_str();
     let runner = o.runner.unwrap_or_default();
-    check_runner(runner, say)?;
+    let emulated = check_runner(runner, say)?;
     let (kernel, rootfs) = build_images(say)?;
     let created_record = record.is_none();
     let record = match record {
@@ -584,7 +622,7 @@ fn first_start_prepare(ctx: &Ctx, o: &StartOptions, record: Option<ClusterRecord
             kernel.clone(),
             disk_file,
             &record,
-            o.cpus.unwrap_or(DEFAULT_CPUS),
+            cpus_for(o.cpus, emulated, say),
             o.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
             runner,
             o.until.as_deref(),

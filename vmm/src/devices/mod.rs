@@ -15,10 +15,12 @@ pub enum ExitReason {
     Running = 0,
     /// ACPI S5 (poweroff).
     PowerOff = 1,
-    /// i8042 or ACPI reset, or a triple fault.
+    /// i8042 or ACPI reset: the guest asked to reboot.
     Reset = 2,
     /// A vCPU hit something the VMM cannot continue from.
     Error = 3,
+    /// A vCPU shut down (a triple fault) without the guest asking for a reset: a crash.
+    TripleFault = 4,
 }
 
 /// Signalled by devices and vCPUs when the guest stops; the event loop waits on it.
@@ -43,6 +45,7 @@ impl ExitSignal {
             1 => ExitReason::PowerOff,
             2 => ExitReason::Reset,
             3 => ExitReason::Error,
+            4 => ExitReason::TripleFault,
             _ => ExitReason::Running,
         }
     }

@@ -13,6 +13,14 @@
 //! handshake included, to a TCP port QEMU's user networking forwards into L1
 //! (`hostfwd`, with L1 otherwise cut off: `restrict=on`), where kindling passes it on to
 //! the L2 VMM's vsock socket. Guest-initiated vsock connections stay inside L1.
+//!
+//! With `--net`, L1's NIC gets outbound networking too (QEMU user networking without
+//! `restrict`; default route 10.0.2.2, DNS 10.0.2.3), and the L2 VMM sets up the
+//! guest's network inside L1, where it runs as root: a tap device (L1 loads the tun
+//! module), or passt, which is shipped in with its libraries. L1 has no iptables, so a
+//! TAP guest is not NATed there; instead L1 answers ARP for the guest's subnet on its
+//! NIC (proxy ARP) and routes, and QEMU's user networking, which terminates every
+//! connection on the host's sockets whatever its source address, is the NAT.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,7 +28,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use crate::cache;
-use crate::config::VmConfig;
+use crate::config::{NetBackend, VmConfig};
 use crate::forward::ForwardSpec;
 
 /// images/l1/modules.txt: the modules L1 loads, in dependency order (shared with scripts/setup).
@@ -64,7 +72,12 @@ done
 ip link set lo up
 if [ -e /sys/class/net/eth0 ]; then
   ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0
+  # QEMU user networking: outbound (when not restricted) and DNS; proxy ARP lets it
+  # reach a routed guest subnet behind L1 (see the module documentation).
+  ip route add default via 10.0.2.2
+  echo 1 > /proc/sys/net/ipv4/conf/eth0/proxy_arp
 fi
+mkdir -p /etc && echo "nameserver 10.0.2.3" > /etc/resolv.conf
 exec /kindling/kindling __l1-guest
 "#;
 
@@ -157,17 +170,17 @@ pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
 }
 
 /// A newc cpio archive being written.
-struct Archive<W: Write> {
+pub(crate) struct Archive<W: Write> {
     out: W,
     ino: u32,
 }
 
 impl<W: Write> Archive<W> {
-    fn new(out: W) -> Self {
+    pub(crate) fn new(out: W) -> Self {
         Self { out, ino: 1 }
     }
 
-    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) -> std::io::Result<()> {
+    pub(crate) fn entry(&mut self, name: &str, mode: u32, data: &[u8]) -> std::io::Result<()> {
         self.ino += 1;
         let mut w = cpio::newc::Builder::new(name)
             .ino(self.ino)
@@ -179,16 +192,16 @@ impl<W: Write> Archive<W> {
         Ok(())
     }
 
-    fn dir(&mut self, name: &str) -> std::io::Result<()> {
+    pub(crate) fn dir(&mut self, name: &str) -> std::io::Result<()> {
         self.entry(name, 0o040755, &[])
     }
 
-    fn file(&mut self, name: &str, mode: u32, src: &Path) -> std::io::Result<()> {
+    pub(crate) fn file(&mut self, name: &str, mode: u32, src: &Path) -> std::io::Result<()> {
         let data = std::fs::read(src)?;
         self.entry(name, 0o100000 | mode, &data)
     }
 
-    fn finish(mut self) -> std::io::Result<W> {
+    pub(crate) fn finish(mut self) -> std::io::Result<W> {
         cpio::newc::trailer(&mut self.out)?;
         Ok(self.out)
     }
@@ -200,7 +213,7 @@ fn base_initramfs(l1: &L1Kernel) -> Result<PathBuf, EmulatedError> {
     if !busybox.is_file() || !is_static_elf(busybox).unwrap_or(false) {
         return Err(EmulatedError::NoBusybox);
     }
-    let mut key = cache::Key::new("l1-initramfs-v3");
+    let mut key = cache::Key::new("l1-initramfs-v4");
     key.add(INIT_SCRIPT.as_bytes());
     key.add_file(busybox).map_err(io("reading /bin/busybox"))?;
     for m in l1_modules() {
@@ -251,6 +264,9 @@ pub fn l1_boot_args(config: &VmConfig) -> Vec<String> {
     if config.vsock.is_some() {
         args.extend(["--vsock".into(), L1_VSOCK_PATH.into()]);
     }
+    // Always explicit: inside L1, `auto` would not know what the user was told here.
+    let net = config.net.as_ref().map_or("none", |n| n.backend.as_str());
+    args.extend(["--net".into(), net.into()]);
     args
 }
 
@@ -263,6 +279,9 @@ fn run_archive(config: &VmConfig, job: &Job<'_>, exe: &Path, dest: &Path) -> std
     a.file("kindling/kernel", 0o644, &config.kernel)?;
     if let Some(initrd) = &config.initrd {
         a.file("kindling/initrd", 0o644, initrd)?;
+    }
+    if config.net.as_ref().is_some_and(|n| n.backend == NetBackend::Passt) {
+        add_passt_bundle(&mut a)?;
     }
     let (mode, args) = match job {
         Job::Boot => ("boot", l1_boot_args(config)),
@@ -278,22 +297,51 @@ fn run_archive(config: &VmConfig, job: &Job<'_>, exe: &Path, dest: &Path) -> std
     a.finish()?.flush()
 }
 
+/// The files an ELF executable loads, from ldd: absolute paths (loader included).
+fn shared_libraries(exe: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let ldd = Command::new("ldd").arg(exe).output()?;
+    Ok(String::from_utf8_lossy(&ldd.stdout)
+        .lines()
+        .filter_map(|line| {
+            // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = line.split("=>").last()?.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// passt (and its AVX2 build, which it execs when the CPU has AVX2) as /bin/passt, with
+/// its libraries at the paths its loader expects (L1 has none of its own).
+fn add_passt_bundle<W: Write>(a: &mut Archive<W>) -> std::io::Result<()> {
+    let passt = which("passt").ok_or_else(|| std::io::Error::other("passt not found (apt-get install passt)"))?;
+    a.file("bin/passt", 0o755, &passt)?;
+    let avx2 = passt.with_file_name("passt.avx2");
+    if avx2.is_file() {
+        a.file("bin/passt.avx2", 0o755, &avx2)?;
+    }
+    for lib in shared_libraries(&passt)? {
+        let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
+        let mut dir = String::new();
+        for part in Path::new(&rel).parent().into_iter().flat_map(|p| p.components()) {
+            dir = if dir.is_empty() { part.as_os_str().to_string_lossy().into() } else { format!("{dir}/{}", part.as_os_str().to_string_lossy()) };
+            a.dir(&dir)?;
+        }
+        a.file(&rel, 0o755, &lib)?;
+    }
+    Ok(())
+}
+
 /// QEMU's binary, its dynamic loader and libraries (from ldd) and the microvm firmware.
 fn add_qemu_bundle<W: Write>(a: &mut Archive<W>) -> std::io::Result<()> {
     let qemu = which("qemu-system-x86_64").ok_or_else(|| std::io::Error::other("qemu-system-x86_64 not found"))?;
-    let ldd = Command::new("ldd").arg(&qemu).output()?;
     let root = L1_QEMU_DIR.trim_start_matches('/');
     a.dir(root)?;
     a.dir(&format!("{root}/lib"))?;
     a.dir(&format!("{root}/share"))?;
     a.file(&format!("{root}/qemu-system-x86_64"), 0o755, &qemu)?;
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-        let path = line.split("=>").last().unwrap_or("").split_whitespace().next().unwrap_or("");
-        if path.starts_with('/') {
-            let name = Path::new(path).file_name().and_then(|n| n.to_str()).unwrap_or("lib");
-            a.file(&format!("{root}/lib/{name}"), 0o755, Path::new(path))?;
-        }
+    for lib in shared_libraries(&qemu)? {
+        let name = lib.file_name().and_then(|n| n.to_str()).unwrap_or("lib");
+        a.file(&format!("{root}/lib/{name}"), 0o755, &lib)?;
     }
     for fw in ["bios-microvm.bin", "linuxboot_dma.bin", "kvmvapic.bin"] {
         let p = Path::new("/usr/share/qemu").join(fw);
@@ -416,14 +464,25 @@ fn run_job(config: &VmConfig, job: Job<'_>, forwards: &[ForwardSpec]) -> Result<
         // QEMU and its libraries in the initramfs, and a second VMM's guest.
         l1_mem += config.memory_mib + 256;
     }
-    // The vsock relay: QEMU forwards a free host port to L1's relay port.
+    // The vsock relay: QEMU forwards a free host port to L1's relay port. With a guest
+    // network, L1 needs outbound networking as well.
     let mut relay = None;
     let mut netdev = None;
+    let restrict = if config.net.is_some() { "off" } else { "on" };
     if let Some(vsock) = &config.vsock {
         let port = free_port().map_err(io("picking a port for the vsock relay"))?;
         relay = Some(HostRelay::start(&vsock.uds_path, port)?);
         crate::forward::start(forwards, &vsock.uds_path)?;
-        netdev = Some(format!("user,id=relay,restrict=on,hostfwd=tcp:127.0.0.1:{port}-10.0.2.15:{L1_RELAY_PORT}"));
+        netdev = Some(format!("user,id=relay,restrict={restrict},hostfwd=tcp:127.0.0.1:{port}-10.0.2.15:{L1_RELAY_PORT}"));
+    } else if config.net.is_some() {
+        netdev = Some("user,id=relay,restrict=off".to_string());
+    }
+    if let Some(net) = &config.net {
+        eprintln!(
+            "kindling: emulated runner: the guest's network ({}) is set up inside the level-1 VM; its outside is QEMU user networking, where 10.0.2.2 is this host's loopback{}",
+            net.backend.as_str(),
+            if net.backend == NetBackend::Tap { " (no iptables in L1: no NAT there; L1 routes the guest subnet to QEMU, which proxies every connection)" } else { "" }
+        );
     }
     let mut cmd = Command::new(qemu);
     if let Some(n) = &netdev {
@@ -457,6 +516,12 @@ fn run_job(config: &VmConfig, job: Job<'_>, forwards: &[ForwardSpec]) -> Result<
     let code = status.code().ok_or(EmulatedError::Killed)?;
     tracing::debug!("level-1 VM exited with {code} after {:?}", t0.elapsed());
     decode_exit(code).ok_or(EmulatedError::NoStatus(code))
+}
+
+/// True in the kindling that runs inside the level-1 VM (PID 1 there, with the job's
+/// files under /kindling).
+pub fn inside_l1() -> bool {
+    std::process::id() == 1 && Path::new("/kindling/args").is_file()
 }
 
 /// Inside L1 (`kindling __l1-guest`, exec'd by /init): runs the job (`boot` or `bench`,
@@ -563,11 +628,13 @@ mod tests {
                 crate::config::DiskConfig { path: "/y,z.img".into(), read_only: true },
             ],
             vsock: None,
+            net: None,
         };
         let args = l1_boot_args(&config);
         assert!(args.windows(2).any(|w| w == ["--disk", "/dev/vda"]));
         assert!(args.windows(2).any(|w| w == ["--disk", "/dev/vdb,ro"]));
         assert!(args.windows(2).any(|w| w == ["--cmdline", "console=ttyS0 a=b"]));
+        assert!(args.windows(2).any(|w| w == ["--net", "none"]), "the network choice is explicit inside L1");
         assert_eq!(qemu_escape(Path::new("/y,z.img")), "/y,,z.img");
     }
 

@@ -97,8 +97,8 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::Shutdown) => {
-                tracing::info!("vCPU {index}: guest reset (triple fault / shutdown)");
-                Some(ExitReason::Reset)
+                tracing::warn!("vCPU {index}: shutdown (triple fault) without a reset request");
+                Some(ExitReason::TripleFault)
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::PowerOff),

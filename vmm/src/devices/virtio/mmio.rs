@@ -175,6 +175,7 @@ impl MmioTransport {
         for q in &mut self.queues {
             q.set_event_idx(event_idx);
         }
+        self.device.activate(self.driver_features);
         // Buffers may have been queued before the driver said DRIVER_OK.
         for i in 0..self.queues.len() {
             self.process_queue(i);

@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::os::unix::io::RawFd;
@@ -27,6 +28,9 @@ pub trait VirtioDevice: Send {
     /// replies to a TX packet on RX). Returns true when used buffers were added and the
     /// driver asked to be notified.
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    /// The driver set DRIVER_OK; `driver_features` are the features it accepted (a
+    /// subset of [`Self::features`]). Called before the queues are first processed.
+    fn activate(&mut self, _driver_features: u64) {}
     /// Makes everything the device acknowledged durable (called when the VM stops).
     fn sync(&mut self) {}
     /// A file descriptor that becomes readable when the device has work that no queue
