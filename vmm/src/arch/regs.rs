@@ -201,6 +201,6 @@ mod tests {
         assert_eq!(pml4, layout::PDPTE_START | 3);
         let last_pd: u64 = mem.read_obj(GuestAddress(layout::PDPTE_START + 3 * 8)).unwrap();
         let last_page: u64 = mem.read_obj(GuestAddress((last_pd & !0xfff) + 511 * 8)).unwrap();
-        assert_eq!(last_page, (4u64 << 30) - (2 << 20) | 0x83);
+        assert_eq!(last_page, ((4u64 << 30) - (2 << 20)) | 0x83);
     }
 }

@@ -17,7 +17,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -230,48 +230,14 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         let Some(queue) = queues.get_mut(index) else { return false };
-        let mut used_any = false;
-        loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                tracing::warn!("virtio-blk: {e}");
-                return used_any;
-            }
-            let mut chains = Vec::new();
-            match queue.iter(mem) {
-                Ok(iter) => {
-                    for chain in iter {
-                        let head = chain.head_index();
-                        // The chain iterator stops at loops (its TTL is the queue size) and at
-                        // malformed indirect tables: whatever it yields is what we check.
-                        chains.push((head, chain.collect::<Vec<Descriptor>>()));
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("virtio-blk: guest published a bad available ring: {e}");
-                    return used_any;
-                }
-            }
-            for (head, descs) in chains {
-                let len = self.execute(&descs, mem).unwrap_or_else(|why| {
-                    tracing::debug!("virtio-blk: dropped malformed request {head}: {why:?}");
-                    0
-                });
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    tracing::warn!("virtio-blk: cannot return descriptor {head}: {e}");
-                    return used_any;
-                }
-                used_any = true;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue, // more buffers arrived meanwhile
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-blk: {e}");
-                    break;
-                }
-            }
-        }
-        used_any && queue.needs_notification(mem).unwrap_or(true)
+        super::service_queue(queue, mem, "virtio-blk", |chain| {
+            let head = chain.head_index();
+            let descs: Vec<Descriptor> = chain.collect();
+            self.execute(&descs, mem).unwrap_or_else(|why| {
+                tracing::debug!("virtio-blk: dropped malformed request {head}: {why:?}");
+                0
+            })
+        })
     }
 }
 

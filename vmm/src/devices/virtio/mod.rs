@@ -2,12 +2,14 @@
 
 pub mod block;
 pub mod mmio;
+#[cfg(test)]
+pub mod test_ring;
 pub mod net;
 pub mod vsock;
 
 use std::os::unix::io::RawFd;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -48,4 +50,45 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: forget everything tied to the driver's state.
     fn reset(&mut self) {}
+}
+
+/// Services every available chain of `queue` with `each`, which returns the length the
+/// device wrote into the chain; each chain then goes back to the guest. Guest
+/// notifications are off meanwhile and on again once the queue is empty (and looked at
+/// once more, since the guest may have added buffers before it saw them on). Returns
+/// true when used buffers were added and the driver wants to be notified. `device`
+/// names the device in logs.
+pub fn service_queue(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    device: &str,
+    mut each: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+) -> bool {
+    let mut used_any = false;
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            tracing::warn!("{device}: {e}");
+            return used_any;
+        }
+        // The chain iterator stops at loops (its TTL is the queue size) and at malformed
+        // indirect tables: the device checks whatever it yields.
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = each(chain);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                tracing::warn!("{device}: cannot return descriptor {head}: {e}");
+                return used_any;
+            }
+            used_any = true;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue, // more buffers arrived meanwhile
+            Ok(false) => break,
+            Err(e) => {
+                tracing::warn!("{device}: {e}");
+                break;
+            }
+        }
+    }
+    used_any && queue.needs_notification(mem).unwrap_or(true)
 }

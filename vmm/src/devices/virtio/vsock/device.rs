@@ -37,40 +37,20 @@ impl Vsock {
     /// Hands every packet the guest queued to the muxer. TX buffers are only read, so
     /// they are returned with length 0.
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used_any = false;
-        loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                tracing::warn!("vsock: {e}");
-                return used_any;
+        super::super::service_queue(queue, mem, "vsock", |chain| {
+            let head = chain.head_index();
+            match packet::read_header(chain, mem) {
+                Ok((hdr, mut reader)) => match packet::read_payload(&hdr, &mut reader, &mut self.scratch) {
+                    Ok(payload) => self.muxer.send_pkt(&hdr, payload),
+                    Err(e) => {
+                        tracing::debug!("vsock: refusing packet {hdr:?}: {e}");
+                        self.muxer.refuse(&hdr);
+                    }
+                },
+                Err(e) => tracing::debug!("vsock: dropping TX chain {head}: {e}"),
             }
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                match packet::read_header(chain, mem) {
-                    Ok((hdr, mut reader)) => match packet::read_payload(&hdr, &mut reader, &mut self.scratch) {
-                        Ok(payload) => self.muxer.send_pkt(&hdr, payload),
-                        Err(e) => {
-                            tracing::debug!("vsock: refusing packet {hdr:?}: {e}");
-                            self.muxer.refuse(&hdr);
-                        }
-                    },
-                    Err(e) => tracing::debug!("vsock: dropping TX chain {head}: {e}"),
-                }
-                if let Err(e) = queue.add_used(mem, head, 0) {
-                    tracing::warn!("vsock: cannot return TX descriptor {head}: {e}");
-                    return used_any;
-                }
-                used_any = true;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue, // more buffers arrived meanwhile
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!("vsock: {e}");
-                    break;
-                }
-            }
-        }
-        used_any && queue.needs_notification(mem).unwrap_or(true)
+            0
+        })
     }
 
     /// Fills guest RX buffers with whatever the muxer has for the guest.
