@@ -119,11 +119,19 @@ pub fn connect_guest(uds: &Path, port: u32) -> Result<UnixStream, ForwardError> 
 /// In a range, ports already in use are skipped with a warning (a NodePort range is
 /// forwarded best-effort); a single port in use is an error.
 pub fn start(specs: &[ForwardSpec], uds: &Path) -> Result<(), ForwardError> {
+    raise_fd_limit();
     let mut listeners = Vec::new();
     for spec in specs {
         for (addr, guest_port) in spec.pairs() {
             match TcpListener::bind(addr) {
                 Ok(l) => listeners.push((l, guest_port)),
+                Err(err) if err.raw_os_error() == Some(libc::EMFILE) && spec.count > 1 => {
+                    tracing::warn!(
+                        "forward {spec}: out of file descriptors at host port {} (raise `ulimit -n`); the rest of the range is not forwarded",
+                        addr.port()
+                    );
+                    break;
+                }
                 Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && spec.count > 1 => {
                     tracing::warn!("forward {spec}: host port {} is in use; guest port {guest_port} is not forwarded", addr.port());
                 }
@@ -148,6 +156,19 @@ pub fn start(specs: &[ForwardSpec], uds: &Path) -> Result<(), ForwardError> {
         .spawn(move || accept_loop(listeners, uds))
         .expect("spawning the forward thread");
     Ok(())
+}
+
+/// A forward takes one descriptor per port (thousands for a NodePort range), and a
+/// user's soft limit is often 1024: raise it to the hard limit, as servers do.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!("raising the open-file limit to {hard}: {e}");
+            }
+        }
+    }
 }
 
 fn accept_loop(listeners: Vec<(TcpListener, u32)>, uds: PathBuf) {
