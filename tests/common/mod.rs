@@ -45,9 +45,16 @@ pub fn our_kernel() -> PathBuf {
 
 /// A busybox initramfs whose /init prints KINDLING-INIT-OK and KINDLING-NPROC=N, runs
 /// the `kindling.run=` command-line script, then powers off.
+/// Built once per test process: tests run in parallel threads, and two builds into
+/// the same path would race.
 pub fn busybox_initramfs() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kindling-test-initramfs-{}", std::process::id()));
-    run_script("scripts/busybox-initramfs", &[dir.join("initramfs.cpio.gz").to_str().unwrap()])
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("kindling-test-initramfs-{}", std::process::id()));
+            run_script("scripts/busybox-initramfs", &[dir.join("initramfs.cpio.gz").to_str().unwrap()])
+        })
+        .clone()
 }
 
 /// An ext4 image (made without mounting) holding busybox and `init` as /init.
