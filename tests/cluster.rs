@@ -220,6 +220,15 @@ fn kubectl_is_the_hosts_with_the_context() {
 }
 
 /// The VM directory, disk and record of a cluster, and whether each exists.
+/// The tests that boot a cluster take turns: on 2 cores two emulated nodes at once
+/// slow each other past their timeouts, and clusters started at the same moment can
+/// pick the same free host port (one cluster's `check_ports` runs before the other's VM
+/// binds it).
+fn one_cluster_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn leftovers(env: &Env, name: &str) -> Vec<PathBuf> {
     let state = env.state();
     [state.join("vms").join(name), state.join("clusters").join(format!("{name}.json")), state.join("clusters").join(format!("{name}.disk.ext4"))]
@@ -236,6 +245,7 @@ fn has_context(env: &Env, name: &str) -> bool {
 
 #[test]
 fn lifecycle_of_a_node_up_to_its_agent() {
+    let _turn = one_cluster_at_a_time();
     let env = Env::new();
     let name = "life";
     // The kubeconfig has another cluster's entries and, as if left by an earlier start,
@@ -358,6 +368,7 @@ fn wait_for_body(url: &str, limit: Duration) {
 
 #[test]
 fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
+    let _turn = one_cluster_at_a_time();
     let env = Env::new();
     let name = "e2e";
     let long = Duration::from_secs(90 * 60);
