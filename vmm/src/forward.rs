@@ -187,7 +187,16 @@ fn accept_loop(listeners: Vec<(TcpListener, u32)>, uds: PathBuf) {
         drop(fds);
         for i in ready {
             let (listener, port) = &listeners[i];
-            let Ok((conn, peer)) = listener.accept() else { continue };
+            let (conn, peer) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, say: the listener stays readable, so pause
+                    // rather than spin.
+                    tracing::warn!("forward to guest port {port}: accept: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
+            };
             let (uds, port) = (uds.clone(), *port);
             std::thread::spawn(move || match connect_guest(&uds, port) {
                 Ok(guest) => splice(conn, guest),
