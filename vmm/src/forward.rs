@@ -34,7 +34,7 @@ pub enum ForwardError {
     Listen { spec: String, addr: SocketAddr, err: std::io::Error },
     #[error("vsock socket {path}: {err}")]
     Vsock { path: PathBuf, err: std::io::Error },
-    #[error("guest port {port} refused the connection (nothing listens there, or the guest is not up yet): {reply:?}")]
+    #[error("guest port {port} refused the connection (nothing listens there, or the guest is not up yet): {reply}")]
     Refused { port: u32, reply: String },
 }
 
@@ -94,19 +94,29 @@ pub fn connect_guest(uds: &Path, port: u32) -> Result<UnixStream, ForwardError> 
     let mut s = UnixStream::connect(uds).map_err(vsock_err)?;
     s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(vsock_err)?;
     // Read the reply a byte at a time: what follows the newline is the guest's data.
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(vsock_err)?;
+    // The VMM answers (or closes) within its own deadline for the guest; wait longer.
+    let deadline = crate::devices::virtio::vsock::connection::REQUEST_TIMEOUT + Duration::from_secs(5);
+    s.set_read_timeout(Some(deadline)).map_err(vsock_err)?;
     let mut reply = Vec::new();
     let mut byte = [0u8];
+    let mut ended = "";
     while reply.len() < 64 {
         match s.read(&mut byte) {
             Ok(1) if byte[0] == b'\n' => break,
             Ok(1) => reply.push(byte[0]),
-            Ok(_) => break,
-            Err(e) if reply.is_empty() && e.kind() != std::io::ErrorKind::WouldBlock => return Err(vsock_err(e)),
+            Ok(_) => {
+                ended = "(closed without an answer: the guest refused it or did not answer in time)";
+                break;
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                ended = "(no answer in time)";
+                break;
+            }
+            Err(e) if reply.is_empty() => return Err(vsock_err(e)),
             Err(_) => break,
         }
     }
-    let reply = String::from_utf8_lossy(&reply).into_owned();
+    let reply = if reply.is_empty() { ended.to_string() } else { String::from_utf8_lossy(&reply).into_owned() };
     if !reply.starts_with("OK ") {
         return Err(ForwardError::Refused { port, reply });
     }

@@ -50,6 +50,8 @@ pub enum Transport {
 #[derive(Clone, Debug)]
 pub struct Agent {
     transport: Transport,
+    /// How long a refused connection is retried (see [`Agent::patient`]).
+    patience: Duration,
 }
 
 /// One reply line.
@@ -127,7 +129,16 @@ impl Conn {
 
 impl Agent {
     pub fn new(transport: Transport) -> Self {
-        Self { transport }
+        Self { transport, patience: Duration::ZERO }
+    }
+
+    /// Retries a refused connection for up to `patience`. For a node known to be up: a
+    /// guest busy under emulation can miss the VMM's deadline for accepting a vsock
+    /// connection, and the next try gets through. Retrying is safe because nothing of
+    /// the request has been sent when the connection is refused.
+    pub fn patient(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
     }
 
     /// The agent of the VM whose vsock socket is `uds`.
@@ -136,9 +147,22 @@ impl Agent {
     }
 
     fn connect(&self) -> Result<UnixStream> {
-        match &self.transport {
-            Transport::Vsock(uds) => crate::forward::connect_guest(uds, AGENT_PORT).map_err(|e| AgentError::Unreachable(e.to_string())),
-            Transport::Unix(p) => UnixStream::connect(p).map_err(|e| AgentError::Unreachable(format!("{}: {e}", p.display()))),
+        let t0 = std::time::Instant::now();
+        loop {
+            let e = match &self.transport {
+                Transport::Vsock(uds) => match crate::forward::connect_guest(uds, AGENT_PORT) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => e,
+                },
+                Transport::Unix(p) => {
+                    return UnixStream::connect(p).map_err(|e| AgentError::Unreachable(format!("{}: {e}", p.display())))
+                }
+            };
+            if !matches!(e, crate::forward::ForwardError::Refused { .. }) || t0.elapsed() >= self.patience {
+                return Err(AgentError::Unreachable(e.to_string()));
+            }
+            tracing::debug!("agent: {e}; trying again");
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
 
@@ -301,6 +325,47 @@ mod tests {
         let code = a.import(&mut reader, data.len() as u64, &mut |s| out.push_str(s)).unwrap();
         let sum: u64 = data.iter().map(|b| u64::from(*b)).sum();
         assert_eq!((code, out), (0, format!("got 1000000 bytes, sum {sum}\n")));
+    }
+
+    /// A VMM vsock socket whose guest refuses the first `refusals` connections (closes
+    /// them without answering, as the VMM does when the guest misses its deadline), then
+    /// accepts and answers a ping.
+    fn flaky_vsock(dir: &Path, refusals: usize) -> PathBuf {
+        let path = dir.join("vsock.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for (i, c) in l.incoming().flatten().enumerate() {
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                assert_eq!(line, format!("CONNECT {AGENT_PORT}\n"));
+                if i < refusals {
+                    continue; // dropped: closed without an answer
+                }
+                let mut w = c;
+                w.write_all(b"OK 1073741824\n").unwrap();
+                line.clear();
+                r.read_line(&mut line).unwrap();
+                assert!(line.contains("ping"), "{line}");
+                w.write_all(b"{\"ok\":true}\n").unwrap();
+            }
+        });
+        path
+    }
+
+    #[test]
+    fn a_patient_agent_retries_a_refused_connection() {
+        let d = tempfile::tempdir().unwrap();
+        let uds = flaky_vsock(d.path(), 2);
+        let e = Agent::vsock(&uds).ping().unwrap_err();
+        assert!(e.to_string().contains("closed without an answer"), "{e}");
+        Agent::vsock(&uds).patient(Duration::from_secs(10)).ping().unwrap();
+        // Patience ends: the error is the last refusal.
+        let d = tempfile::tempdir().unwrap();
+        let uds = flaky_vsock(d.path(), usize::MAX);
+        let t0 = std::time::Instant::now();
+        let e = Agent::vsock(&uds).patient(Duration::from_secs(2)).ping().unwrap_err();
+        assert!(matches!(e, AgentError::Unreachable(_)) && t0.elapsed() >= Duration::from_secs(2), "{e}");
     }
 
     #[test]

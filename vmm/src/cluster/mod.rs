@@ -48,6 +48,9 @@ pub const DISK_FILE: &str = "disk.ext4";
 pub const ADMIN_CONF: &str = "/etc/kindling/admin.conf";
 /// The phase `start` waits for.
 pub const READY_PHASE: &str = "node-ready";
+/// How long requests to a running node's agent retry a refused vsock connection (a
+/// node busy under emulation can answer the VMM's connection request late).
+const AGENT_PATIENCE: Duration = Duration::from_secs(30);
 /// The agent's phases, in order (agent/src/node.rs); `--until` takes one of them.
 pub const PHASES: [&str; 6] = ["agent-start", "etcd-ready", "containerd-ready", "apiserver-ready", "node-ready", "dns-ready"];
 /// The node's address when its command line does not set kindling.ip.
@@ -272,7 +275,7 @@ impl Ctx {
         if vm.status != VmStatus::Running {
             return Err(not_running(name, &vm.status.to_string()));
         }
-        let agent = Agent::vsock(agent::vsock_socket(&vm.dir));
+        let agent = Agent::vsock(agent::vsock_socket(&vm.dir)).patient(AGENT_PATIENCE);
         Ok((r, vm, agent))
     }
 }
@@ -555,7 +558,7 @@ pub fn start(o: &StartOptions, say: &Say) -> Result<StartReport> {
             Err(e) => return Err(e),
         }
     };
-    let agent = Agent::vsock(agent::vsock_socket(&vm.dir));
+    let agent = Agent::vsock(agent::vsock_socket(&vm.dir)).patient(AGENT_PATIENCE);
     // The agent writes admin.conf right after agent-start.
     let kubeconfig = if target == "agent-start" { None } else { Some(write_kubeconfig(&agent, &record)?) };
     Ok(StartReport {
@@ -846,7 +849,7 @@ fn stop_locked(ctx: &Ctx, name: &str, wait: Duration, say: &Say, final_line: boo
         say.line(format!("cluster {name:?} is not running"));
         return Ok(StopReport { name: name.to_string(), was_running: false, orderly: false, seconds: 0.0 });
     };
-    let agent = Agent::vsock(agent::vsock_socket(&vm.dir));
+    let agent = Agent::vsock(agent::vsock_socket(&vm.dir)).patient(AGENT_PATIENCE);
     let mut orderly = false;
     match agent.poweroff() {
         Ok(()) => {
