@@ -122,7 +122,9 @@ fn sleeping_vm(name: &str) -> VmSpec {
     let mut spec = VmSpec::new(name, common::debian_kernel());
     spec.initrd = Some(initramfs());
     // The initramfs's /init runs kindling.run= ('+' for spaces), then powers off.
-    spec.cmdline = Some("console=ttyS0 panic=1 kindling.run=sleep+600".into());
+    // earlyprintk: should the guest ever stall before its console is up, its console
+    // log shows how far it got.
+    spec.cmdline = Some("console=ttyS0 earlyprintk=ttyS0 panic=1 kindling.run=sleep+600".into());
     spec.memory_mib = 256;
     spec
 }

@@ -502,7 +502,9 @@ fn run_job(config: &VmConfig, job: Job<'_>, forwards: &[ForwardSpec]) -> Result<
         .arg(l1.vmlinuz())
         .arg("-initrd")
         .arg(&initramfs)
-        .args(["-append", "console=ttyS0 quiet loglevel=1 panic=-1 tsc=reliable"]);
+        // loglevel=4: L1's kernel errors (a soft lockup, a hung task, the OOM killer)
+        // reach the console; a healthy L1 prints none.
+        .args(["-append", "console=ttyS0 quiet loglevel=4 panic=-1 tsc=reliable"]);
     for d in &config.disks {
         let mut spec = format!("file={},if=virtio,format=raw,cache=writeback,discard=unmap", qemu_escape(&d.path));
         if d.read_only {
