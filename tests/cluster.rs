@@ -157,11 +157,16 @@ fn errors_say_what_to_do_before_anything_boots() {
         &["logs", "etcd", "--name", "nope"],
         &["exec", "--name", "nope", "--", "true"],
         &["service", "web", "--url", "--name", "nope"],
+        &["kubeconfig", "--name", "nope"],
         &["image", "load", archive, "--name", "nope"],
     ] {
         env.quick(args).fails_with(nope);
     }
     env.quick(&["image", "load", "/nonexistent/app.tar"]).fails_with("image archive /nonexistent/app.tar: cannot open it");
+    let none = env.dir.path().join("none.sock");
+    env.quick(&["kubeconfig", "--vsock", none.to_str().unwrap(), "--server", "https://127.0.0.1:16443"])
+        .fails_with("is a VM booted from kindling's root disk running with --vsock");
+    env.quick(&["kubeconfig", "--vsock", none.to_str().unwrap(), "--server", "127.0.0.1:16443"]).fails_with("give the host URL");
 
     // Bad arguments are refused before anything is built or booted.
     env.quick(&["start", "--name", "Dev"]).fails_with("cluster name \"Dev\" is not allowed");
@@ -380,6 +385,13 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     assert!(nodes.stdout.split_whitespace().nth(1) == Some("Ready"), "{}", nodes.text());
     let via_kindling = env.quick(&["kubectl", "--name", name, "--", "get", "nodes", "--no-headers"]).ok();
     assert!(via_kindling.stdout.contains(" Ready"), "{}", via_kindling.text());
+    // A standalone kubeconfig for the cluster, as `kind get kubeconfig` prints one.
+    let kc = env.quick(&["kubeconfig", "--name", name]).ok().stdout;
+    assert!(kc.contains("current-context: e2e") && kc.contains("server: https://127.0.0.1:"), "{kc}");
+    let kc_path = env.dir.path().join("e2e.kubeconfig");
+    std::fs::write(&kc_path, kc).unwrap();
+    let nodes = env.kubectl(&["--kubeconfig", kc_path.to_str().unwrap(), "get", "nodes", "--no-headers"], None).ok();
+    assert!(nodes.stdout.contains(" Ready"), "{}", nodes.text());
 
     // A locally built image without a registry: the busybox archive, loaded again.
     let (archive, image) = busybox_image();

@@ -61,10 +61,7 @@ fn main() {
         });
     }
     // Wait for a power request; bring-up continues meanwhile.
-    let reboot = match signals.wait() {
-        Ok(nix::sys::signal::Signal::SIGINT) => true,
-        _ => false,
-    };
+    let reboot = matches!(signals.wait(), Ok(nix::sys::signal::Signal::SIGINT));
     phase::log("shutting down: kubelet, control plane, etcd, containerd");
     node.stop();
     init::power_off(reboot)

@@ -71,6 +71,28 @@ pub enum ClusterCommand {
     Image(ImageCommand),
     /// Print the host URL of a NodePort service: `kindling service web --url`.
     Service(ServiceArgs),
+    /// Print a kubeconfig for a cluster (like `kind get kubeconfig`), or, with --vsock and
+    /// --server, for a VM you booted yourself from kindling's root disk:
+    /// `kindling boot ... --vsock /tmp/node.sock --forward 16443:6443`, then
+    /// `kindling kubeconfig --vsock /tmp/node.sock --server https://127.0.0.1:16443 > kc`.
+    Kubeconfig(KubeconfigArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KubeconfigArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// The vsock socket of a VM started with `kindling boot --vsock PATH` (not a cluster).
+    #[arg(long, value_name = "PATH", requires = "server")]
+    pub vsock: Option<PathBuf>,
+    /// With --vsock: the API server's URL on this host (its --forward), e.g.
+    /// https://127.0.0.1:16443.
+    #[arg(long, value_name = "URL", requires = "vsock")]
+    pub server: Option<String>,
+    /// Merge it into your kubeconfig ($KUBECONFIG or ~/.kube/config) as context NAME
+    /// instead of printing it.
+    #[arg(long)]
+    pub merge: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -268,6 +290,17 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        ClusterCommand::Kubeconfig(a) => {
+            let source = match (&a.vsock, &a.server) {
+                (Some(path), Some(server)) => cluster::KubeconfigSource::Vsock { path: path.clone(), server: server.clone() },
+                _ => cluster::KubeconfigSource::Cluster,
+            };
+            match cluster::kubeconfig(&a.name.name, &source, a.merge)? {
+                (_, Some(path)) => eprintln!("merged context {:?} into {}", a.name.name, path.display()),
+                (text, None) => print!("{text}"),
+            }
+            Ok(0)
+        }
         ClusterCommand::Image(ImageCommand::Load(a)) => cluster::image_load(&a.name.name, &a.archive, &Say { to_stderr: true }),
         ClusterCommand::Service(a) => {
             let urls = cluster::service_urls(&a.name.name, &a.service, &a.namespace)?;
@@ -462,7 +495,7 @@ mod tests {
     fn every_command_has_help() {
         use clap::CommandFactory;
         let cmd = Cli::command();
-        for name in ["start", "status", "list", "stop", "delete", "logs", "kubectl", "exec", "ip", "image", "service"] {
+        for name in ["start", "status", "list", "stop", "delete", "logs", "kubectl", "exec", "ip", "image", "service", "kubeconfig"] {
             let sub = cmd.find_subcommand(name).unwrap_or_else(|| panic!("no subcommand {name}"));
             assert!(sub.get_about().is_some_and(|a| !a.to_string().is_empty()), "{name} has no help");
         }

@@ -128,6 +128,13 @@ pub fn merge(doc: &mut Value, e: &Entries) -> Result<()> {
     Ok(())
 }
 
+/// A kubeconfig holding only `e` (its context current), as YAML text.
+pub fn standalone(e: &Entries) -> Result<String> {
+    let mut doc = empty_config();
+    merge(&mut doc, e)?;
+    Ok(serde_yaml_ng::to_string(&doc)?)
+}
+
 /// Removes the cluster, user and context named `name` (only those); a current context
 /// of that name becomes empty. Returns whether anything was removed.
 pub fn remove(doc: &mut Value, name: &str) -> Result<bool> {
