@@ -89,3 +89,46 @@ fn elf_vmlinux_boots_and_guest_reboot_ends_the_vm() {
     assert!(!log.contains("KINDLING-POWEROFF"), "reboot -f must end the VM before the script goes on\n{log}");
     assert_eq!(out.status.code(), Some(0), "a guest reboot ends kindling boot with 0\n{log}");
 }
+
+/// Killing `kindling boot` (SIGKILL: no chance to clean up) ends the whole VM, the
+/// emulated runner's level-1 QEMU included; nothing keeps running unseen.
+#[test]
+fn a_killed_kindling_boot_leaves_no_vm_behind() {
+    let initrd = busybox_initramfs();
+    let mut child = kindling()
+        .args(["boot", "--kernel", debian_kernel().to_str().unwrap(), "--initrd", initrd.to_str().unwrap()])
+        .args(["--memory", "256", "--cmdline", "console=ttyS0 panic=1 kindling.run=sleep+600"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // The VM's processes: kindling's children (QEMU under the emulated runner).
+    let children = || -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    let t0 = std::time::Instant::now();
+    let mut kids = Vec::new();
+    while t0.elapsed() < std::time::Duration::from_secs(30) {
+        kids = children();
+        if !kids.is_empty() || matches!(kindling::runner::probe_kvm(), kindling::runner::KvmStatus::Usable) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t0 = std::time::Instant::now();
+    let alive = |p: &u32| std::path::Path::new(&format!("/proc/{p}")).exists();
+    while kids.iter().any(alive) && t0.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let left: Vec<String> = kids.iter().filter(|p| alive(p)).map(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default()).collect();
+    assert!(left.is_empty(), "processes of the killed VM still run: {left:?}");
+}

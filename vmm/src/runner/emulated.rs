@@ -24,6 +24,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Instant;
 
@@ -511,6 +512,17 @@ fn run_job(config: &VmConfig, job: Job<'_>, forwards: &[ForwardSpec]) -> Result<
             spec.push_str(",readonly=on");
         }
         cmd.arg("-drive").arg(spec);
+    }
+    // The level-1 VM ends with this process, however it ends: killed, QEMU (and the
+    // guest in it) would otherwise run on, unseen, taking the machine's CPUs. SIGTERM
+    // lets QEMU flush its disks. The thread that forks waits for QEMU here, so the
+    // parent-death signal cannot fire early.
+    // SAFETY: prctl is a plain system call, async-signal-safe between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
     }
     eprintln!("kindling: emulated runner: starting the level-1 VM (QEMU TCG, {l1_cpus} vCPUs, {l1_mem} MiB)");
     let status = cmd.status().map_err(io("starting qemu-system-x86_64"))?;
