@@ -115,6 +115,11 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
         Runner::Emulated => {
             eprintln!("kindling: runner emulated ({why})");
             eprintln!("kindling: net {} ({net_why})", backend.map_or("none", |b| b.as_str()));
+            let (cpus, clamped) = emulated::guest_cpus(u32::from(config.cpus));
+            if let Some(warning) = clamped {
+                eprintln!("kindling: {warning}");
+                config.cpus = u8::try_from(cpus).unwrap_or(1);
+            }
             match emulated::run(&config, &args.forwards) {
                 // QEMU ended with the level-1 VM reset and no status reported: L1 itself
                 // crashed (its emulated nested virtualization), which ends the guest too.

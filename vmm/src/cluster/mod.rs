@@ -343,18 +343,19 @@ fn check_runner(kind: RunnerKind, say: &Say) -> Result<bool> {
     Ok(emulated)
 }
 
-/// vCPUs for a new cluster: the default is 1 under the emulated runner, whose level-1
-/// VM resets under a busy guest with 2 or more vCPUs (QEMU's emulated nested SVM).
+/// vCPUs for a new cluster: 1 under the emulated runner, which cannot carry a busy
+/// guest with more ([`crate::runner::emulated::guest_cpus`]).
 fn cpus_for(asked: Option<u32>, emulated: bool, say: &Say) -> u32 {
     match asked {
-        Some(c) if emulated && c > 1 => {
-            say.line(format!(
-                "warning: --cpus {c} under the emulated runner: its level-1 VM has reset under a busy multi-vCPU guest; --cpus 1 is the reliable choice there"
-            ));
-            c
+        Some(c) if emulated => {
+            let (cpus, clamped) = crate::runner::emulated::guest_cpus(c);
+            if let Some(warning) = clamped {
+                say.line(format!("warning: {warning}"));
+            }
+            cpus
         }
         Some(c) => c,
-        None if emulated => 1,
+        None if emulated => crate::runner::emulated::guest_cpus(DEFAULT_CPUS).0,
         None => DEFAULT_CPUS,
     }
 }

@@ -371,6 +371,26 @@ enum Job<'a> {
 /// Where the benchmark's QEMU (binary, loader, libraries, firmware) lands inside L1.
 pub const L1_QEMU_DIR: &str = "/kindling/qemu";
 
+/// Set to 1 to keep `--cpus N` (N of 2 or more) under the emulated runner.
+pub const SMP_ENV: &str = "KINDLING_EMULATED_SMP";
+
+/// The vCPUs the emulated runner gives a guest asked to have `asked`, and, when that is
+/// fewer, the warning that says why. QEMU 7.2's emulated nested SVM does not carry a
+/// busy guest with 2 or more vCPUs: every 2-vCPU node boot tried here failed within
+/// 10-80 s (the guest's vCPU triple-faulted, the level-1 VM reset, or interrupts
+/// between the guest's vCPUs were lost and RCU stalled), while 1-vCPU nodes run for
+/// hours. Short multi-vCPU boots do work, so `SMP_ENV=1` keeps what was asked.
+pub fn guest_cpus(asked: u32) -> (u32, Option<String>) {
+    if asked <= 1 || std::env::var(SMP_ENV).is_ok_and(|v| v == "1") {
+        return (asked, None);
+    }
+    let why = format!(
+        "--cpus {asked}: the emulated runner gives the guest 1 vCPU; QEMU's emulated nested virtualization \
+         crashes or stalls busy guests with more (set {SMP_ENV}=1 to keep {asked}, e.g. for a short boot)"
+    );
+    (1, Some(why))
+}
+
 /// Runs `config` in an L1 VM; returns kindling's exit status from inside it. With a
 /// vsock device, its host socket and `forwards` are served here, relayed into L1.
 pub fn run(config: &VmConfig, forwards: &[ForwardSpec]) -> Result<i32, EmulatedError> {
@@ -617,6 +637,17 @@ fn concat(parts: &[&Path], dest: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn busy_guests_get_one_vcpu_unless_smp_is_asked_for() {
+        assert_eq!(guest_cpus(1), (1, None));
+        let (n, why) = guest_cpus(4);
+        assert_eq!(n, 1);
+        assert!(why.unwrap().contains(&format!("--cpus 4: the emulated runner gives the guest 1 vCPU; {}", "QEMU")));
+        std::env::set_var(SMP_ENV, "1");
+        assert_eq!(guest_cpus(4), (4, None));
+        std::env::remove_var(SMP_ENV);
+    }
+
     use super::*;
 
     #[test]
