@@ -23,7 +23,8 @@ pub struct BootArgs {
     /// Default: "console=ttyS0 panic=1", plus "root=/dev/vda rw" when a disk is given.
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
-    /// Number of vCPUs.
+    /// Number of vCPUs (the emulated runner gives the guest 1; KINDLING_EMULATED_SMP=1
+    /// keeps N).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u32,
     /// Guest memory in MiB.

@@ -99,7 +99,8 @@ pub struct KubeconfigArgs {
 pub struct StartArgs {
     #[command(flatten)]
     pub name: NameArg,
-    /// vCPUs of the node [default: 2, or 1 under the emulated runner; a restart keeps the cluster's].
+    /// vCPUs of the node [default: 2; a restart keeps the cluster's]. The emulated runner
+    /// gives the node 1 (KINDLING_EMULATED_SMP=1 keeps more).
     #[arg(long, value_name = "N")]
     pub cpus: Option<u32>,
     /// Memory of the node in MiB [default: 4096; a restart keeps the cluster's].
