@@ -65,17 +65,7 @@ impl Booting {
 
     /// Waits for the VM to end (killing it after `limit`); its exit code and whole log.
     fn finish(mut self, limit: Duration) -> (Option<i32>, String) {
-        let t0 = Instant::now();
-        let status = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            if t0.elapsed() > limit {
-                self.child.kill().ok();
-                break self.child.wait().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
+        let status = wait_or_kill(&mut self.child, limit);
         for r in self.readers.drain(..) {
             r.join().ok();
         }
@@ -90,9 +80,9 @@ impl Drop for Booting {
     }
 }
 
-/// Runs `cmd`, returning (success, stdout + stderr).
-fn output_of(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.stdin(Stdio::null()).output().expect("spawn");
+/// Runs `cmd` (killed after 3 minutes), returning (success, stdout + stderr).
+fn output_of(cmd: Command) -> (bool, String) {
+    let out = run_with_timeout(cmd, Duration::from_secs(180));
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
 }
 
@@ -125,14 +115,20 @@ fn node_gets_ready_and_passes_the_in_guest_selftest() {
     // From the host, while the self-test runs: /readyz through the forward, and kubectl
     // with the kubeconfig `kindling kubeconfig` fetches through the agent.
     let server = format!("https://127.0.0.1:{port}");
-    let (ok, readyz) = output_of(Command::new("curl").args(["-ksS", "--max-time", "60", &format!("{server}/readyz")]));
+    let mut curl = Command::new("curl");
+    curl.args(["-ksS", "--max-time", "60", &format!("{server}/readyz")]);
+    let (ok, readyz) = output_of(curl);
     assert!(ok && readyz.trim() == "ok", "curl {server}/readyz: {readyz}");
-    let (ok, kc) = output_of(kindling().args(["kubeconfig", "--name", "node", "--vsock", vsock.to_str().unwrap(), "--server", &server]));
+    let mut fetch = kindling();
+    fetch.args(["kubeconfig", "--name", "node", "--vsock", vsock.to_str().unwrap(), "--server", &server]);
+    let (ok, kc) = output_of(fetch);
     assert!(ok && kc.contains("current-context: node") && kc.contains(&server), "kindling kubeconfig:\n{kc}");
     let kc_path = dir.path().join("kubeconfig");
     std::fs::write(&kc_path, kc).unwrap();
     let kubectl = kindling::runner::emulated::which("kubectl").expect("kubectl on PATH (scripts/setup installs it)");
-    let (ok, nodes) = output_of(Command::new(kubectl).arg("--kubeconfig").arg(&kc_path).args(["--request-timeout=120s", "get", "nodes", "--no-headers"]));
+    let mut get_nodes = Command::new(kubectl);
+    get_nodes.arg("--kubeconfig").arg(&kc_path).args(["--request-timeout=120s", "get", "nodes", "--no-headers"]);
+    let (ok, nodes) = output_of(get_nodes);
     assert!(ok && nodes.split_whitespace().nth(1) == Some("Ready"), "kubectl get nodes:\n{nodes}");
 
     let (code, log) = vm.finish(Duration::from_secs(30 * 60));

@@ -102,18 +102,23 @@ pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
         stderr.read_to_end(&mut v).ok();
         v
     });
+    let status = wait_or_kill(&mut child, limit);
+    Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
+}
+
+/// Waits for `child` to exit; kills it once `limit` has passed.
+pub fn wait_or_kill(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
     let start = Instant::now();
-    let status = loop {
+    loop {
         if let Some(st) = child.try_wait().unwrap() {
-            break st;
+            return st;
         }
         if start.elapsed() > limit {
             child.kill().ok();
-            break child.wait().unwrap();
+            return child.wait().unwrap();
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
-    Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
+    }
 }
 
 /// Boots with `args`, under the runner `auto` picks here, within 10 minutes.

@@ -147,22 +147,20 @@ impl Agent {
     }
 
     fn connect(&self) -> Result<UnixStream> {
+        let uds = match &self.transport {
+            Transport::Vsock(uds) => uds,
+            Transport::Unix(p) => return UnixStream::connect(p).map_err(|e| AgentError::Unreachable(format!("{}: {e}", p.display()))),
+        };
         let t0 = std::time::Instant::now();
         loop {
-            let e = match &self.transport {
-                Transport::Vsock(uds) => match crate::forward::connect_guest(uds, AGENT_PORT) {
-                    Ok(s) => return Ok(s),
-                    Err(e) => e,
-                },
-                Transport::Unix(p) => {
-                    return UnixStream::connect(p).map_err(|e| AgentError::Unreachable(format!("{}: {e}", p.display())))
+            match crate::forward::connect_guest(uds, AGENT_PORT) {
+                Ok(s) => return Ok(s),
+                Err(e @ crate::forward::ForwardError::Refused { .. }) if t0.elapsed() < self.patience => {
+                    tracing::debug!("agent: {e}; trying again");
+                    std::thread::sleep(Duration::from_secs(1));
                 }
-            };
-            if !matches!(e, crate::forward::ForwardError::Refused { .. }) || t0.elapsed() >= self.patience {
-                return Err(AgentError::Unreachable(e.to_string()));
+                Err(e) => return Err(AgentError::Unreachable(e.to_string())),
             }
-            tracing::debug!("agent: {e}; trying again");
-            std::thread::sleep(Duration::from_secs(1));
         }
     }
 

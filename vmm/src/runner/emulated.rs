@@ -379,7 +379,8 @@ pub const SMP_ENV: &str = "KINDLING_EMULATED_SMP";
 /// busy guest with 2 or more vCPUs: 11 of 12 2-vCPU node boots tried here failed within
 /// 10-80 s (the guest's vCPU triple-faulted, the level-1 VM reset, or interrupts
 /// between the guest's vCPUs were lost and RCU stalled), while 1-vCPU nodes get Ready
-/// and pass the end-to-end tests. Short multi-vCPU boots do work, so `SMP_ENV=1` keeps what was asked.
+/// and pass the end-to-end tests. Short multi-vCPU boots do work, so `SMP_ENV=1` keeps
+/// what was asked.
 pub fn guest_cpus(asked: u32) -> (u32, Option<String>) {
     if asked <= 1 || std::env::var(SMP_ENV).is_ok_and(|v| v == "1") {
         return (asked, None);
@@ -637,18 +638,18 @@ fn concat(parts: &[&Path], dest: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn busy_guests_get_one_vcpu_unless_smp_is_asked_for() {
         assert_eq!(guest_cpus(1), (1, None));
         let (n, why) = guest_cpus(4);
         assert_eq!(n, 1);
-        assert!(why.unwrap().contains(&format!("--cpus 4: the emulated runner gives the guest 1 vCPU; {}", "QEMU")));
+        assert!(why.unwrap().contains("--cpus 4: the emulated runner gives the guest 1 vCPU; QEMU"));
         std::env::set_var(SMP_ENV, "1");
         assert_eq!(guest_cpus(4), (4, None));
         std::env::remove_var(SMP_ENV);
     }
-
-    use super::*;
 
     #[test]
     fn exit_status_round_trips_and_qemu_errors_do_not_decode() {
