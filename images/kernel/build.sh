@@ -30,7 +30,7 @@ phase "configuring (defconfig + kvm_guest.config + kindling.config)"
   scripts/kconfig/merge_config.sh -m .config "$here/kindling.config" &&
   make olddefconfig; } >>"$log" 2>&1 || fail configure
 # merge_config warns about every option that did not stick; fail on the ones we rely on.
-for opt in VIRTIO_MMIO_CMDLINE_DEVICES VIRTIO_BLK VIRTIO_NET VIRTIO_VSOCKETS EXT4_FS OVERLAY_FS BRIDGE VETH PVH; do
+for opt in VIRTIO_MMIO_CMDLINE_DEVICES VIRTIO_BLK VIRTIO_NET VIRTIO_VSOCKETS EXT4_FS OVERLAY_FS BRIDGE VETH VXLAN PVH VMGENID FUSE_FS VIRTIO_FS PSI; do
   grep -q "^CONFIG_$opt=y" .config || { echo "kernel: CONFIG_$opt did not end up built in" >&2; exit 1; }
 done
 jobs=$(( $(nproc) + 1 ))
