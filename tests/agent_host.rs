@@ -41,7 +41,20 @@ mount --make-rprivate /
 mount -o loop "$1" "$2"
 exec chroot "$2" /sbin/init"#;
         let mut unshare = Command::new("unshare")
-            .args(["--mount", "--uts", "--ipc", "--net", "--pid", "--fork", "--kill-child", "--", "sh", "-c", script, "sh"])
+            .args([
+                "--mount",
+                "--uts",
+                "--ipc",
+                "--net",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--",
+                "sh",
+                "-c",
+                script,
+                "sh",
+            ])
             .arg(disk)
             .arg(mnt)
             .env("container", "kindling-test")
@@ -53,7 +66,10 @@ exec chroot "$2" /sbin/init"#;
             .expect("unshare (util-linux)");
         let (tx, lines) = channel();
         let log = Arc::new(Mutex::new(Vec::new()));
-        for stream in [Box::new(unshare.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(unshare.stderr.take().unwrap())] {
+        for stream in [
+            Box::new(unshare.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(unshare.stderr.take().unwrap()),
+        ] {
             let (tx, log) = (tx.clone(), log.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -93,7 +109,18 @@ exec chroot "$2" /sbin/init"#;
     /// Runs a command inside the container (its namespaces and root).
     fn exec(&self, argv: &[&str]) -> (bool, String) {
         let out = Command::new("nsenter")
-            .args(["--target", &self.agent_pid().to_string(), "--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd", "--"])
+            .args([
+                "--target",
+                &self.agent_pid().to_string(),
+                "--mount",
+                "--uts",
+                "--ipc",
+                "--net",
+                "--pid",
+                "--root",
+                "--wd",
+                "--",
+            ])
             .args(argv)
             .env("PATH", "/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin")
             .output()
@@ -120,7 +147,9 @@ exec chroot "$2" /sbin/init"#;
     }
 
     fn find(&self, comm: &str) -> Option<u32> {
-        self.processes().into_iter().find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm))
+        self.processes()
+            .into_iter()
+            .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm))
     }
 
     /// One request on the agent's control channel (its UNIX socket, reached through
@@ -169,7 +198,11 @@ fn is_root() -> bool {
 }
 
 fn phases(log: &str) -> Vec<String> {
-    log.lines().filter_map(|l| l.split("kindling-agent: phase ").nth(1)).filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect()
+    log.lines()
+        .filter_map(|l| l.split("kindling-agent: phase ").nth(1))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn position(log: &str, needle: &str) -> usize {
@@ -258,8 +291,11 @@ fn agent_brings_up_the_control_plane_supervises_it_and_shuts_down_in_order() {
     // Orderly shutdown: API server before etcd before containerd.
     let (status, log) = c.power_off(false);
     assert!(status.success(), "agent exit {status}:\n{log}");
-    let (api, etcd, containerd) =
-        (position(&log, "kube-apiserver stopped"), position(&log, "etcd stopped"), position(&log, "containerd stopped"));
+    let (api, etcd, containerd) = (
+        position(&log, "kube-apiserver stopped"),
+        position(&log, "etcd stopped"),
+        position(&log, "containerd stopped"),
+    );
     assert!(api < etcd && etcd < containerd, "shutdown order wrong:\n{log}");
 
     // Second boot of the same disk: same PKI, same cluster state.

@@ -39,7 +39,10 @@ fn file_that_is_not_a_kernel() {
 #[test]
 fn missing_disk() {
     let kernel = debian_kernel();
-    fails_with(&["--kernel", kernel.to_str().unwrap(), "--disk", "/nonexistent/disk.img"], &["/nonexistent/disk.img", "not found"]);
+    fails_with(
+        &["--kernel", kernel.to_str().unwrap(), "--disk", "/nonexistent/disk.img"],
+        &["/nonexistent/disk.img", "not found"],
+    );
 }
 
 #[test]

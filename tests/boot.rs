@@ -13,7 +13,16 @@ fn stock_debian_kernel_reaches_init_counts_two_cpus_and_powers_off() {
     // like this one is fine there.
     let mut cmd = kindling();
     cmd.env(kindling::runner::emulated::SMP_ENV, "1").arg("boot");
-    cmd.args(["--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "--cmdline", "console=ttyS0", "--cpus", "2"]);
+    cmd.args([
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0",
+        "--cpus",
+        "2",
+    ]);
     let out = run_with_timeout(cmd, std::time::Duration::from_secs(600));
     let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("KINDLING-INIT-OK"), "the initramfs /init did not run\n{log}");
@@ -37,10 +46,14 @@ fn our_kernel_writes_to_an_ext4_root_disk_and_the_write_persists() {
     assert_eq!(ext4_cat(&img, "/written-by-guest"), None);
     let disk = img.to_str().unwrap();
     let (out, log) = boot(&[
-        "--kernel", kernel.to_str().unwrap(),
-        "--disk", disk,
-        "--cmdline", "console=ttyS0 panic=-1 root=/dev/vda rw init=/init",
-        "--cpus", "2",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        disk,
+        "--cmdline",
+        "console=ttyS0 panic=-1 root=/dev/vda rw init=/init",
+        "--cpus",
+        "2",
     ]);
     assert!(log.contains("KINDLING-ROOT /dev/root / ext4 rw"), "root is not the rw ext4 disk\n{log}");
     if log.contains("kindling: runner emulated") {
@@ -48,7 +61,11 @@ fn our_kernel_writes_to_an_ext4_root_disk_and_the_write_persists() {
     }
     assert!(log.contains("KINDLING-WROTE"), "{log}");
     assert_eq!(out.status.code(), Some(0), "{log}");
-    assert_eq!(ext4_cat(&img, "/written-by-guest").as_deref(), Some("written by the guest\n"), "the write is not in the image\n{log}");
+    assert_eq!(
+        ext4_cat(&img, "/written-by-guest").as_deref(),
+        Some("written by the guest\n"),
+        "the write is not in the image\n{log}"
+    );
 }
 
 #[test]
@@ -67,9 +84,12 @@ fn read_only_disk_refuses_writes() {
     let before = std::fs::read(&img).unwrap();
     let disk = format!("{},ro", img.display());
     let (out, log) = boot(&[
-        "--kernel", kernel.to_str().unwrap(),
-        "--disk", &disk,
-        "--cmdline", "console=ttyS0 panic=-1 root=/dev/vda ro init=/init",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        &disk,
+        "--cmdline",
+        "console=ttyS0 panic=-1 root=/dev/vda ro init=/init",
     ]);
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert!(log.contains("KINDLING-RO-FLAG 1"), "the guest must see a read-only disk\n{log}");
@@ -84,9 +104,12 @@ fn elf_vmlinux_boots_and_guest_reboot_ends_the_vm() {
     let vmlinux = bzimage.with_file_name("vmlinux");
     let initrd = busybox_initramfs();
     let (out, log) = boot(&[
-        "--kernel", vmlinux.to_str().unwrap(),
-        "--initrd", initrd.to_str().unwrap(),
-        "--cmdline", "console=ttyS0 kindling.run=echo+KINDLING-REBOOTING;reboot+-f",
+        "--kernel",
+        vmlinux.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 kindling.run=echo+KINDLING-REBOOTING;reboot+-f",
     ]);
     assert!(log.contains("KINDLING-INIT-OK"), "{log}");
     assert!(log.contains("KINDLING-REBOOTING"), "{log}");
@@ -133,6 +156,10 @@ fn a_killed_kindling_boot_leaves_no_vm_behind() {
     while kids.iter().any(alive) && t0.elapsed() < std::time::Duration::from_secs(20) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let left: Vec<String> = kids.iter().filter(|p| alive(p)).map(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default()).collect();
+    let left: Vec<String> = kids
+        .iter()
+        .filter(|p| alive(p))
+        .map(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default())
+        .collect();
     assert!(left.is_empty(), "processes of the killed VM still run: {left:?}");
 }

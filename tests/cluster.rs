@@ -85,7 +85,11 @@ impl Env {
 
     fn run(&self, args: &[&str], limit: Duration) -> Run {
         let out = run_with_timeout(self.cmd(args), limit);
-        Run { code: out.status.code(), stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into() }
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        }
     }
 
     /// A quick command (no VM to wait for).
@@ -95,7 +99,7 @@ impl Env {
 
     /// The host's kubectl against this environment's kubeconfig.
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Run {
-        let kubectl = kindling::runner::emulated::which("kubectl").expect("kubectl on PATH (scripts/setup installs it)");
+        let kubectl = kindling::util::which("kubectl").expect("kubectl on PATH (scripts/setup installs it)");
         let mut child = Command::new(kubectl)
             .args(args)
             .env("KUBECONFIG", self.kubeconfig())
@@ -108,7 +112,11 @@ impl Env {
         input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
         drop(input);
         let out = child.wait_with_output().unwrap();
-        Run { code: out.status.code(), stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into() }
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        }
     }
 }
 
@@ -162,11 +170,13 @@ fn errors_say_what_to_do_before_anything_boots() {
     ] {
         env.quick(args).fails_with(nope);
     }
-    env.quick(&["image", "load", "/nonexistent/app.tar"]).fails_with("image archive /nonexistent/app.tar: cannot open it");
+    env.quick(&["image", "load", "/nonexistent/app.tar"])
+        .fails_with("image archive /nonexistent/app.tar: cannot open it");
     let none = env.dir.path().join("none.sock");
     env.quick(&["kubeconfig", "--vsock", none.to_str().unwrap(), "--server", "https://127.0.0.1:16443"])
         .fails_with("is a VM booted from kindling's root disk running with --vsock");
-    env.quick(&["kubeconfig", "--vsock", none.to_str().unwrap(), "--server", "127.0.0.1:16443"]).fails_with("give the host URL");
+    env.quick(&["kubeconfig", "--vsock", none.to_str().unwrap(), "--server", "127.0.0.1:16443"])
+        .fails_with("give the host URL");
 
     // Bad arguments are refused before anything is built or booted.
     env.quick(&["start", "--name", "Dev"]).fails_with("cluster name \"Dev\" is not allowed");
@@ -185,7 +195,8 @@ fn errors_say_what_to_do_before_anything_boots() {
     std::fs::write(&kernel, b"k").unwrap();
     let client = kindling::daemon::client::Client::new(env.dir.path().join("daemon.sock"));
     client.create(&kindling::daemon::api::VmSpec::new("plain", &kernel)).unwrap();
-    env.quick(&["start", "--name", "plain"]).fails_with("the name \"plain\" is already taken by a VM that is not a kindling cluster");
+    env.quick(&["start", "--name", "plain"])
+        .fails_with("the name \"plain\" is already taken by a VM that is not a kindling cluster");
     env.quick(&["status", "--name", "plain"]).fails_with("already taken");
     assert!(env.quick(&["list"]).ok().stdout.contains("no clusters"), "a plain VM is not a cluster");
 
@@ -205,7 +216,8 @@ fn kubectl_is_the_hosts_with_the_context() {
     let bin = env.dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     env.path = Some(bin.display().to_string());
-    env.quick(&["kubectl", "--", "get", "nodes"]).fails_with("kubectl is not on your PATH; install it with scripts/setup");
+    env.quick(&["kubectl", "--", "get", "nodes"])
+        .fails_with("kubectl is not on your PATH; install it with scripts/setup");
 
     // A stand-in kubectl that shows its arguments and exits 3.
     let stub = bin.join("kubectl");
@@ -236,10 +248,14 @@ fn one_cluster_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 
 fn leftovers(env: &Env, name: &str) -> Vec<PathBuf> {
     let state = env.state();
-    [state.join("vms").join(name), state.join("clusters").join(format!("{name}.json")), state.join("clusters").join(format!("{name}.disk.ext4"))]
-        .into_iter()
-        .filter(|p| p.exists())
-        .collect()
+    [
+        state.join("vms").join(name),
+        state.join("clusters").join(format!("{name}.json")),
+        state.join("clusters").join(format!("{name}.disk.ext4")),
+    ]
+    .into_iter()
+    .filter(|p| p.exists())
+    .collect()
 }
 
 fn has_context(env: &Env, name: &str) -> bool {
@@ -263,9 +279,14 @@ fn lifecycle_of_a_node_up_to_its_agent() {
          contexts: [{name: other, context: {cluster: other, user: other}}, {name: life, context: {cluster: life, user: life}}]\ncurrent-context: other\n",
     )
     .unwrap();
-    let start = ["start", "--name", name, "--until", "agent-start", "--cpus", "1", "--memory", "1024", "--disk-size", "3"];
+    let start =
+        ["start", "--name", name, "--until", "agent-start", "--cpus", "1", "--memory", "1024", "--disk-size", "3"];
     let r = env.run(&start, Duration::from_secs(60 * 60)).ok();
-    assert!(r.stdout.contains("agent-start") && r.stdout.contains("cluster \"life\" reached agent-start"), "{}", r.text());
+    assert!(
+        r.stdout.contains("agent-start") && r.stdout.contains("cluster \"life\" reached agent-start"),
+        "{}",
+        r.text()
+    );
     assert!(r.stdout.contains("runner: "), "the runner is named\n{}", r.text());
 
     let st = env.quick(&["status", "--name", name, "-o", "json"]).ok().json();
@@ -280,13 +301,27 @@ fn lifecycle_of_a_node_up_to_its_agent() {
     assert!(env.quick(&["status", "--name", name]).ok().stdout.contains(&api));
 
     // Commands in the node: output streamed, exit code passed on, data on its disk.
-    let r = env.quick(&["exec", "--name", name, "--", "sh", "-c", "echo kept-across-restarts >/var/lib/kindling-test-marker; cat /proc/sys/kernel/hostname"]).ok();
+    let r = env
+        .quick(&[
+            "exec",
+            "--name",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "echo kept-across-restarts >/var/lib/kindling-test-marker; cat /proc/sys/kernel/hostname",
+        ])
+        .ok();
     assert_eq!(r.stdout.trim(), name, "{}", r.text());
     assert_eq!(env.quick(&["exec", "--name", name, "--", "sh", "-c", "exit 7"]).code, Some(7));
     // The node's address: what its command line gives (kindling.ip, set by the VMM when
     // the VM has a network), else the agent's default.
     let cmdline = env.quick(&["exec", "--name", name, "--", "cat", "/proc/cmdline"]).ok().stdout;
-    let expected = cmdline.split_whitespace().find_map(|p| p.strip_prefix("kindling.ip=")).map(|v| v.split('/').next().unwrap()).unwrap_or("10.0.2.15");
+    let expected = cmdline
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix("kindling.ip="))
+        .map(|v| v.split('/').next().unwrap())
+        .unwrap_or("10.0.2.15");
     assert_eq!(env.quick(&["ip", "--name", name]).ok().stdout.trim(), expected);
     assert!(env.quick(&["logs", "--name", name]).ok().stdout.contains("kindling-agent: phase agent-start"));
     let r = env.quick(&["start", "--name", name, "--until", "agent-start"]).ok();
@@ -294,9 +329,15 @@ fn lifecycle_of_a_node_up_to_its_agent() {
 
     // An orderly stop, through the agent.
     let r = env.run(&["stop", "--name", name, "-o", "json"], Duration::from_secs(600)).ok();
-    assert_eq!((r.json()["was_running"].as_bool(), r.json()["orderly"].as_bool()), (Some(true), Some(true)), "{}", r.text());
+    assert_eq!(
+        (r.json()["was_running"].as_bool(), r.json()["orderly"].as_bool()),
+        (Some(true), Some(true)),
+        "{}",
+        r.text()
+    );
     assert_eq!(env.quick(&["status", "--name", name, "-o", "json"]).ok().json()["status"], "stopped");
-    env.quick(&["exec", "--name", name, "--", "true"]).fails_with("cluster \"life\" is not running (stopped); start it with `kindling start --name life`");
+    env.quick(&["exec", "--name", name, "--", "true"])
+        .fails_with("cluster \"life\" is not running (stopped); start it with `kindling start --name life`");
     assert!(env.quick(&["stop", "--name", name]).ok().stdout.contains("is not running"));
 
     // A restart keeps the disk (and the API port).
@@ -308,11 +349,18 @@ fn lifecycle_of_a_node_up_to_its_agent() {
 
     // Delete: VM, disk, record and our kubeconfig entries; the other cluster's stay.
     let r = env.run(&["delete", "--name", name, "-o", "json"], Duration::from_secs(600)).ok();
-    assert!(r.json()["removed"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().ends_with("disk.ext4")), "{}", r.text());
+    assert!(
+        r.json()["removed"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().ends_with("disk.ext4")),
+        "{}",
+        r.text()
+    );
     assert_eq!(leftovers(&env, name), Vec::<PathBuf>::new());
     assert!(!has_context(&env, name) && has_context(&env, "other"));
     let kc = std::fs::read_to_string(env.kubeconfig()).unwrap();
-    assert!(!kc.contains("https://127.0.0.1:1") && kc.contains("token: t") && kc.contains("current-context: other"), "{kc}");
+    assert!(
+        !kc.contains("https://127.0.0.1:1") && kc.contains("token: t") && kc.contains("current-context: other"),
+        "{kc}"
+    );
     assert_eq!(env.quick(&["list", "-o", "json"]).ok().json(), serde_json::json!([]));
     env.quick(&["status", "--name", name]).fails_with("no cluster named \"life\"");
 }
@@ -331,7 +379,12 @@ fn http_get(url: &str) -> Result<String, String> {
 fn busybox_image() -> (PathBuf, String) {
     let oci_dir = image_path("oci").parent().unwrap().to_path_buf();
     let env = std::fs::read_to_string(oci_dir.join("images.env")).unwrap_or_default();
-    let image = env.lines().find_map(|l| l.strip_prefix("BUSYBOX_IMAGE=")).unwrap_or("kindling.local/busybox:1.35").trim_matches('"').to_string();
+    let image = env
+        .lines()
+        .find_map(|l| l.strip_prefix("BUSYBOX_IMAGE="))
+        .unwrap_or("kindling.local/busybox:1.35")
+        .trim_matches('"')
+        .to_string();
     (oci_dir.join("busybox.oci.tar"), image)
 }
 

@@ -56,7 +56,9 @@ impl Daemon {
                     assert_eq!(v.state_dir, state);
                     break;
                 }
-                Err(e) if t0.elapsed() > Duration::from_secs(15) => panic!("the daemon does not answer: {e}\n{}", d.log_text()),
+                Err(e) if t0.elapsed() > Duration::from_secs(15) => {
+                    panic!("the daemon does not answer: {e}\n{}", d.log_text())
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         }
@@ -172,8 +174,17 @@ fn vm_lifecycle_through_the_daemon_survives_a_daemon_restart() {
             break;
         }
         let vm = c.get("vm1").unwrap();
-        assert_eq!(vm.status, VmStatus::Running, "the VM stopped before its init ran\n{console}\n{}", daemon.log_text());
-        assert!(t0.elapsed() < Duration::from_secs(300), "no KINDLING-INIT-OK after 5 minutes\n{console}\n{}", daemon.log_text());
+        assert_eq!(
+            vm.status,
+            VmStatus::Running,
+            "the VM stopped before its init ran\n{console}\n{}",
+            daemon.log_text()
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no KINDLING-INIT-OK after 5 minutes\n{console}\n{}",
+            daemon.log_text()
+        );
         std::thread::sleep(Duration::from_secs(1));
     }
     eprintln!("guest init ran {:.1}s after start", t0.elapsed().as_secs_f64());
@@ -260,7 +271,11 @@ impl Spec {
     fn validate(&self, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
         let schema = self.resolve(schema);
         if value.is_null() {
-            return if schema["nullable"].as_bool() == Some(true) { Ok(()) } else { Err(format!("{at}: null but not nullable")) };
+            return if schema["nullable"].as_bool() == Some(true) {
+                Ok(())
+            } else {
+                Err(format!("{at}: null but not nullable"))
+            };
         }
         if let Some(allowed) = schema["enum"].as_array() {
             if !allowed.contains(value) {
@@ -299,7 +314,9 @@ impl Spec {
             Some("boolean") => value.is_boolean().then_some(()).ok_or_else(|| format!("{at}: not a boolean: {value}")),
             Some("integer") => {
                 let n = value.as_i64().ok_or_else(|| format!("{at}: not an integer: {value}"))?;
-                if schema["minimum"].as_i64().is_some_and(|min| n < min) || schema["maximum"].as_i64().is_some_and(|max| n > max) {
+                if schema["minimum"].as_i64().is_some_and(|min| n < min)
+                    || schema["maximum"].as_i64().is_some_and(|max| n > max)
+                {
                     return Err(format!("{at}: {n} is out of the documented range"));
                 }
                 Ok(())
@@ -341,18 +358,17 @@ impl Checker<'_> {
             return Err(format!("{method} {template} is not documented"));
         }
         let responses = op["responses"].as_object().ok_or("no responses documented")?;
-        let resp = responses
-            .get(&r.status.to_string())
-            .ok_or_else(|| format!("status {} is not documented (documented: {:?})", r.status, responses.keys().collect::<Vec<_>>()))?;
+        let resp = responses.get(&r.status.to_string()).ok_or_else(|| {
+            format!("status {} is not documented (documented: {:?})", r.status, responses.keys().collect::<Vec<_>>())
+        })?;
         let resp = self.spec.resolve(resp);
         let Some(content) = resp["content"].as_object() else {
             return if r.body.is_empty() { Ok(()) } else { Err("a body where none is documented".into()) };
         };
         let ct = r.content_type.as_deref().unwrap_or_default();
-        let (media, media_schema) = content
-            .iter()
-            .find(|(m, _)| ct.starts_with(m.as_str()))
-            .ok_or_else(|| format!("content type {ct:?} is not documented ({:?})", content.keys().collect::<Vec<_>>()))?;
+        let (media, media_schema) = content.iter().find(|(m, _)| ct.starts_with(m.as_str())).ok_or_else(|| {
+            format!("content type {ct:?} is not documented ({:?})", content.keys().collect::<Vec<_>>())
+        })?;
         if media == "application/json" {
             let v: Value = serde_json::from_slice(&r.body).map_err(|e| format!("not JSON: {e}"))?;
             self.spec.validate(&media_schema["schema"], &v, "body")?;
@@ -390,10 +406,29 @@ fn the_server_matches_openapi_yaml() {
     std::fs::write(&junk, vec![0x42u8; 4096]).unwrap();
     let body = |v: Value| v.to_string();
     ck.expect("POST", "/v1/vms", "/v1/vms", Some("{not json"), 400);
-    ck.expect("POST", "/v1/vms", "/v1/vms", Some(&body(serde_json::json!({"name": "j", "kernel": "/nonexistent/k"}))), 400);
-    ck.expect("POST", "/v1/vms", "/v1/vms", Some(&body(serde_json::json!({"name": "j", "kernel": junk, "cpus": 0}))), 400);
-    ck.expect("POST", "/v1/vms", "/v1/vms", Some(&body(serde_json::json!({"name": "j", "kernel": junk, "memri": 1}))), 400);
-    let j = ck.expect("POST", "/v1/vms", "/v1/vms", Some(&body(serde_json::json!({"name": "junk", "kernel": junk}))), 201);
+    ck.expect(
+        "POST",
+        "/v1/vms",
+        "/v1/vms",
+        Some(&body(serde_json::json!({"name": "j", "kernel": "/nonexistent/k"}))),
+        400,
+    );
+    ck.expect(
+        "POST",
+        "/v1/vms",
+        "/v1/vms",
+        Some(&body(serde_json::json!({"name": "j", "kernel": junk, "cpus": 0}))),
+        400,
+    );
+    ck.expect(
+        "POST",
+        "/v1/vms",
+        "/v1/vms",
+        Some(&body(serde_json::json!({"name": "j", "kernel": junk, "memri": 1}))),
+        400,
+    );
+    let j =
+        ck.expect("POST", "/v1/vms", "/v1/vms", Some(&body(serde_json::json!({"name": "junk", "kernel": junk}))), 201);
     assert_eq!(j["status"], "created");
     ck.expect("POST", "/v1/vms", "/v1/vms", Some(&body(serde_json::json!({"name": "junk", "kernel": junk}))), 409);
     let real = serde_json::to_string(&sleeping_vm("real")).unwrap();
@@ -474,7 +509,8 @@ fn the_client_starts_the_daemon_on_demand_and_says_why_it_cannot() {
     use kindling::daemon::state::Paths;
     let tmp = tempfile::tempdir().unwrap();
     let paths = Paths::new(tmp.path().join("state"));
-    let exe = Path::new(env!("CARGO_BIN_EXE_kindling"));
+    let bin = common::kindling_bin();
+    let exe = bin.as_path();
     let socket = tmp.path().join("run/d.sock");
     let c = Client::new(&socket);
     let v = c.ensure_daemon(exe, &paths).unwrap();
@@ -497,7 +533,10 @@ fn the_client_starts_the_daemon_on_demand_and_says_why_it_cannot() {
     let e = Client::new(&long).ensure_daemon(exe, &paths).unwrap_err().to_string();
     assert!(e.starts_with(&format!("daemon not reachable at {}: ", long.display())), "{e}");
     assert!(e.contains("too long for a UNIX socket"), "{e}");
-    assert!(e.contains(&format!("start it with `kindling daemon` and see its log at {}", paths.daemon_log().display())), "{e}");
+    assert!(
+        e.contains(&format!("start it with `kindling daemon` and see its log at {}", paths.daemon_log().display())),
+        "{e}"
+    );
 }
 
 /// SIGKILLs a process when dropped (a daemon started by the client under test).
@@ -506,7 +545,10 @@ fn scopeguard(pid: u32) -> impl Drop {
     impl Drop for Guard {
         fn drop(&mut self) {
             if self.1.is_some_and(|t| vm_process::is_alive(self.0, t)) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0 as i32), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(self.0 as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }

@@ -41,11 +41,26 @@ fn pinned_kubernetes() -> String {
 #[test]
 fn root_disk_holds_the_node_and_components_report_the_pinned_release() {
     let outputs = build_all();
-    let path = |name: &str| outputs.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone()).unwrap_or_else(|| panic!("no {name} in {outputs:?}"));
+    let path = |name: &str| {
+        outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| panic!("no {name} in {outputs:?}"))
+    };
 
     let rootfs = path("rootfs");
     let usr_local = debugfs(&rootfs, "ls -l /usr/local/bin");
-    for bin in ["kubernetes", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl", "etcd"] {
+    for bin in [
+        "kubernetes",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kubelet",
+        "kube-proxy",
+        "kubectl",
+        "etcd",
+    ] {
         assert!(usr_local.contains(bin), "{bin} missing from /usr/local/bin:\n{usr_local}");
     }
     let usr_bin = debugfs(&rootfs, "ls -l /usr/bin");

@@ -23,13 +23,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kindling::runner::{choose, Runner, RunnerChoice};
+use kindling::runner::{choose, Runner, RunnerKind};
 
 const TO_HOST: usize = 256 << 10;
 const TO_GUEST: usize = 1 << 20;
 
 fn emulated() -> bool {
-    choose(RunnerChoice::Auto).0 == Runner::Emulated
+    choose(RunnerKind::Auto).0 == Runner::Emulated
 }
 
 /// The guest's script (for `kindling.run=`: `+` is a space): configure eth0 from the
@@ -110,7 +110,9 @@ fn guest_reaches_the_host(net: &str, listen: &str, target: Option<&str>, extra: 
     eprintln!("{net}: boot and exchange took {:.1}s", t0.elapsed().as_secs_f64());
     assert!(out.status.success(), "{text}");
     assert!(text.contains(&format!("kindling: net {net} (")), "the choice is announced:\n{text}");
-    let seen = seen.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|_| panic!("the guest never connected to the host listener:\n{text}"));
+    let seen = seen
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_else(|_| panic!("the guest never connected to the host listener:\n{text}"));
     assert_eq!(seen.received, TO_HOST, "guest-to-host bytes:\n{text}");
     assert!(seen.all_zero, "guest-to-host data corrupted");
     assert!(text.contains(&format!("NET-RX={TO_GUEST}")), "host-to-guest bytes:\n{text}");

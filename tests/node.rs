@@ -24,9 +24,15 @@ struct Booting {
 
 impl Booting {
     fn spawn(mut cmd: Command) -> Self {
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn kindling boot");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kindling boot");
         let log = Arc::new(Mutex::new(String::new()));
-        let pipes: Vec<Box<dyn Read + Send>> = vec![Box::new(child.stdout.take().unwrap()), Box::new(child.stderr.take().unwrap())];
+        let pipes: Vec<Box<dyn Read + Send>> =
+            vec![Box::new(child.stdout.take().unwrap()), Box::new(child.stderr.take().unwrap())];
         let readers = pipes
             .into_iter()
             .map(|p| {
@@ -125,7 +131,7 @@ fn node_gets_ready_and_passes_the_in_guest_selftest() {
     assert!(ok && kc.contains("current-context: node") && kc.contains(&server), "kindling kubeconfig:\n{kc}");
     let kc_path = dir.path().join("kubeconfig");
     std::fs::write(&kc_path, kc).unwrap();
-    let kubectl = kindling::runner::emulated::which("kubectl").expect("kubectl on PATH (scripts/setup installs it)");
+    let kubectl = kindling::util::which("kubectl").expect("kubectl on PATH (scripts/setup installs it)");
     let mut get_nodes = Command::new(kubectl);
     get_nodes.arg("--kubeconfig").arg(&kc_path).args(["--request-timeout=120s", "get", "nodes", "--no-headers"]);
     let (ok, nodes) = output_of(get_nodes);

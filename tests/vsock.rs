@@ -25,9 +25,11 @@ fn agent_initramfs(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static (apt-get install busybox-static)");
-    let agent = Path::new(env!("CARGO_BIN_EXE_kindling")).with_file_name("kindling-agent");
-    std::fs::copy(&agent, root.join("sbin/kindling-agent")).unwrap_or_else(|e| panic!("{}: {e}; run `cargo build --workspace` first", agent.display()));
-    std::fs::write(root.join("init"), "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexec /sbin/kindling-agent\n").unwrap();
+    let agent = kindling_bin().as_path().with_file_name("kindling-agent");
+    std::fs::copy(&agent, root.join("sbin/kindling-agent"))
+        .unwrap_or_else(|e| panic!("{}: {e}; run `cargo build --workspace` first", agent.display()));
+    std::fs::write(root.join("init"), "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexec /sbin/kindling-agent\n")
+        .unwrap();
     std::fs::set_permissions(root.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = dir.join("agent.cpio");
     let st = Command::new("sh")
@@ -71,7 +73,15 @@ fn host_and_guest_agent_talk_over_vsock_and_a_forwarded_port() {
     let (port, web) = (free(), free());
     let log = std::fs::File::create(dir.path().join("console.log")).unwrap();
     let mut vm = kindling()
-        .args(["boot", "--kernel", our_kernel().to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "--memory", "512"])
+        .args([
+            "boot",
+            "--kernel",
+            our_kernel().to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--memory",
+            "512",
+        ])
         .args(["--cmdline", "console=ttyS0 panic=1 kindling.until=agent-start kindling.expose=8080"])
         .arg("--vsock")
         .arg(&uds)
@@ -81,7 +91,8 @@ fn host_and_guest_agent_talk_over_vsock_and_a_forwarded_port() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let console = || String::from_utf8_lossy(&std::fs::read(dir.path().join("console.log")).unwrap_or_default()).into_owned();
+    let console =
+        || String::from_utf8_lossy(&std::fs::read(dir.path().join("console.log")).unwrap_or_default()).into_owned();
 
     // The agent answers once the guest is up.
     let t0 = Instant::now();
@@ -100,14 +111,25 @@ fn host_and_guest_agent_talk_over_vsock_and_a_forwarded_port() {
     let phases = request(vsock_connect(&uds).unwrap(), r#"{"op":"phases"}"#).join("");
     assert!(phases.contains(r#""name":"agent-start""#), "{phases}");
     // Guest to host: streamed output of a command run in the guest.
-    let out = request(vsock_connect(&uds).unwrap(), r#"{"op":"exec","argv":["sh","-c","head -c 300000 /dev/zero | tr '\\0' x"]}"#);
-    let text: usize = out.iter().filter_map(|l| l.strip_prefix(r#"{"out":""#)).map(|l| l.trim_end_matches("\"}").len()).sum();
+    let out = request(
+        vsock_connect(&uds).unwrap(),
+        r#"{"op":"exec","argv":["sh","-c","head -c 300000 /dev/zero | tr '\\0' x"]}"#,
+    );
+    let text: usize =
+        out.iter().filter_map(|l| l.strip_prefix(r#"{"out":""#)).map(|l| l.trim_end_matches("\"}").len()).sum();
     assert_eq!(text, 300_000, "guest-to-host stream lost data");
     assert_eq!(out.last().map(String::as_str), Some(r#"{"exit":0}"#));
     // Host to guest: a 100 KB request line.
     let big = "y".repeat(100_000);
-    let out = request(vsock_connect(&uds).unwrap(), &format!(r#"{{"op":"exec","argv":["sh","-c","echo ${{#1}}","_","{big}"]}}"#));
-    assert_eq!(out, [r#"{"out":"100000\n"}"#.to_string(), r#"{"exit":0}"#.to_string()], "host-to-guest stream lost data");
+    let out = request(
+        vsock_connect(&uds).unwrap(),
+        &format!(r#"{{"op":"exec","argv":["sh","-c","echo ${{#1}}","_","{big}"]}}"#),
+    );
+    assert_eq!(
+        out,
+        [r#"{"out":"100000\n"}"#.to_string(), r#"{"exit":0}"#.to_string()],
+        "host-to-guest stream lost data"
+    );
     // The forwarded TCP port reaches the same guest port.
     let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();

@@ -1,15 +1,7 @@
 //! The agent's control channel: how the host asks the guest to do things. In a VM it
 //! listens on vsock port [`VSOCK_PORT`]; in a container on the UNIX socket
-//! [`UNIX_SOCKET`]. One request per connection, as one JSON line; replies are JSON lines:
-//!
-//! | request | replies |
-//! | --- | --- |
-//! | `{"op":"ping"}` | `{"ok":true}` |
-//! | `{"op":"phases"}` | `{"phases":[{"name":"agent-start","seconds":1.2},…]}` |
-//! | `{"op":"exec","argv":["kubectl","get","nodes"]}` | `{"out":"…"}`… then `{"exit":0}` |
-//! | `{"op":"logs","component":"etcd","follow":false}` | `{"out":"…"}`… then `{"exit":0}` |
-//! | `{"op":"poweroff"}` | `{"ok":true}`, then an orderly shutdown |
-//! | `{"op":"import","bytes":N}` + N raw bytes | `{"out":"…"}`… then `{"exit":0}` |
+//! [`UNIX_SOCKET`]. One request per connection, as one JSON line; the requests and
+//! replies are `kindling_proto::agent`'s (the host builds them from the same types).
 //!
 //! `import` is followed, on the same connection, by exactly N bytes of an OCI or docker
 //! image archive, which go to `ctr -n k8s.io images import --all-platforms` (through a
@@ -23,29 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde::Deserialize;
-use serde_json::json;
+use kindling_proto::agent::{Reply, Request, MAX_ARGS, MAX_CHUNK, MAX_LINE, UNIX_SOCKET, VSOCK_PORT};
 
 use crate::node::Paths;
 use crate::phase;
 use crate::supervisor::Reaper;
-
-/// vsock port the agent listens on (the host connects to guest CID 3, this port).
-pub const VSOCK_PORT: u32 = 1024;
-/// Where the agent listens when it is a container's init.
-pub const UNIX_SOCKET: &str = "/run/kindling/agent.sock";
-
-#[derive(Debug, Deserialize, PartialEq)]
-#[serde(tag = "op", rename_all = "lowercase")]
-pub enum Request {
-    Ping,
-    Phases,
-    Exec { argv: Vec<String> },
-    Logs { component: String, #[serde(default)] follow: bool },
-    Poweroff,
-    /// `bytes` raw bytes of an image archive follow the request line.
-    Import { bytes: u64 },
-}
 
 /// Starts the listener thread: vsock in a VM, a UNIX socket in a container.
 pub fn serve(paths: Paths, reaper: Arc<Reaper>, container: bool) -> Result<()> {
@@ -54,7 +28,8 @@ pub fn serve(paths: Paths, reaper: Arc<Reaper>, container: bool) -> Result<()> {
         let path = ctx.paths.root.join(UNIX_SOCKET.trim_start_matches('/'));
         std::fs::create_dir_all(path.parent().unwrap())?;
         let _ = std::fs::remove_file(&path);
-        let listener = std::os::unix::net::UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .with_context(|| format!("listening on {}", path.display()))?;
         std::thread::Builder::new().name("control".into()).spawn(move || {
             for conn in listener.incoming().flatten() {
                 let ctx = ctx.clone();
@@ -65,8 +40,8 @@ pub fn serve(paths: Paths, reaper: Arc<Reaper>, container: bool) -> Result<()> {
         let fd = vsock_listen(VSOCK_PORT).context("listening on vsock (is there a virtio-vsock device?)")?;
         std::thread::Builder::new().name("control".into()).spawn(move || loop {
             match nix::sys::socket::accept(std::os::fd::AsRawFd::as_raw_fd(&fd)) {
-                // SAFETY: accept returned a new descriptor that nothing else owns.
                 Ok(conn) => {
+                    // SAFETY: accept returned a new descriptor that nothing else owns.
                     let conn = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(conn) });
                     let ctx = ctx.clone();
                     std::thread::spawn(move || handle(&ctx, conn));
@@ -94,61 +69,89 @@ struct Ctx {
     reaper: Arc<Reaper>,
 }
 
-fn send(out: &mut impl Write, v: serde_json::Value) -> std::io::Result<()> {
-    let mut line = v.to_string();
-    line.push('\n');
-    out.write_all(line.as_bytes())
+fn send(out: &mut impl Write, reply: Reply) -> std::io::Result<()> {
+    out.write_all(reply.to_line().as_bytes())
 }
+
+fn error(out: &mut impl Write, msg: impl Into<String>) -> std::io::Result<()> {
+    send(out, Reply::Error(msg.into()))
+}
+
+/// Sends output as `{"out":N}` lines, each followed by at most [`MAX_CHUNK`] raw bytes.
+fn send_out(out: &mut impl Write, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = bytes.len().min(MAX_CHUNK);
+        let mut frame = Reply::Out(n as u32).to_line().into_bytes();
+        frame.extend_from_slice(&bytes[..n]);
+        out.write_all(&frame)?;
+        bytes = &bytes[n..];
+    }
+    Ok(())
+}
+
+/// How long a peer may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn handle<S: Read + Write + TryCloneStream + Send>(ctx: &Ctx, conn: S) {
     let Ok(mut out) = conn.try_clone_stream() else { return };
+    let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
     // The reader stays: what follows the request line (an import's bytes) is in its buffer.
     let mut input = BufReader::new(conn);
-    let mut line = String::new();
-    if input.read_line(&mut line).is_err() {
-        return;
+    let mut line = Vec::new();
+    match (&mut input).take(MAX_LINE as u64).read_until(b'\n', &mut line) {
+        Ok(_) if line.last() == Some(&b'\n') => {}
+        Ok(_) => {
+            let _ = error(&mut out, format!("the request must be one line of at most {MAX_LINE} bytes"));
+            return;
+        }
+        Err(_) => return,
     }
-    let _ = match serde_json::from_str::<Request>(line.trim()) {
-        Ok(req) => dispatch(ctx, req, &mut input, &mut out),
-        Err(e) => send(&mut out, json!({ "error": format!("bad request {:?}: {e}", line.trim()) })),
-    };
+    let _ = input.get_ref().set_read_timeout(None);
+    let _ =
+        match std::str::from_utf8(&line).map_err(|_| "the request is not UTF-8".to_string()).and_then(Request::parse) {
+            Ok(Request::Exec { argv }) if argv.len() > MAX_ARGS => {
+                error(&mut out, format!("exec takes at most {MAX_ARGS} words"))
+            }
+            Ok(req) => dispatch(ctx, req, &mut input, &mut out),
+            Err(e) => error(&mut out, e),
+        };
 }
 
 fn dispatch(ctx: &Ctx, req: Request, input: &mut (dyn Read + Send), out: &mut impl Write) -> std::io::Result<()> {
     match req {
-        Request::Ping => send(out, json!({ "ok": true })),
-        Request::Phases => {
-            let phases: Vec<_> = phase::reached().into_iter().map(|(name, seconds)| json!({ "name": name, "seconds": seconds })).collect();
-            send(out, json!({ "phases": phases }))
-        }
-        Request::Exec { argv } if argv.is_empty() => send(out, json!({ "error": "exec needs a command" })),
+        Request::Ping => send(out, Reply::Ok(true)),
+        Request::Phases => send(out, Reply::Phases(phase::reached())),
+        Request::Exec { argv } if argv.is_empty() => error(out, "exec needs a command"),
         Request::Exec { argv } => {
             let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-            match ctx.reaper.run_streaming(&argv, &mut |chunk| send(out, json!({ "out": String::from_utf8_lossy(chunk) }))) {
-                Ok(code) => send(out, json!({ "exit": code })),
-                Err(e) => send(out, json!({ "error": format!("{}: {e}", argv[0]) })),
+            match ctx.reaper.run_streaming(&argv, &mut |chunk| send_out(out, chunk)) {
+                Ok(code) => send(out, Reply::Exit(code)),
+                Err(e) => error(out, format!("{}: {e}", argv[0])),
             }
         }
         Request::Logs { component, follow } => {
             let Some(log) = component_log(&ctx.paths, &component) else {
-                return send(out, json!({ "error": format!("no component {component:?}; see /var/log/kindling") }));
+                return error(out, format!("no component {component:?}; see /var/log/kindling"));
             };
             stream_file(&log, follow, out)?;
-            send(out, json!({ "exit": 0 }))
+            send(out, Reply::Exit(0))
         }
         Request::Poweroff => {
-            send(out, json!({ "ok": true }))?;
+            send(out, Reply::Ok(true))?;
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(1), nix::sys::signal::Signal::SIGTERM);
             Ok(())
         }
-        Request::Import { bytes: 0 } => send(out, json!({ "error": "import needs the archive's size: {\"op\":\"import\",\"bytes\":N}, then N bytes" })),
+        Request::Import { bytes: 0 } => {
+            error(out, "import needs the archive's size: {\"op\":\"import\",\"bytes\":N}, then N bytes")
+        }
         Request::Import { bytes } => {
             let ctr = ctx.paths.bin("ctr");
             let sock = ctx.paths.containerd_socket().display().to_string();
             let fifo_dir = ctx.paths.root.join("run/kindling");
             let run = |fifo: &Path, on_output: &mut dyn FnMut(&[u8]) -> std::io::Result<()>| {
                 let fifo = fifo.display().to_string();
-                let argv = [ctr.as_str(), "--address", &sock, "-n", "k8s.io", "images", "import", "--all-platforms", &fifo];
+                let argv =
+                    [ctr.as_str(), "--address", &sock, "-n", "k8s.io", "images", "import", "--all-platforms", &fifo];
                 ctx.reaper.run_streaming(&argv, on_output)
             };
             import(&fifo_dir, bytes, input, out, run)
@@ -185,22 +188,23 @@ fn import(
     let fifo = fifo_dir.join(format!("import-{}-{}.fifo", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst)));
     let _ = std::fs::remove_file(&fifo);
     if let Err(e) = nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)) {
-        return send(out, json!({ "error": format!("import: mkfifo {}: {e}", fifo.display()) }));
+        return error(out, format!("import: mkfifo {}: {e}", fifo.display()));
     }
     let done = AtomicBool::new(false);
     let (result, fed) = std::thread::scope(|scope| {
         let writer = scope.spawn(|| feed_fifo(&fifo, bytes, input, &done));
-        let result = run(&fifo, &mut |chunk| send(out, json!({ "out": String::from_utf8_lossy(chunk) })));
+        let result = run(&fifo, &mut |chunk| send_out(out, chunk));
         done.store(true, Ordering::SeqCst);
         (result, writer.join().unwrap_or(Fed::NeverOpened))
     });
     let _ = std::fs::remove_file(&fifo);
     match (result, fed) {
-        (Err(e), _) => send(out, json!({ "error": format!("import: running ctr: {e}") })),
-        (Ok(_), Fed::InputEnded(n)) => {
-            send(out, json!({ "error": format!("import: the connection ended after {n} of the {bytes} bytes announced; send the whole archive") }))
-        }
-        (Ok(code), _) => send(out, json!({ "exit": code })),
+        (Err(e), _) => error(out, format!("import: running ctr: {e}")),
+        (Ok(_), Fed::InputEnded(n)) => error(
+            out,
+            format!("import: the connection ended after {n} of the {bytes} bytes announced; send the whole archive"),
+        ),
+        (Ok(code), _) => send(out, Reply::Exit(code)),
     }
 }
 
@@ -252,7 +256,7 @@ fn stream_file(path: &Path, follow: bool, out: &mut impl Write) -> std::io::Resu
     loop {
         let n = f.read(&mut buf)?;
         if n > 0 {
-            send(out, json!({ "out": String::from_utf8_lossy(&buf[..n]) }))?;
+            send_out(out, &buf[..n])?;
         } else if follow {
             std::thread::sleep(Duration::from_millis(250));
         } else {
@@ -264,17 +268,29 @@ fn stream_file(path: &Path, follow: bool, out: &mut impl Write) -> std::io::Resu
 /// A connection whose write half can be cloned off its read half.
 pub trait TryCloneStream: Sized {
     fn try_clone_stream(&self) -> std::io::Result<Self>;
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
 }
 
 impl TryCloneStream for std::os::unix::net::UnixStream {
     fn try_clone_stream(&self) -> std::io::Result<Self> {
         self.try_clone()
     }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        std::os::unix::net::UnixStream::set_read_timeout(self, t)
+    }
 }
 
+/// A vsock connection (a socket, read and written as a file).
 impl TryCloneStream for std::fs::File {
     fn try_clone_stream(&self) -> std::io::Result<Self> {
         self.try_clone()
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        let tv = match t {
+            Some(d) => nix::sys::time::TimeVal::new(d.as_secs() as _, d.subsec_micros() as _),
+            None => nix::sys::time::TimeVal::new(0, 0),
+        };
+        nix::sys::socket::setsockopt(self, nix::sys::socket::sockopt::ReceiveTimeout, &tv).map_err(std::io::Error::from)
     }
 }
 
@@ -282,15 +298,60 @@ impl TryCloneStream for std::fs::File {
 mod tests {
     use super::*;
 
+    /// Splits what the agent wrote into replies, output frames joined: (the replies
+    /// other than output, all output bytes).
+    fn decode(mut wire: &[u8]) -> (Vec<Reply>, Vec<u8>) {
+        let (mut replies, mut output) = (Vec::new(), Vec::new());
+        while !wire.is_empty() {
+            let nl = wire.iter().position(|&b| b == b'\n').expect("a reply line");
+            let reply = Reply::parse(std::str::from_utf8(&wire[..nl]).unwrap()).unwrap();
+            wire = &wire[nl + 1..];
+            match reply {
+                Reply::Out(n) => {
+                    assert!(n as usize <= MAX_CHUNK);
+                    output.extend_from_slice(&wire[..n as usize]);
+                    wire = &wire[n as usize..];
+                }
+                r => replies.push(r),
+            }
+        }
+        (replies, output)
+    }
+
     #[test]
-    fn requests_parse_and_bad_ones_are_refused() {
-        assert_eq!(serde_json::from_str::<Request>(r#"{"op":"exec","argv":["ls","/"]}"#).unwrap(), Request::Exec { argv: vec!["ls".into(), "/".into()] });
-        assert_eq!(serde_json::from_str::<Request>(r#"{"op":"logs","component":"etcd"}"#).unwrap(), Request::Logs { component: "etcd".into(), follow: false });
-        assert_eq!(serde_json::from_str::<Request>(r#"{"op":"import","bytes":1048576}"#).unwrap(), Request::Import { bytes: 1 << 20 });
-        assert!(serde_json::from_str::<Request>(r#"{"op":"import"}"#).is_err(), "the size is required");
-        assert!(serde_json::from_str::<Request>(r#"{"op":"import","bytes":-1}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"op":"format-disk"}"#).is_err());
-        assert!(serde_json::from_str::<Request>("not json").is_err());
+    fn output_is_sent_byte_for_byte_in_bounded_chunks() {
+        let data: Vec<u8> = (0..(3 * MAX_CHUNK + 7)).map(|i| (i % 256) as u8).collect();
+        let mut wire = Vec::new();
+        send_out(&mut wire, &data).unwrap();
+        send(&mut wire, Reply::Exit(0)).unwrap();
+        assert_eq!(decode(&wire), (vec![Reply::Exit(0)], data));
+    }
+
+    /// A control connection over a real socket pair: a request longer than a line may
+    /// be is refused, and so is a request that is not one.
+    #[test]
+    fn bad_requests_are_refused_with_a_reason() {
+        let ctx = Ctx { paths: Paths::new("/nonexistent"), reaper: Reaper::start() };
+        for (req, expect) in [
+            (vec![b'{'; MAX_LINE + 1], "at most 65536 bytes"),
+            (b"{\"op\":\"format-disk\"}\n".to_vec(), "bad request"),
+            (b"not json\n".to_vec(), "bad request"),
+            (
+                format!("{{\"op\":\"exec\",\"argv\":[{}\"x\"]}}\n", "\"a\",".repeat(MAX_ARGS)).into_bytes(),
+                "at most 4096 words",
+            ),
+        ] {
+            let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let writer = std::thread::spawn(move || {
+                let _ = b.write_all(&req);
+                let mut reply = String::new();
+                let _ = b.read_to_string(&mut reply);
+                reply
+            });
+            handle(&ctx, a);
+            let reply = writer.join().unwrap();
+            assert!(matches!(Reply::parse(&reply), Ok(Reply::Error(ref e)) if e.contains(expect)), "{reply}");
+        }
     }
 
     #[test]
@@ -304,10 +365,9 @@ mod tests {
         assert!(component_log(&paths, "missing").is_none());
     }
 
-
     /// Runs `import` with a real importer process (`sh -c SCRIPT sh FIFO COPY`) reading
     /// the FIFO, the way ctr does; returns the reply lines and what it wrote to COPY.
-    fn import_with(script: &str, announced: u64, data: &[u8]) -> (Vec<serde_json::Value>, Option<Vec<u8>>) {
+    fn import_with(script: &str, announced: u64, data: &[u8]) -> (Vec<Reply>, Vec<u8>, Option<Vec<u8>>) {
         let d = tempfile::tempdir().unwrap();
         let fifo_dir = d.path().join("run");
         let mut input: &[u8] = data;
@@ -319,9 +379,9 @@ mod tests {
             Ok(o.status.code().unwrap_or(-1))
         };
         import(&fifo_dir, announced, &mut input, &mut out, run).unwrap();
-        let replies = String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let (replies, output) = decode(&out);
         assert_eq!(std::fs::read_dir(&fifo_dir).unwrap().count(), 0, "the FIFO is removed");
-        (replies, std::fs::read(&copy).ok())
+        (replies, output, std::fs::read(&copy).ok())
     }
 
     #[test]
@@ -330,23 +390,23 @@ mod tests {
         // The bytes after the archive must not be read: they are not the importer's.
         let mut with_trailer = data.clone();
         with_trailer.extend_from_slice(b"TRAILER");
-        let (replies, copy) = import_with(r#"cat "$1" >"$2"; echo imported"#, data.len() as u64, &with_trailer);
-        assert_eq!(replies.last().unwrap(), &json!({ "exit": 0 }), "{replies:?}");
-        assert!(replies.iter().any(|r| r["out"].as_str().is_some_and(|o| o.contains("imported"))), "{replies:?}");
+        let (replies, output, copy) = import_with(r#"cat "$1" >"$2"; echo imported"#, data.len() as u64, &with_trailer);
+        assert_eq!(replies.last().unwrap(), &Reply::Exit(0), "{replies:?}");
+        assert!(String::from_utf8_lossy(&output).contains("imported"), "{output:?}");
         assert_eq!(copy.unwrap(), data);
     }
 
     #[test]
     fn import_reports_an_importer_that_fails_or_a_short_archive_without_hanging() {
         // Exits without ever opening its input.
-        let (replies, _) = import_with("echo 'ctr: bad flag'; exit 3", 1000, &[7u8; 1000]);
-        assert_eq!(replies.last().unwrap(), &json!({ "exit": 3 }), "{replies:?}");
+        let (replies, _, _) = import_with("echo 'ctr: bad flag'; exit 3", 1000, &[7u8; 1000]);
+        assert_eq!(replies.last().unwrap(), &Reply::Exit(3), "{replies:?}");
         // Reads a little, then gives up.
-        let (replies, _) = import_with(r#"head -c 10 "$1" >/dev/null; exit 1"#, 5_000_000, &vec![1u8; 5_000_000]);
-        assert_eq!(replies.last().unwrap(), &json!({ "exit": 1 }), "{replies:?}");
+        let (replies, _, _) = import_with(r#"head -c 10 "$1" >/dev/null; exit 1"#, 5_000_000, &vec![1u8; 5_000_000]);
+        assert_eq!(replies.last().unwrap(), &Reply::Exit(1), "{replies:?}");
         // The connection ends early.
-        let (replies, _) = import_with(r#"cat "$1" >/dev/null"#, 100, &[0u8; 40]);
-        let err = replies.last().unwrap()["error"].as_str().unwrap().to_string();
+        let (replies, _, _) = import_with(r#"cat "$1" >/dev/null"#, 100, &[0u8; 40]);
+        let Some(Reply::Error(err)) = replies.last() else { panic!("{replies:?}") };
         assert!(err.contains("after 40 of the 100 bytes"), "{err}");
     }
 }

@@ -33,7 +33,8 @@ pub fn cmdline() -> String {
 /// of vsock ports, and containerd and kubelet (which inherit it) expect a high limit
 /// as under systemd.
 pub fn raise_fd_limit() {
-    let max = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1 << 20);
+    let max =
+        std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1 << 20);
     if let Err(e) = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, max, max) {
         phase::log(format!("raising the open-file limit to {max}: {e}"));
     }
@@ -111,7 +112,12 @@ pub fn network(cfg: &NodeConfig) -> Result<()> {
     std::fs::write("/etc/resolv.conf", format!("nameserver {}\n", cfg.dns)).ok();
     let ip = |args: &[&str]| -> Result<()> {
         let out = std::process::Command::new("ip").args(args).output().context("running ip (iproute2)")?;
-        anyhow::ensure!(out.status.success() || String::from_utf8_lossy(&out.stderr).contains("File exists"), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        anyhow::ensure!(
+            out.status.success() || String::from_utf8_lossy(&out.stderr).contains("File exists"),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         Ok(())
     };
     ip(&["link", "set", "lo", "up"])?;
@@ -154,7 +160,8 @@ pub fn power_off(reboot: bool) -> ! {
     let _ = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>);
     nix::unistd::sync();
     std::thread::sleep(Duration::from_millis(100));
-    let how = if reboot { nix::sys::reboot::RebootMode::RB_AUTOBOOT } else { nix::sys::reboot::RebootMode::RB_POWER_OFF };
+    let how =
+        if reboot { nix::sys::reboot::RebootMode::RB_AUTOBOOT } else { nix::sys::reboot::RebootMode::RB_POWER_OFF };
     let _ = nix::sys::reboot::reboot(how);
     loop {
         std::thread::sleep(Duration::from_secs(1));

@@ -3,12 +3,12 @@
 //! Kubernetes control plane, kubelet, kube-proxy and CoreDNS, reports each phase on the
 //! console, and shuts the node down in order when asked to power off.
 
-mod init;
 mod control;
+mod init;
 mod node;
 mod phase;
-mod ports;
 mod pki;
+mod ports;
 mod selftest;
 mod supervisor;
 
@@ -30,7 +30,7 @@ fn main() {
         fatal(e);
     }
     // Reported once /proc is there to tell the time since kernel start.
-    phase::report("agent-start");
+    phase::report(phase::AGENT_START);
     init::sysctls();
     init::raise_fd_limit();
     let cfg = NodeConfig::from_cmdline(&init::cmdline());
@@ -56,7 +56,9 @@ fn main() {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(1), nix::sys::signal::Signal::SIGTERM);
             }
             Ok(node::BringUp::Complete) => {}
-            Ok(node::BringUp::StoppedAfter(p)) => phase::log(format!("bring-up stopped after {p}, as kindling.until asked")),
+            Ok(node::BringUp::StoppedAfter(p)) => {
+                phase::log(format!("bring-up stopped after {p}, as kindling.until asked"))
+            }
             Err(e) => phase::log(format!("bring-up failed: {e:#}")),
         });
     }

@@ -44,20 +44,18 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     pub fn from_cmdline(cmdline: &str) -> Self {
-        let params: HashMap<&str, &str> = cmdline
-            .split_whitespace()
-            .filter_map(|p| p.strip_prefix("kindling.")?.split_once('='))
-            .collect();
+        let params: HashMap<&str, &str> = kindling_proto::cmdline::params(cmdline).collect();
         let get = |k: &str| params.get(k).map(|v| v.to_string());
+        use kindling_proto::cmdline as p;
         Self {
-            hostname: get("hostname").unwrap_or_else(|| "kindling".into()),
-            ip: get("ip").unwrap_or_else(|| DEFAULT_IP.into()),
-            gateway: get("gw"),
-            dns: get("dns").unwrap_or_else(|| "10.0.2.3".into()),
-            console: get("console").map(|v| v.split(',').map(str::to_owned).collect()).unwrap_or_default(),
-            selftest: get("selftest").is_some_and(|v| v == "1"),
-            until: get("until"),
-            expose: get("expose").unwrap_or_else(|| crate::ports::DEFAULT_EXPOSE.into()),
+            hostname: get(p::HOSTNAME).unwrap_or_else(|| "kindling".into()),
+            ip: get(p::IP).unwrap_or_else(|| DEFAULT_IP.into()),
+            gateway: get(p::GW),
+            dns: get(p::DNS).unwrap_or_else(|| "10.0.2.3".into()),
+            console: get(p::CONSOLE).map(|v| v.split(',').map(str::to_owned).collect()).unwrap_or_default(),
+            selftest: get(p::SELFTEST).is_some_and(|v| v == "1"),
+            until: get(p::UNTIL),
+            expose: get(p::EXPOSE).unwrap_or_else(|| crate::ports::DEFAULT_EXPOSE.into()),
         }
     }
 
@@ -128,7 +126,11 @@ pub fn versions(paths: &Paths) -> HashMap<String, String> {
 /// Writes PKI, kubeconfigs, kubelet/CNI configuration and the CoreDNS add-on.
 pub fn write_configs(cfg: &NodeConfig, paths: &Paths) -> Result<()> {
     let pki = Pki::new(paths.pki());
-    let node = NodeIdentity { hostname: cfg.hostname.clone(), addresses: vec![cfg.address().to_string()], service_ip: SERVICE_IP.into() };
+    let node = NodeIdentity {
+        hostname: cfg.hostname.clone(),
+        addresses: vec![cfg.address().to_string()],
+        service_ip: SERVICE_IP.into(),
+    };
     let written = pki.ensure(&node).context("generating the cluster PKI")?;
     if !written.is_empty() {
         phase::log(format!("PKI: wrote {}", written.join(" ")));
@@ -163,10 +165,16 @@ pub fn write_configs(cfg: &NodeConfig, paths: &Paths) -> Result<()> {
     ))?;
     let cni = paths.at("/etc/cni/net.d");
     std::fs::create_dir_all(&cni)?;
-    write_file(&cni.join("10-kindling.conflist"), &format!(
-        r#"{{"cniVersion":"1.0.0","name":"kindling","plugins":[{{"type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":true,"hairpinMode":true,"ipam":{{"type":"host-local","ranges":[[{{"subnet":"{NODE_POD_CIDR}"}}]],"routes":[{{"dst":"0.0.0.0/0"}}]}}}},{{"type":"portmap","capabilities":{{"portMappings":true}}}}]}}"#
-    ))?;
-    let coredns_image = versions(paths).get("COREDNS_IMAGE").cloned().unwrap_or_else(|| "registry.k8s.io/coredns/coredns:v1.11.3".into());
+    write_file(
+        &cni.join("10-kindling.conflist"),
+        &format!(
+            r#"{{"cniVersion":"1.0.0","name":"kindling","plugins":[{{"type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":true,"hairpinMode":true,"ipam":{{"type":"host-local","ranges":[[{{"subnet":"{NODE_POD_CIDR}"}}]],"routes":[{{"dst":"0.0.0.0/0"}}]}}}},{{"type":"portmap","capabilities":{{"portMappings":true}}}}]}}"#
+        ),
+    )?;
+    let coredns_image = versions(paths)
+        .get("COREDNS_IMAGE")
+        .cloned()
+        .unwrap_or_else(|| "registry.k8s.io/coredns/coredns:v1.11.3".into());
     write_file(&paths.config().join("coredns.yaml"), &coredns_manifest(&coredns_image))?;
     Ok(())
 }
@@ -191,73 +199,101 @@ pub fn specs(cfg: &NodeConfig, paths: &Paths) -> HashMap<&'static str, Spec> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let addr = cfg.address().to_string();
     HashMap::from([
-        spec("containerd", "containerd", s(&["--config", &paths.at("/etc/containerd/config.toml").display().to_string()])),
-        spec("etcd", "etcd", vec![
-            "--name=kindling".into(),
-            format!("--data-dir={}", paths.etcd_data().display()),
-            "--listen-client-urls=http://127.0.0.1:2379".into(),
-            "--advertise-client-urls=http://127.0.0.1:2379".into(),
-            "--listen-peer-urls=http://127.0.0.1:2380".into(),
-            "--initial-advertise-peer-urls=http://127.0.0.1:2380".into(),
-            "--initial-cluster=kindling=http://127.0.0.1:2380".into(),
-            "--listen-metrics-urls=http://127.0.0.1:2381".into(),
-            "--snapshot-count=10000".into(),
-            "--quota-backend-bytes=1073741824".into(),
-        ]),
-        spec("kube-apiserver", "kube-apiserver", vec![
-            format!("--advertise-address={addr}"),
-            "--etcd-servers=http://127.0.0.1:2379".into(),
-            "--secure-port=6443".into(),
-            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-            format!("--tls-cert-file={}", p("apiserver.crt")),
-            format!("--tls-private-key-file={}", p("apiserver.key")),
-            format!("--client-ca-file={}", p("ca.crt")),
-            format!("--kubelet-client-certificate={}", p("apiserver-kubelet-client.crt")),
-            format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
-            format!("--kubelet-certificate-authority={}", p("ca.crt")),
-            format!("--service-account-key-file={}", p("sa.pub")),
-            format!("--service-account-signing-key-file={}", p("sa.key")),
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-            "--authorization-mode=Node,RBAC".into(),
-            "--enable-admission-plugins=NodeRestriction".into(),
-            "--allow-privileged=true".into(),
-            "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
-            "--endpoint-reconciler-type=lease".into(),
-        ]),
-        spec("kube-controller-manager", "kube-controller-manager", vec![
-            format!("--kubeconfig={}", kc("controller-manager")),
-            format!("--authentication-kubeconfig={}", kc("controller-manager")),
-            format!("--authorization-kubeconfig={}", kc("controller-manager")),
-            format!("--cluster-signing-cert-file={}", p("ca.crt")),
-            format!("--cluster-signing-key-file={}", p("ca.key")),
-            format!("--root-ca-file={}", p("ca.crt")),
-            format!("--service-account-private-key-file={}", p("sa.key")),
-            "--use-service-account-credentials=true".into(),
-            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-            format!("--cluster-cidr={CLUSTER_CIDR}"),
-            "--leader-elect=false".into(),
-            "--bind-address=127.0.0.1".into(),
-        ]),
-        spec("kube-scheduler", "kube-scheduler", vec![
-            format!("--kubeconfig={}", kc("scheduler")),
-            format!("--authentication-kubeconfig={}", kc("scheduler")),
-            format!("--authorization-kubeconfig={}", kc("scheduler")),
-            "--leader-elect=false".into(),
-            "--bind-address=127.0.0.1".into(),
-        ]),
-        spec("kubelet", "kubelet", vec![
-            format!("--config={}", paths.config().join("kubelet.yaml").display()),
-            format!("--kubeconfig={}", kc("kubelet")),
-            format!("--hostname-override={}", cfg.hostname),
-            format!("--node-ip={addr}"),
-        ]),
-        spec("kube-proxy", "kube-proxy", vec![
-            format!("--kubeconfig={}", kc("kube-proxy")),
-            format!("--hostname-override={}", cfg.hostname),
-            format!("--cluster-cidr={CLUSTER_CIDR}"),
-            "--proxy-mode=iptables".into(),
-            "--conntrack-max-per-core=0".into(),
-        ]),
+        spec(
+            "containerd",
+            "containerd",
+            s(&["--config", &paths.at("/etc/containerd/config.toml").display().to_string()]),
+        ),
+        spec(
+            "etcd",
+            "etcd",
+            vec![
+                "--name=kindling".into(),
+                format!("--data-dir={}", paths.etcd_data().display()),
+                "--listen-client-urls=http://127.0.0.1:2379".into(),
+                "--advertise-client-urls=http://127.0.0.1:2379".into(),
+                "--listen-peer-urls=http://127.0.0.1:2380".into(),
+                "--initial-advertise-peer-urls=http://127.0.0.1:2380".into(),
+                "--initial-cluster=kindling=http://127.0.0.1:2380".into(),
+                "--listen-metrics-urls=http://127.0.0.1:2381".into(),
+                "--snapshot-count=10000".into(),
+                "--quota-backend-bytes=1073741824".into(),
+            ],
+        ),
+        spec(
+            "kube-apiserver",
+            "kube-apiserver",
+            vec![
+                format!("--advertise-address={addr}"),
+                "--etcd-servers=http://127.0.0.1:2379".into(),
+                "--secure-port=6443".into(),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                format!("--tls-cert-file={}", p("apiserver.crt")),
+                format!("--tls-private-key-file={}", p("apiserver.key")),
+                format!("--client-ca-file={}", p("ca.crt")),
+                format!("--kubelet-client-certificate={}", p("apiserver-kubelet-client.crt")),
+                format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
+                format!("--kubelet-certificate-authority={}", p("ca.crt")),
+                format!("--service-account-key-file={}", p("sa.pub")),
+                format!("--service-account-signing-key-file={}", p("sa.key")),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                "--allow-privileged=true".into(),
+                "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
+                "--endpoint-reconciler-type=lease".into(),
+            ],
+        ),
+        spec(
+            "kube-controller-manager",
+            "kube-controller-manager",
+            vec![
+                format!("--kubeconfig={}", kc("controller-manager")),
+                format!("--authentication-kubeconfig={}", kc("controller-manager")),
+                format!("--authorization-kubeconfig={}", kc("controller-manager")),
+                format!("--cluster-signing-cert-file={}", p("ca.crt")),
+                format!("--cluster-signing-key-file={}", p("ca.key")),
+                format!("--root-ca-file={}", p("ca.crt")),
+                format!("--service-account-private-key-file={}", p("sa.key")),
+                "--use-service-account-credentials=true".into(),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                format!("--cluster-cidr={CLUSTER_CIDR}"),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+            ],
+        ),
+        spec(
+            "kube-scheduler",
+            "kube-scheduler",
+            vec![
+                format!("--kubeconfig={}", kc("scheduler")),
+                format!("--authentication-kubeconfig={}", kc("scheduler")),
+                format!("--authorization-kubeconfig={}", kc("scheduler")),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+            ],
+        ),
+        spec(
+            "kubelet",
+            "kubelet",
+            vec![
+                format!("--config={}", paths.config().join("kubelet.yaml").display()),
+                format!("--kubeconfig={}", kc("kubelet")),
+                format!("--hostname-override={}", cfg.hostname),
+                format!("--node-ip={addr}"),
+            ],
+        ),
+        spec(
+            "kube-proxy",
+            "kube-proxy",
+            vec![
+                format!("--kubeconfig={}", kc("kube-proxy")),
+                format!("--hostname-override={}", cfg.hostname),
+                format!("--cluster-cidr={CLUSTER_CIDR}"),
+                "--proxy-mode=iptables".into(),
+                "--conntrack-max-per-core=0".into(),
+            ],
+        ),
     ])
 }
 
@@ -280,16 +316,18 @@ impl Node {
     /// Orderly shutdown: kubelet and kube-proxy, the control plane, etcd, then containerd.
     pub fn stop(&self) {
         let comps = self.components.lock().unwrap();
-        for group in [&["kubelet", "kube-proxy"][..], &["kube-scheduler", "kube-controller-manager", "kube-apiserver"], &["etcd"], &["containerd"]] {
+        for group in [
+            &["kubelet", "kube-proxy"][..],
+            &["kube-scheduler", "kube-controller-manager", "kube-apiserver"],
+            &["etcd"],
+            &["containerd"],
+        ] {
             for c in comps.iter().filter(|c| group.contains(&c.name)) {
                 c.stop(Duration::from_secs(10));
             }
         }
     }
 }
-
-/// Phases of bring-up, in order (`kindling-agent: phase <name> <seconds>`).
-pub const PHASES: [&str; 6] = ["agent-start", "etcd-ready", "containerd-ready", "apiserver-ready", "node-ready", "dns-ready"];
 
 /// Whether bring-up went all the way or stopped where `kindling.until` said.
 #[derive(Debug, PartialEq, Eq)]
@@ -302,10 +340,10 @@ pub enum BringUp {
 /// cluster DNS is available (or after the `until` phase).
 pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Node) -> Result<BringUp> {
     if let Some(u) = &cfg.until {
-        anyhow::ensure!(PHASES.contains(&u.as_str()), "kindling.until={u} is not a phase; use one of {}", PHASES.join(", "));
+        anyhow::ensure!(phase::is_known(u), "kindling.until={u} is not a phase; use one of {}", phase::ALL.join(", "));
     }
-    if cfg.until.as_deref() == Some("agent-start") {
-        return Ok(BringUp::StoppedAfter("agent-start".into()));
+    if cfg.until.as_deref() == Some(phase::AGENT_START) {
+        return Ok(BringUp::StoppedAfter(phase::AGENT_START.into()));
     }
     // Reports a phase; true when bring-up is to stop there.
     let reached = |name: &str| {
@@ -316,7 +354,10 @@ pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Nod
     let mut specs = specs(cfg, paths);
     let mut start = |name: &'static str| -> Result<()> {
         let spec = specs.remove(name).expect("known component");
-        node.add(Component::start(spec, reaper.clone(), &paths.logs(), cfg.shows(name)).with_context(|| format!("starting {name}"))?);
+        node.add(
+            Component::start(spec, reaper.clone(), &paths.logs(), cfg.shows(name))
+                .with_context(|| format!("starting {name}"))?,
+        );
         Ok(())
     };
     let comps = node;
@@ -340,7 +381,11 @@ pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Nod
         return Ok(BringUp::StoppedAfter("containerd-ready".into()));
     }
 
-    wait_for("kube-apiserver", comps, || reaper.run(&[&kubectl, "--kubeconfig", &admin, "get", "--raw=/readyz"]).is_ok_and(|(c, o)| c == 0 && o.trim() == "ok"));
+    wait_for("kube-apiserver", comps, || {
+        reaper
+            .run(&[&kubectl, "--kubeconfig", &admin, "get", "--raw=/readyz"])
+            .is_ok_and(|(c, o)| c == 0 && o.trim() == "ok")
+    });
     if reached("apiserver-ready") {
         return Ok(BringUp::StoppedAfter("apiserver-ready".into()));
     }
@@ -351,18 +396,32 @@ pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Nod
     start("kube-controller-manager")?;
     start("kube-scheduler")?;
     let coredns = paths.config().join("coredns.yaml").display().to_string();
-    wait_for("kube-apiserver", comps, || reaper.run(&[&kubectl, "--kubeconfig", &admin, "apply", "-f", &coredns]).is_ok_and(|(c, _)| c == 0));
+    wait_for("kube-apiserver", comps, || {
+        reaper.run(&[&kubectl, "--kubeconfig", &admin, "apply", "-f", &coredns]).is_ok_and(|(c, _)| c == 0)
+    });
 
     let ready_jsonpath = r#"-o=jsonpath={.status.conditions[?(@.type=="Ready")].status}"#;
     wait_for("kubelet", comps, || {
-        reaper.run(&[&kubectl, "--kubeconfig", &admin, "get", "node", &cfg.hostname, ready_jsonpath]).is_ok_and(|(c, o)| c == 0 && o.trim() == "True")
+        reaper
+            .run(&[&kubectl, "--kubeconfig", &admin, "get", "node", &cfg.hostname, ready_jsonpath])
+            .is_ok_and(|(c, o)| c == 0 && o.trim() == "True")
     });
-    if reached("node-ready") {
-        return Ok(BringUp::StoppedAfter("node-ready".into()));
+    if reached(phase::NODE_READY) {
+        return Ok(BringUp::StoppedAfter(phase::NODE_READY.into()));
     }
     wait_for("coredns", comps, || {
         reaper
-            .run(&[&kubectl, "--kubeconfig", &admin, "-n", "kube-system", "get", "deploy", "coredns", "-o=jsonpath={.status.availableReplicas}"])
+            .run(&[
+                &kubectl,
+                "--kubeconfig",
+                &admin,
+                "-n",
+                "kube-system",
+                "get",
+                "deploy",
+                "coredns",
+                "-o=jsonpath={.status.availableReplicas}",
+            ])
             .is_ok_and(|(c, o)| c == 0 && o.trim().parse::<u32>().unwrap_or(0) >= 1)
     });
     phase::report("dns-ready");
@@ -378,7 +437,8 @@ fn import_images(reaper: &Reaper, ctr: &str, sock: &str, dir: &Path) -> Result<(
     let (_, have) = reaper.run(&[ctr, "--address", sock, "-n", "k8s.io", "images", "ls", "-q"])?;
     let marker = dir.join(".imported");
     let stamp = std::fs::read_to_string(&marker).unwrap_or_default();
-    let mut archives: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "tar")).collect();
+    let mut archives: Vec<PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "tar")).collect();
     archives.sort();
     let wanted: String = archives.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join("\n");
     if stamp == wanted && !have.trim().is_empty() {
@@ -386,7 +446,17 @@ fn import_images(reaper: &Reaper, ctr: &str, sock: &str, dir: &Path) -> Result<(
     }
     for a in &archives {
         let t = Instant::now();
-        let (code, out) = reaper.run(&[ctr, "--address", sock, "-n", "k8s.io", "images", "import", "--no-unpack", &a.display().to_string()])?;
+        let (code, out) = reaper.run(&[
+            ctr,
+            "--address",
+            sock,
+            "-n",
+            "k8s.io",
+            "images",
+            "import",
+            "--no-unpack",
+            &a.display().to_string(),
+        ])?;
         anyhow::ensure!(code == 0, "importing {}: {out}", a.display());
         phase::log(format!("imported {} in {:.1}s", a.display(), t.elapsed().as_secs_f64()));
     }
@@ -395,7 +465,9 @@ fn import_images(reaper: &Reaper, ctr: &str, sock: &str, dir: &Path) -> Result<(
 }
 
 fn etcd_healthy() -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&"127.0.0.1:2379".parse().unwrap(), Duration::from_secs(2)) else { return false };
+    let Ok(mut s) = TcpStream::connect_timeout(&"127.0.0.1:2379".parse().unwrap(), Duration::from_secs(2)) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
         return false;
@@ -424,7 +496,8 @@ fn wait_for(what: &str, node: &Node, mut check: impl FnMut() -> bool) -> Duratio
 }
 
 fn coredns_manifest(image: &str) -> String {
-    format!(r#"apiVersion: v1
+    format!(
+        r#"apiVersion: v1
 kind: ServiceAccount
 metadata: {{name: coredns, namespace: kube-system}}
 ---
@@ -507,7 +580,8 @@ spec:
   ports:
   - {{name: dns, port: 53, protocol: UDP}}
   - {{name: dns-tcp, port: 53, protocol: TCP}}
-"#)
+"#
+    )
 }
 
 #[cfg(test)]
@@ -535,7 +609,10 @@ mod tests {
         for (name, spec) in &specs {
             for arg in &spec.argv[1..] {
                 let value = arg.split_once('=').map(|(_, v)| v).unwrap_or(arg);
-                if value.starts_with(d.path().to_str().unwrap()) && !value.contains("/etcd") && !value.contains("/containerd/") {
+                if value.starts_with(d.path().to_str().unwrap())
+                    && !value.contains("/etcd")
+                    && !value.contains("/containerd/")
+                {
                     assert!(Path::new(value).exists(), "{name}: {arg} does not exist");
                 }
             }

@@ -38,7 +38,11 @@ pub fn clients(node: &NodeIdentity) -> Vec<Client> {
         Client { name: "scheduler", user: "system:kube-scheduler".into(), groups: vec![] },
         Client { name: "kube-proxy", user: "system:kube-proxy".into(), groups: vec![] },
         Client { name: "kubelet", user: format!("system:node:{}", node.hostname), groups: vec!["system:nodes"] },
-        Client { name: "apiserver-kubelet-client", user: "kube-apiserver-kubelet-client".into(), groups: vec!["system:masters"] },
+        Client {
+            name: "apiserver-kubelet-client",
+            user: "kube-apiserver-kubelet-client".into(),
+            groups: vec!["system:masters"],
+        },
     ]
 }
 
@@ -77,7 +81,8 @@ impl Pki {
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             self.write_cert("apiserver", &p, &key, &ca, &stamp, &mut written)?;
         }
-        let kubelet_sans: Vec<String> = [node.hostname.clone(), "127.0.0.1".into()].into_iter().chain(node.addresses.clone()).collect();
+        let kubelet_sans: Vec<String> =
+            [node.hostname.clone(), "127.0.0.1".into()].into_iter().chain(node.addresses.clone()).collect();
         let kstamp = kubelet_sans.join(",");
         if self.reissue("kubelet-serving", &kstamp) {
             let key = self.key("kubelet-serving.key", &mut written)?;
@@ -194,7 +199,12 @@ pub fn apiserver_sans(node: &NodeIdentity) -> Vec<String> {
 
 fn write(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(data)?;
     f.sync_all()?;
@@ -213,7 +223,11 @@ mod tests {
     use std::process::Command;
 
     fn node() -> NodeIdentity {
-        NodeIdentity { hostname: "kindling".into(), addresses: vec!["10.0.2.15".into()], service_ip: "10.96.0.1".into() }
+        NodeIdentity {
+            hostname: "kindling".into(),
+            addresses: vec!["10.0.2.15".into()],
+            service_ip: "10.96.0.1".into(),
+        }
     }
 
     fn openssl(args: &[&str]) -> String {
@@ -231,12 +245,21 @@ mod tests {
         let ca = pki.path("ca.crt");
         for c in ["apiserver", "kubelet-serving", "admin", "kubelet", "controller-manager", "scheduler", "kube-proxy"] {
             let crt = pki.path(&format!("{c}.crt"));
-            assert!(openssl(&["verify", "-CAfile", ca.to_str().unwrap(), crt.to_str().unwrap()]).contains(": OK"), "{c}");
+            assert!(
+                openssl(&["verify", "-CAfile", ca.to_str().unwrap(), crt.to_str().unwrap()]).contains(": OK"),
+                "{c}"
+            );
             let mode = fs::metadata(pki.path(&format!("{c}.key"))).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{c}.key");
         }
         let text = openssl(&["x509", "-noout", "-text", "-in", pki.path("apiserver.crt").to_str().unwrap()]);
-        for san in ["DNS:kubernetes.default.svc.cluster.local", "DNS:localhost", "IP Address:127.0.0.1", "IP Address:10.0.2.15", "IP Address:10.96.0.1"] {
+        for san in [
+            "DNS:kubernetes.default.svc.cluster.local",
+            "DNS:localhost",
+            "IP Address:127.0.0.1",
+            "IP Address:10.0.2.15",
+            "IP Address:10.96.0.1",
+        ] {
             assert!(text.contains(san), "apiserver SAN {san} missing:\n{text}");
         }
         let admin = openssl(&["x509", "-noout", "-subject", "-in", pki.path("admin.crt").to_str().unwrap()]);
@@ -249,7 +272,8 @@ mod tests {
         moved.addresses = vec!["192.168.7.2".into()];
         let again = pki.ensure(&moved).unwrap();
         assert_eq!(again, vec!["apiserver.crt".to_string(), "kubelet-serving.crt".to_string()]);
-        assert!(openssl(&["verify", "-CAfile", ca.to_str().unwrap(), pki.path("apiserver.crt").to_str().unwrap()]).contains(": OK"));
+        assert!(openssl(&["verify", "-CAfile", ca.to_str().unwrap(), pki.path("apiserver.crt").to_str().unwrap()])
+            .contains(": OK"));
     }
 
     #[test]

@@ -23,7 +23,8 @@ pub fn parse(spec: &str) -> Result<Vec<u32>> {
     let mut ports = Vec::new();
     for part in spec.split(',').filter(|p| !p.is_empty()) {
         let (a, b) = part.split_once('-').unwrap_or((part, part));
-        let (a, b): (u32, u32) = (a.parse().with_context(|| format!("port {a:?}"))?, b.parse().with_context(|| format!("port {b:?}"))?);
+        let (a, b): (u32, u32) =
+            (a.parse().with_context(|| format!("port {a:?}"))?, b.parse().with_context(|| format!("port {b:?}"))?);
         anyhow::ensure!(a >= 1 && a <= b && b <= 65535, "bad port range {part:?}");
         ports.extend(a..=b);
     }
@@ -51,7 +52,10 @@ pub fn expose(ports: &[u32], addr: &str) -> Result<()> {
             for ev in &events[..n] {
                 let port = ev.data() as u32;
                 let Some((_, l)) = listeners.iter().find(|(p, _)| *p == port) else { continue };
-                let Ok(conn) = nix::sys::socket::accept4(l.as_raw_fd(), nix::sys::socket::SockFlag::SOCK_CLOEXEC) else { continue };
+                let Ok(conn) = nix::sys::socket::accept4(l.as_raw_fd(), nix::sys::socket::SockFlag::SOCK_CLOEXEC)
+                else {
+                    continue;
+                };
                 // SAFETY: accept4 returned a new descriptor that nothing else owns.
                 let conn = Vsock(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(conn) });
                 let addr = addr.clone();
@@ -100,11 +104,13 @@ impl Write for Vsock {
 /// Connects to the guest TCP port and copies both ways; each side's end of data is
 /// passed on as a half-close.
 fn relay(vsock: Vsock, addr: &str, port: u32) {
-    let tcp = match TcpStream::connect_timeout(&match format!("{addr}:{port}").parse() {
-        Ok(a) => a,
-        Err(_) => return,
-    }, Duration::from_secs(10))
-    {
+    let tcp = match TcpStream::connect_timeout(
+        &match format!("{addr}:{port}").parse() {
+            Ok(a) => a,
+            Err(_) => return,
+        },
+        Duration::from_secs(10),
+    ) {
         Ok(t) => t,
         Err(_) => return vsock.shutdown(nix::sys::socket::Shutdown::Both), // nothing listens (yet)
     };

@@ -22,7 +22,18 @@ pub fn run(paths: &Paths, reaper: &Reaper) -> bool {
         let image = format!("--image={busybox}");
         // A pod of the same name may be left from an earlier boot of this disk.
         let _ = k(&["delete", "pod", name, "--ignore-not-found", "--wait=true"]);
-        let (c, o) = k(&["run", name, &image, "--restart=Never", "--image-pull-policy=IfNotPresent", "--command", "--", "sh", "-c", script]);
+        let (c, o) = k(&[
+            "run",
+            name,
+            &image,
+            "--restart=Never",
+            "--image-pull-policy=IfNotPresent",
+            "--command",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]);
         if c != 0 {
             return Err(o);
         }
@@ -32,7 +43,9 @@ pub fn run(paths: &Paths, reaper: &Reaper) -> bool {
             match phase.trim() {
                 "Succeeded" => return Ok(k(&["logs", name]).1),
                 "Failed" => return Err(format!("pod failed: {}", k(&["logs", name]).1)),
-                _ if t0.elapsed() > Duration::from_secs(600) => return Err(format!("pod stuck in {phase}: {}", k(&["describe", "pod", name]).1)),
+                _ if t0.elapsed() > Duration::from_secs(600) => {
+                    return Err(format!("pod stuck in {phase}: {}", k(&["describe", "pod", name]).1))
+                }
                 _ => std::thread::sleep(Duration::from_secs(2)),
             }
         }
@@ -46,23 +59,45 @@ pub fn run(paths: &Paths, reaper: &Reaper) -> bool {
         ok &= result.is_ok();
     };
 
-    check("busybox-pod", pod_output("selftest-busybox", "echo kindling-pod-ran").and_then(|o| {
-        if o.contains("kindling-pod-ran") { Ok(()) } else { Err(format!("unexpected output {o:?}")) }
-    }));
+    check(
+        "busybox-pod",
+        pod_output("selftest-busybox", "echo kindling-pod-ran").and_then(|o| {
+            if o.contains("kindling-pod-ran") {
+                Ok(())
+            } else {
+                Err(format!("unexpected output {o:?}"))
+            }
+        }),
+    );
     check("configmap", {
         let _ = k(&["create", "configmap", "selftest", "--from-literal=greeting=hello-from-kindling"]);
         let (_, v) = k(&["get", "configmap", "selftest", "-o=jsonpath={.data.greeting}"]);
-        if v.trim() == "hello-from-kindling" { Ok(()) } else { Err(format!("read back {v:?}")) }
+        if v.trim() == "hello-from-kindling" {
+            Ok(())
+        } else {
+            Err(format!("read back {v:?}"))
+        }
     });
     check("secret", {
         let _ = k(&["create", "secret", "generic", "selftest", "--from-literal=token=s3cr3t"]);
         let (_, v) = k(&["get", "secret", "selftest", "-o=jsonpath={.data.token}"]);
         // base64("s3cr3t")
-        if v.trim() == "czNjcjN0" { Ok(()) } else { Err(format!("read back {v:?}")) }
+        if v.trim() == "czNjcjN0" {
+            Ok(())
+        } else {
+            Err(format!("read back {v:?}"))
+        }
     });
-    check("dns", pod_output("selftest-dns", "nslookup kubernetes.default.svc.cluster.local").and_then(|o| {
-        if o.contains(SERVICE_IP) { Ok(()) } else { Err(format!("lookup answered {o:?}")) }
-    }));
+    check(
+        "dns",
+        pod_output("selftest-dns", "nslookup kubernetes.default.svc.cluster.local").and_then(|o| {
+            if o.contains(SERVICE_IP) {
+                Ok(())
+            } else {
+                Err(format!("lookup answered {o:?}"))
+            }
+        }),
+    );
     phase::log(if ok { "selftest passed" } else { "selftest FAILED" });
     ok
 }

@@ -47,7 +47,8 @@ impl Reaper {
                     std::thread::sleep(Duration::from_millis(200)); // no children yet
                     continue;
                 }
-                let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) };
+                let code =
+                    if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) };
                 if let Some(tx) = w.lock().unwrap().remove(&pid) {
                     let _ = tx.send(code);
                 }
@@ -104,7 +105,11 @@ impl Reaper {
     /// Runs a command to completion, handing its output (stdout and stderr, merged) to
     /// `on_output` as it comes. If `on_output` fails (its reader went away), the
     /// command is killed. Returns the exit code.
-    pub fn run_streaming(&self, argv: &[&str], on_output: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<i32> {
+    pub fn run_streaming(
+        &self,
+        argv: &[&str],
+        on_output: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<i32> {
         let (mut reader, writer) = std::io::pipe()?;
         let mut cmd = Command::new(argv[0]);
         cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(writer.try_clone()?).stderr(writer).process_group(0);
@@ -158,7 +163,9 @@ impl Component {
                         l.display(),
                         last_errors(&l, 5)
                     )),
-                    Err(e) => phase::log(format!("{} could not start: {e}; retrying in {}s", spec.name, backoff.as_secs())),
+                    Err(e) => {
+                        phase::log(format!("{} could not start: {e}; retrying in {}s", spec.name, backoff.as_secs()))
+                    }
                 }
                 *p.lock().unwrap() = None;
                 if s.load(Ordering::SeqCst) {
@@ -218,7 +225,13 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn run_once(spec: &Spec, reaper: &Reaper, log: &Path, console: bool, pid_slot: &Mutex<Option<i32>>) -> std::io::Result<i32> {
+fn run_once(
+    spec: &Spec,
+    reaper: &Reaper,
+    log: &Path,
+    console: bool,
+    pid_slot: &Mutex<Option<i32>>,
+) -> std::io::Result<i32> {
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     writeln!(file, "--- kindling-agent: starting {} at {:.2}s: {}", spec.name, phase::uptime(), spec.argv.join(" "))?;
     let (reader, writer) = std::io::pipe()?;
@@ -250,7 +263,11 @@ mod tests {
     fn last_errors_prefers_klog_errors_over_noise() {
         let d = tempfile::tempdir().unwrap();
         let log = d.path().join("x.log");
-        std::fs::write(&log, "I0101 started\nE0101 etcd: context deadline exceeded\nTrace[1]: noise\nTrace[1]: more noise\n").unwrap();
+        std::fs::write(
+            &log,
+            "I0101 started\nE0101 etcd: context deadline exceeded\nTrace[1]: noise\nTrace[1]: more noise\n",
+        )
+        .unwrap();
         assert_eq!(last_errors(&log, 5), "E0101 etcd: context deadline exceeded");
         std::fs::write(&log, "a\nb\nc\n").unwrap();
         assert_eq!(last_errors(&log, 2), "b\nc");

@@ -12,8 +12,25 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// The `kindling` binary of this build: next to the test executables' `deps/` folder
+/// (`cargo build` puts it there; scripts/test builds it before the tests).
+pub fn kindling_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test executable's path");
+        let bin = exe.parent().and_then(Path::parent).map(|d| d.join("kindling")).expect("a target directory");
+        assert!(
+            bin.is_file(),
+            "{} not found: build it first with `cargo build -p kindling` (scripts/test does)",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
+}
+
 pub fn kindling() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kindling"))
+    Command::new(kindling_bin())
 }
 
 /// Debian's stock cloud kernel, as extracted by scripts/setup.

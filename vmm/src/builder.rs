@@ -29,30 +29,52 @@ use crate::devices::{ExitReason, ExitSignal};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
+/// Why a microVM could not be built or run.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// The config is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// Opening KVM or creating the VM, its memory or its irqchip failed.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// Creating or starting a vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A disk image could not be opened.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// The vsock device could not be set up.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// The network device could not be set up.
     #[error(transparent)]
     Net(#[from] NetError),
+    /// Loading the kernel, initrd or command line failed.
     #[error(transparent)]
     Boot(#[from] kernel::BootError),
+    /// The ACPI tables could not be written.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    /// The boot GDT and page tables could not be written.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
-    #[error("too many virtio devices: at most {0} fit the interrupt lines; remove some --disk (or --vsock, --net none)")]
+    /// There are more virtio devices than interrupt lines for them.
+    #[error(
+        "too many virtio devices: at most {0} fit the interrupt lines; remove some --disk (or --vsock, --net none)"
+    )]
     TooManyDevices(usize),
+    /// A network device came without a backend, or a backend without a device.
+    #[error("the config has a network device but no backend was given for it (or a backend without the device)")]
+    NetBackendMismatch,
+    /// Setting up an eventfd, irqfd, bus range, epoll or the like failed.
     #[error("setting up {what}: {err}")]
-    Setup { what: &'static str, err: String },
+    Setup {
+        /// What was being set up.
+        what: &'static str,
+        /// The error, as text.
+        err: String,
+    },
 }
 
 fn setup<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BuildError {
@@ -61,9 +83,19 @@ fn setup<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BuildErr
 
 /// Where the guest console goes and comes from.
 pub struct Console {
+    /// Where guest console output is written.
     pub output: Box<dyn Write + Send>,
     /// Read end for console input (stdin), if any.
     pub input: Option<RawFd>,
+}
+
+/// The host resources a VM uses besides the files its config names, set up by the
+/// caller: the console, and the open backend of the network device.
+pub struct HostResources {
+    /// The guest console.
+    pub console: Console,
+    /// The backend of [`VmConfig::net`]'s device (a tap, a passt socket).
+    pub net: Option<Box<dyn net::Backend>>,
 }
 
 /// Epoll tokens.
@@ -76,6 +108,7 @@ const TOKEN_HOST_EVENTS_BASE: u64 = 1 << 32;
 /// Ctrl-A then x quits, as in QEMU, when the console is a terminal.
 const ESCAPE: u8 = 0x01;
 
+/// A microVM built from a config, ready to [`run`](Self::run).
 pub struct MicroVm {
     vm: Vm,
     /// Guest RAM; KVM's memory slots point into it, so it lives as long as the VM.
@@ -87,14 +120,21 @@ pub struct MicroVm {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     input: Option<RawFd>,
+    /// When [`Self::build`] began; the logs time boot steps from it.
     pub started: Instant,
 }
 
 impl MicroVm {
     /// Validates the config and builds everything short of running vCPUs.
-    pub fn build(config: &VmConfig, console: Console) -> Result<Self, BuildError> {
+    pub fn build(config: &VmConfig, host: HostResources) -> Result<Self, BuildError> {
         let started = Instant::now();
         let format = config.validate()?;
+        let HostResources { console, net: net_backend } = host;
+        if config.net.is_some() != net_backend.is_some() {
+            return Err(BuildError::NetBackendMismatch);
+        }
+        // validate() bounds the count well below 256.
+        let cpus = u8::try_from(config.cpus).map_err(|_| ConfigError::TooManyCpus(config.cpus))?;
         let vm = Vm::new()?;
         let mem = vm.create_memory(config.memory_mib)?;
         vm.setup_irqchip()?;
@@ -128,36 +168,35 @@ impl MicroVm {
             let arg = virtio.attach(&vm, &mem, &mut mmio, Box::new(device))?;
             cmdline.insert_str(arg).map_err(|_| too_long())?;
         }
-        if let Some(net_config) = &config.net {
-            let (backend, guest, summary): (Box<dyn net::Backend>, _, _) = match net_config.backend {
-                crate::config::NetBackend::Tap => {
-                    let (tap, guest, summary) = net::tap::Tap::setup()?;
-                    (Box::new(tap), guest, summary)
-                }
-                crate::config::NetBackend::Passt => {
-                    let (passt, guest, summary) = net::passt::Passt::start()?;
-                    (Box::new(passt), guest, summary)
-                }
-            };
-            tracing::info!("net: {summary}");
-            let device = Net::new(backend, net::guest_mac())?;
+        if let (Some(net_config), Some(backend)) = (&config.net, net_backend) {
+            tracing::info!("net: {}", backend.describe());
+            let device = Net::new(backend, net_config.mac)?;
             let arg = virtio.attach(&vm, &mem, &mut mmio, Box::new(device))?;
             cmdline.insert_str(arg).map_err(|_| too_long())?;
-            let addresses = guest.cmdline_args(&config.cmdline);
-            if !addresses.trim().is_empty() {
-                cmdline.insert_str(addresses).map_err(|_| too_long())?;
-            }
         }
-        tracing::debug!("kernel command line: {}", cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default());
+        tracing::debug!(
+            "kernel command line: {}",
+            cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+        );
 
-        let rsdp = acpi::write_tables(&mem, config.cpus)?;
+        let rsdp = acpi::write_tables(&mem, cpus)?;
         regs::write_boot_tables(&mem)?;
         let boot = kernel::load(&mem, format, &config.kernel, config.initrd.as_deref(), &cmdline, rsdp)?;
-        let vcpus = (0..config.cpus)
-            .map(|i| Vcpu::new(&vm, i, config.cpus, (i == 0).then_some(boot)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let vcpus =
+            (0..cpus).map(|i| Vcpu::new(&vm, i, cpus, (i == 0).then_some(boot))).collect::<Result<Vec<_>, _>>()?;
         tracing::debug!("microVM built in {:?}", started.elapsed());
-        Ok(Self { vm, mem, exit, serial, virtio, vcpus, pio: Arc::new(pio), mmio: Arc::new(mmio), input: console.input, started })
+        Ok(Self {
+            vm,
+            mem,
+            exit,
+            serial,
+            virtio,
+            vcpus,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            input: console.input,
+            started,
+        })
     }
 
     /// Runs the guest until it powers off, resets or fails.

@@ -1,4 +1,6 @@
-//! What a user asks for when booting a microVM, validated before anything is built.
+//! What a microVM is made of, validated before anything is built. This is the one
+//! place with the VM's limits: `kindling boot`, the daemon and the cluster manager all
+//! build a [`VmConfig`] and call [`VmConfig::validate`].
 //!
 //! Every rejection names the offending value and how to fix it: these messages are
 //! what a user sees on the terminal.
@@ -10,55 +12,99 @@ use std::path::{Path, PathBuf};
 
 use crate::arch::layout;
 
-/// Largest guest the VMM agrees to build (vCPUs). The MADT uses 8-bit APIC IDs.
-pub const MAX_VCPUS: u8 = 64;
-/// Smallest memory a Linux guest can boot in with our layout.
-pub const MIN_MEMORY_MIB: u64 = 32;
+/// Smallest and largest guest the VMM agrees to build (vCPUs), as Firecracker (the MADT
+/// would take up to 254).
+pub const MIN_VCPUS: u32 = 1;
+/// Largest number of vCPUs a guest may have.
+pub const MAX_VCPUS: u32 = 32;
+/// Smallest memory a Linux guest boots in comfortably with our layout, and the most
+/// this VMM is meant to give a microVM.
+pub const MIN_MEMORY_MIB: u64 = 64;
+/// Most memory a guest may have, in MiB.
+pub const MAX_MEMORY_MIB: u64 = 65536;
 /// The x86 kernel's default COMMAND_LINE_SIZE (including the terminating NUL).
 pub const CMDLINE_MAX: usize = 2048;
 
+/// Why a [`VmConfig`] was rejected; each message says how to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The kernel image does not exist.
     #[error("kernel image {0}: file not found; pass --kernel with the path of a bzImage or ELF vmlinux")]
     KernelMissing(PathBuf),
+    /// The kernel image could not be opened or read.
     #[error("kernel image {path}: cannot read it ({err}); check the path and its permissions")]
-    KernelUnreadable { path: PathBuf, err: std::io::Error },
+    KernelUnreadable {
+        /// The kernel image's path.
+        path: PathBuf,
+        /// Why it could not be opened or read.
+        err: std::io::Error,
+    },
+    /// The kernel image is neither a bzImage nor an ELF vmlinux.
     #[error("kernel image {0}: not a Linux kernel (neither a bzImage with a 'HdrS' boot header nor an ELF vmlinux); pass the kernel's bzImage/vmlinuz or vmlinux")]
     KernelNotLinux(PathBuf),
+    /// The initrd does not exist (or is not a regular file).
     #[error("initrd {0}: file not found; pass --initrd with the path of an initramfs archive, or leave it out")]
     InitrdMissing(PathBuf),
+    /// A disk image does not exist.
     #[error("disk {0}: file not found; create the image first (e.g. `truncate -s 1G {0}` then `mkfs.ext4 {0}`) or fix the path")]
     DiskMissing(PathBuf),
+    /// A disk path names a directory.
     #[error("disk {0}: is a directory, not a disk image; pass a raw image file or block device")]
     DiskIsDirectory(PathBuf),
+    /// A disk spec ends in a flag other than `ro` or `rw`.
     #[error("disk option '{0}': unknown flag; the form is PATH or PATH,ro")]
     DiskOption(String),
-    #[error("--cpus 0: a VM needs at least one vCPU; use --cpus 1 or more (up to {MAX_VCPUS})")]
+    /// The VM was given no vCPUs.
+    #[error("--cpus 0: a VM needs at least one vCPU; use {MIN_VCPUS} to {MAX_VCPUS} vCPUs")]
     NoCpus,
-    #[error("--cpus {0}: too many vCPUs; kindling supports up to {MAX_VCPUS}")]
+    /// The VM was given more than [`MAX_VCPUS`] vCPUs.
+    #[error("--cpus {0}: too many vCPUs; use {MIN_VCPUS} to {MAX_VCPUS} vCPUs")]
     TooManyCpus(u32),
-    #[error("--memory {0}: too little memory for a Linux guest; use --memory {MIN_MEMORY_MIB} or more (MiB)")]
+    /// The VM was given less than [`MIN_MEMORY_MIB`] MiB of memory.
+    #[error("--memory {0}: too little memory for a Linux guest; use {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB")]
     TooLittleMemory(u64),
-    #[error("--memory {0}: more than this VMM maps (max {max} MiB)", max = layout::MAX_MEMORY_MIB)]
+    /// The VM was given more than [`MAX_MEMORY_MIB`] MiB of memory.
+    #[error("--memory {0}: more than a microVM gets here; use {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB")]
     TooMuchMemory(u64),
+    /// The command line, with the VMM's device entries, does not fit [`CMDLINE_MAX`].
     #[error("kernel command line is {len} bytes with the VMM's device entries; the kernel accepts at most {max}; shorten --cmdline", max = CMDLINE_MAX - 1)]
-    CmdlineTooLong { len: usize },
+    CmdlineTooLong {
+        /// Its length in bytes, device entries included.
+        len: usize,
+    },
+    /// The command line contains a NUL or non-ASCII byte.
     #[error("--cmdline contains a NUL or non-ASCII byte; the kernel command line must be printable ASCII")]
     CmdlineInvalid,
+    /// The vsock guest CID is reserved (0 to 2) or the wildcard `u32::MAX`.
     #[error("vsock guest CID {0}: CIDs 0-2 are reserved (2 is the host) and {max} means any; use 3 or more", max = u32::MAX)]
     VsockCid(u32),
+    /// The vsock socket path exists and is not a UNIX socket.
     #[error("vsock socket {}: exists and is not a UNIX socket; remove it or pass another --vsock path", .0.display())]
     VsockNotSocket(PathBuf),
+    /// The vsock socket's directory does not exist.
     #[error("vsock socket {}: directory {} does not exist; create it or pass another --vsock path", path.display(), dir.display())]
-    VsockNoDir { path: PathBuf, dir: PathBuf },
+    VsockNoDir {
+        /// The socket path.
+        path: PathBuf,
+        /// Its directory, which is missing.
+        dir: PathBuf,
+    },
+    /// The vsock socket path is too long to take the `_<port>` suffix (see [`VSOCK_PATH_MAX`]).
     #[error("vsock socket {}: the path is {len} bytes, but with the `_<port>` suffix used for guest connections it must fit {max}; pass a shorter --vsock path", path.display(), max = VSOCK_PATH_MAX)]
-    VsockPathTooLong { path: PathBuf, len: usize },
+    VsockPathTooLong {
+        /// The socket path.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
 }
 
 /// One virtio-blk disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
+    /// The image file or block device.
     pub path: PathBuf,
+    /// Whether the guest gets the disk read-only (`,ro`).
     pub read_only: bool,
 }
 
@@ -77,7 +123,7 @@ impl DiskConfig {
 }
 
 /// The length a UNIX socket path can have (sun_path is 108 bytes with the NUL).
-const UNIX_PATH_MAX: usize = 107;
+pub const UNIX_PATH_MAX: usize = 107;
 /// Longest `--vsock` path: `P_<port>` must fit too, for any 32-bit port.
 pub const VSOCK_PATH_MAX: usize = UNIX_PATH_MAX - "_4294967295".len();
 
@@ -96,6 +142,7 @@ impl VsockConfig {
     /// The CID `kindling boot --vsock` gives the guest.
     pub const DEFAULT_GUEST_CID: u32 = 3;
 
+    /// A device listening on `uds_path`, with the default guest CID.
     pub fn new(uds_path: PathBuf) -> Self {
         Self { guest_cid: Self::DEFAULT_GUEST_CID, uds_path }
     }
@@ -125,66 +172,50 @@ impl VsockConfig {
     }
 }
 
-/// Where a virtio-net device's frames go (see [`crate::devices::virtio::net`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NetBackend {
-    /// A tap device the VMM creates (root).
-    Tap,
-    /// A passt process the VMM starts (no privileges needed).
-    Passt,
-}
-
-impl NetBackend {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NetBackend::Tap => "tap",
-            NetBackend::Passt => "passt",
-        }
-    }
-}
-
-/// A virtio-net device. The guest's address, gateway and DNS server are appended to
-/// the kernel command line (`kindling.ip= kindling.gw= kindling.dns=`) once the
-/// backend is set up.
+/// A virtio-net device. Its backend (an open tap, a passt socket) is a host resource
+/// handed to [`crate::builder::MicroVm::build`] with the config; the guest's addresses,
+/// if any, are already on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
-    pub backend: NetBackend,
+    /// The guest's MAC address (locally administered, unicast).
+    pub mac: [u8; 6],
 }
 
 /// Kernel image formats the loader understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelFormat {
+    /// A bzImage, with the boot protocol's setup header.
     BzImage,
+    /// An ELF vmlinux.
     Elf,
 }
 
+/// A microVM: kernel, vCPUs, memory and devices.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
+    /// The kernel image (bzImage or ELF vmlinux).
     pub kernel: PathBuf,
+    /// The initramfs archive, if any.
     pub initrd: Option<PathBuf>,
+    /// The kernel command line, complete but for the `virtio_mmio.device=` entries the
+    /// VMM appends.
     pub cmdline: String,
-    pub cpus: u8,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Guest RAM, in MiB.
     pub memory_mib: u64,
+    /// The virtio-blk disks, in slot order.
     pub disks: Vec<DiskConfig>,
+    /// The virtio-vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// The virtio-net device, if any (its backend comes in [`crate::builder::HostResources`]).
     pub net: Option<NetConfig>,
 }
 
 impl VmConfig {
     /// Checks everything that can be checked before touching KVM; returns the kernel format.
     pub fn validate(&self) -> Result<KernelFormat, ConfigError> {
-        if self.cpus == 0 {
-            return Err(ConfigError::NoCpus);
-        }
-        if self.cpus > MAX_VCPUS {
-            return Err(ConfigError::TooManyCpus(self.cpus.into()));
-        }
-        if self.memory_mib < MIN_MEMORY_MIB {
-            return Err(ConfigError::TooLittleMemory(self.memory_mib));
-        }
-        if self.memory_mib > layout::MAX_MEMORY_MIB {
-            return Err(ConfigError::TooMuchMemory(self.memory_mib));
-        }
+        check_size(self.cpus, self.memory_mib)?;
         if !self.cmdline.bytes().all(|b| b.is_ascii() && b != 0) {
             return Err(ConfigError::CmdlineInvalid);
         }
@@ -220,18 +251,34 @@ impl VmConfig {
     }
 
     /// The command line's length once the VMM appended one `virtio_mmio.device=` entry
-    /// per device and, with a network, the guest's addresses at their longest (the
-    /// builder appends exactly these, or less).
+    /// per device (the builder appends exactly these).
     pub fn full_cmdline_len(&self) -> usize {
-        let net = if self.net.is_some() { crate::devices::virtio::net::MAX_CMDLINE_ARGS_LEN } else { 0 };
         let devices: usize = (0..self.virtio_device_count())
             .map(|i| match layout::virtio_mmio_slot(i) {
                 Some((addr, irq)) => virtio_mmio_arg(addr, irq).len() + 1,
                 None => 0,
             })
             .sum();
-        self.cmdline.len() + devices + net
+        self.cmdline.len() + devices
     }
+}
+
+/// Checks a VM's vCPUs and memory against the limits (part of [`VmConfig::validate`],
+/// for callers that check a size before the rest of the VM exists).
+pub fn check_size(cpus: u32, memory_mib: u64) -> Result<(), ConfigError> {
+    if cpus == 0 {
+        return Err(ConfigError::NoCpus);
+    }
+    if cpus > MAX_VCPUS {
+        return Err(ConfigError::TooManyCpus(cpus));
+    }
+    if memory_mib < MIN_MEMORY_MIB {
+        return Err(ConfigError::TooLittleMemory(memory_mib));
+    }
+    if memory_mib > MAX_MEMORY_MIB {
+        return Err(ConfigError::TooMuchMemory(memory_mib));
+    }
+    Ok(())
 }
 
 /// The kernel parameter describing one virtio-mmio device window.
@@ -276,7 +323,16 @@ mod tests {
     use super::*;
 
     fn base(kernel: PathBuf) -> VmConfig {
-        VmConfig { kernel, initrd: None, cmdline: "console=ttyS0".into(), cpus: 1, memory_mib: 128, disks: vec![], vsock: None, net: None }
+        VmConfig {
+            kernel,
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            cpus: 1,
+            memory_mib: 128,
+            disks: vec![],
+            vsock: None,
+            net: None,
+        }
     }
 
     #[test]
@@ -347,7 +403,7 @@ mod tests {
     }
 
     #[test]
-    fn net_device_and_guest_addresses_count_towards_the_command_line() {
+    fn a_net_device_counts_towards_the_command_line() {
         let dir = tempfile::tempdir().unwrap();
         let mut elf = vec![0u8; 64];
         elf[..4].copy_from_slice(b"\x7fELF");
@@ -355,14 +411,30 @@ mod tests {
         std::fs::write(&k, &elf).unwrap();
         let mut c = base(k);
         let without = c.full_cmdline_len();
-        c.net = Some(NetConfig { backend: NetBackend::Passt });
-        let reserved = crate::devices::virtio::net::MAX_CMDLINE_ARGS_LEN;
-        assert!(c.full_cmdline_len() > without + reserved, "a device entry and the addresses");
+        c.net = Some(NetConfig { mac: [6, 0, 0, 0, 0, 1] });
+        assert!(c.full_cmdline_len() > without, "a device entry");
         // A command line that fits without the network no longer fits with it.
         c.cmdline = "x".repeat(CMDLINE_MAX - without - 1 + "console=ttyS0".len());
         c.net = None;
         assert!(c.validate().is_ok(), "{:?}", c.full_cmdline_len());
-        c.net = Some(NetConfig { backend: NetBackend::Tap });
+        c.net = Some(NetConfig { mac: [6, 0, 0, 0, 0, 1] });
         assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong { .. })));
+    }
+
+    #[test]
+    fn limits_are_named_with_their_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        let k = dir.path().join("vmlinux");
+        std::fs::write(&k, &elf).unwrap();
+        let mut c = base(k);
+        c.cpus = MAX_VCPUS + 1;
+        assert!(c.validate().unwrap_err().to_string().contains("1 to 32"));
+        c.cpus = 1;
+        c.memory_mib = MAX_MEMORY_MIB + 1;
+        assert!(c.validate().unwrap_err().to_string().contains("64 to 65536"));
+        c.memory_mib = MIN_MEMORY_MIB;
+        assert!(c.validate().is_ok());
     }
 }

@@ -29,17 +29,22 @@ const OEM_REVISION: u32 = 1;
 pub const S5_SLEEP_TYPE: u16 = 5;
 /// PM1 control register bits.
 pub const PM1_CNT_SCI_EN: u16 = 1 << 0;
+/// Position of the SLP_TYP field (3 bits).
 pub const PM1_CNT_SLP_TYP_SHIFT: u16 = 10;
+/// SLP_EN: enter the sleep state SLP_TYP names.
 pub const PM1_CNT_SLP_EN: u16 = 1 << 13;
 /// IAPC_BOOT_ARCH: legacy ISA devices, 8042 present, no VGA, no CMOS RTC.
 const IAPC_BOOT_ARCH: u16 = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 5);
 /// MADT interrupt source override flags: active high (01), level triggered (11).
 const ISO_LEVEL_HIGH: u16 = 0b1101;
 
+/// Why the ACPI tables could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
+    /// The tables do not fit below [`layout::ACPI_END`] (the size they need).
     #[error("ACPI tables do not fit in the BIOS area ({0} bytes)")]
     TooLarge(u64),
+    /// Writing the tables into guest memory failed.
     #[error("writing ACPI tables into guest memory: {0}")]
     Memory(vm_memory::GuestMemoryError),
 }
@@ -79,7 +84,8 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, Ac
         .flag(Flags::ResetRegSup)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    let io_reg = |port: u16, bits: u8, size: AccessSize| GAS::new(AddressSpace::SystemIo, bits, 0, size, u64::from(port));
+    let io_reg =
+        |port: u16, bits: u8, size: AccessSize| GAS::new(AddressSpace::SystemIo, bits, 0, size, u64::from(port));
     // No SMI command port: the platform is always in ACPI mode (SCI_EN reads as set).
     fadt.sci_int = u16::from(layout::ACPI_SCI_IRQ).into();
     fadt.pm1a_evt_blk = u32::from(layout::ACPI_PM1A_EVT_PORT).into();

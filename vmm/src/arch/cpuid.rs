@@ -20,7 +20,11 @@ const LEVEL_TYPE_CORE: u32 = 2;
 
 /// Number of bits needed to number `n` items (ceil(log2(n))).
 fn bits_for(n: u32) -> u32 {
-    if n <= 1 { 0 } else { 32 - (n - 1).leading_zeros() }
+    if n <= 1 {
+        0
+    } else {
+        32 - (n - 1).leading_zeros()
+    }
 }
 
 /// What the host KVM offers beyond KVM_GET_SUPPORTED_CPUID.
@@ -112,7 +116,8 @@ mod tests {
 
     #[test]
     fn topology_of_four_cores() {
-        let mut cpuid = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0x8000_0008, 0)]).unwrap();
+        let mut cpuid =
+            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0x8000_0008, 0)]).unwrap();
         customize(&mut cpuid, 3, 4, HostCaps { tsc_deadline: true });
         let e = cpuid.as_slice();
         assert_eq!(e[0].ebx >> 24, 3, "APIC ID");

@@ -12,7 +12,7 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, Bytes};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::layout;
 use crate::config::KernelFormat;
@@ -28,18 +28,47 @@ const LOADFLAG_LOADED_HIGH: u8 = 0x01;
 const LOADFLAG_CAN_USE_HEAP: u8 = 0x80;
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 
+/// Why the kernel, initrd or boot parameters could not be put in guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
+    /// The kernel image could not be opened.
     #[error("kernel image {path}: {err}")]
-    OpenKernel { path: String, err: std::io::Error },
+    OpenKernel {
+        /// The kernel image's path.
+        path: String,
+        /// Why it could not be opened.
+        err: std::io::Error,
+    },
+    /// The kernel loader rejected the image or could not place it in guest memory.
     #[error("kernel image {path}: {err}; is it a complete x86_64 bzImage or vmlinux, and does it fit in --memory?")]
-    LoadKernel { path: String, err: linux_loader::loader::Error },
+    LoadKernel {
+        /// The kernel image's path.
+        path: String,
+        /// The loader's error.
+        err: linux_loader::loader::Error,
+    },
+    /// The initrd could not be opened or read into guest memory.
     #[error("initrd {path}: {err}")]
-    ReadInitrd { path: String, err: std::io::Error },
+    ReadInitrd {
+        /// The initrd's path.
+        path: String,
+        /// Why it could not be read.
+        err: std::io::Error,
+    },
+    /// The initrd does not fit between the kernel and the highest address it may use.
     #[error("initrd {path} ({size} bytes) does not fit in guest memory below {limit:#x}; raise --memory")]
-    InitrdTooBig { path: String, size: u64, limit: u64 },
+    InitrdTooBig {
+        /// The initrd's path.
+        path: String,
+        /// Its size in bytes.
+        size: u64,
+        /// The address it had to end below.
+        limit: u64,
+    },
+    /// The command line could not be made a C string or written into guest memory.
     #[error("kernel command line: {0}")]
     Cmdline(String),
+    /// The boot parameters (or another boot structure) could not be written into guest memory.
     #[error("writing boot parameters into guest memory: {0}")]
     BootParams(String),
 }
@@ -47,7 +76,9 @@ pub enum BootError {
 /// Where the vCPU starts and where its boot parameters are.
 #[derive(Clone, Copy, Debug)]
 pub struct BootEntry {
+    /// The kernel's 64-bit entry point.
     pub entry: GuestAddress,
+    /// The boot_params the kernel expects in RSI.
     pub zero_page: GuestAddress,
 }
 
@@ -87,8 +118,7 @@ pub fn load(
     hdr.heap_end_ptr = 0xfe00;
     hdr.cmd_line_ptr = layout::CMDLINE_START as u32;
     hdr.cmdline_size = cmdline_len(cmdline)? as u32 + 1;
-    load_cmdline(mem, GuestAddress(layout::CMDLINE_START), cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    load_cmdline(mem, GuestAddress(layout::CMDLINE_START), cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
 
     if let Some(initrd) = initrd_path {
         let (addr, size) = load_initrd(mem, initrd, u64::from(hdr.initrd_addr_max), result.kernel_end)?;
@@ -109,10 +139,7 @@ pub fn load(
 }
 
 fn cmdline_len(cmdline: &Cmdline) -> Result<usize, BootError> {
-    cmdline
-        .as_cstring()
-        .map(|c| c.as_bytes().len())
-        .map_err(|e| BootError::Cmdline(e.to_string()))
+    cmdline.as_cstring().map(|c| c.as_bytes().len()).map_err(|e| BootError::Cmdline(e.to_string()))
 }
 
 /// Places the initrd page-aligned at the highest address below the MMIO gap, the

@@ -15,37 +15,59 @@
 //! 0x1_0000_0000 RAM continues above 4 GiB when the guest has more than 3 GiB
 //! ```
 
+/// The boot GDT.
 pub const GDT_START: u64 = 0x500;
+/// The boot IDT (one empty entry).
 pub const IDT_START: u64 = 0x520;
+/// boot_params, the "zero page" the kernel reads at entry.
 pub const ZERO_PAGE_START: u64 = 0x7000;
+/// The boot vCPU's initial stack pointer (the stack grows down).
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// The identity page tables' PML4.
 pub const PML4_START: u64 = 0x9000;
+/// The identity page tables' PDPT.
 pub const PDPTE_START: u64 = 0xa000;
+/// The identity page tables' four page directories, one per GiB.
 pub const PDE_START: u64 = 0xb000; // four consecutive pages: 0xb000..0xf000
+/// The kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;
+/// End of low RAM; the EBDA and BIOS area, reserved up to 1 MiB, start here.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI tables, RSDP first, in the BIOS area the kernel scans.
 pub const ACPI_START: u64 = 0xe0000;
+/// End of the area the ACPI tables must fit in (1 MiB).
 pub const ACPI_END: u64 = 0x100000;
+/// 1 MiB: the kernel is loaded here, and RAM continues from here.
 pub const HIMEM_START: u64 = 0x100000;
 
+/// Start of the 32-bit MMIO gap: guest RAM stops here (at 3 GiB).
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End of the MMIO gap (4 GiB): RAM beyond the first 3 GiB continues here.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// virtio-mmio device windows, one 4 KiB page each.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Size of one virtio-mmio window.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The IOAPIC's MMIO address.
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+/// The local APICs' MMIO address.
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 
 /// KVM's in-kernel IOAPIC has 24 pins; 0-15 are ISA IRQs.
 pub const SERIAL_IRQ: u32 = 4;
+/// IRQ of the first virtio-mmio device; each further device takes the next one.
 pub const FIRST_VIRTIO_IRQ: u32 = 5;
+/// The IOAPIC's last pin, so the highest IRQ a virtio-mmio device can get.
 pub const LAST_IRQ: u32 = 23;
 
 /// ACPI fixed hardware I/O ports: PM1a event block (status + enable, 4 bytes),
 /// PM1a control block (2 bytes; S5 = power off), and the FADT reset register.
 pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
+/// The PM1a control block.
 pub const ACPI_PM1A_CNT_PORT: u16 = 0x604;
+/// The FADT reset register.
 pub const ACPI_RESET_PORT: u16 = 0x608;
+/// What the guest writes to the reset register to reset the VM.
 pub const ACPI_RESET_VALUE: u8 = 0x42;
 /// The ACPI system control interrupt (never raised: no ACPI events are generated).
 pub const ACPI_SCI_IRQ: u8 = 9;

@@ -32,14 +32,28 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
+/// Why the boot tables or a vCPU's initial state could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum RegsError {
+    /// The GDT, IDT or page tables could not be written into guest memory.
     #[error("writing boot page tables / GDT into guest memory: {0}")]
     Memory(vm_memory::GuestMemoryError),
+    /// A KVM ioctl on the vCPU failed.
     #[error("KVM {op} failed: {err}")]
-    Kvm { op: &'static str, err: kvm_ioctls::Error },
+    Kvm {
+        /// The ioctl's name.
+        op: &'static str,
+        /// KVM's error.
+        err: kvm_ioctls::Error,
+    },
+    /// KVM set fewer of the boot MSRs than asked.
     #[error("KVM accepted only {set} of {wanted} boot MSRs")]
-    Msrs { set: usize, wanted: usize },
+    Msrs {
+        /// How many MSRs KVM set.
+        set: usize,
+        /// How many were asked for.
+        wanted: usize,
+    },
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RegsError {
@@ -57,12 +71,8 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 /// Null, 64-bit code (selector 0x8), data (0x10), TSS (0x18).
-pub const GDT: [u64; 4] = [
-    gdt_entry(0, 0, 0),
-    gdt_entry(0xa09b, 0, 0xfffff),
-    gdt_entry(0xc093, 0, 0xfffff),
-    gdt_entry(0x808b, 0, 0xfffff),
-];
+pub const GDT: [u64; 4] =
+    [gdt_entry(0, 0, 0), gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
 
 /// The KVM segment register a GDT entry describes.
 pub fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {

@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex};
 
 /// A device reached through a bus; `offset` is relative to the range it was inserted at.
 pub trait BusDevice: Send {
+    /// Fills `data` with what the guest reads at `offset`.
     fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// Takes what the guest writes at `offset`.
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
@@ -15,19 +17,24 @@ struct Range {
     device: Arc<Mutex<dyn BusDevice>>,
 }
 
+/// An address space (port I/O or MMIO) split into non-overlapping device ranges.
 #[derive(Default)]
 pub struct Bus {
     ranges: Vec<Range>,
 }
 
+/// A range the bus refused: it is empty or overlaps a device already there.
 #[derive(Debug, thiserror::Error)]
 #[error("bus range {base:#x}+{len:#x} overlaps a device already there")]
 pub struct Overlap {
+    /// Start of the refused range.
     pub base: u64,
+    /// Its length.
     pub len: u64,
 }
 
 impl Bus {
+    /// Gives `device` the range `base..base + len`; fails if the range is empty or taken.
     pub fn insert(&mut self, device: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), Overlap> {
         if len == 0 || self.ranges.iter().any(|r| base < r.base + r.len && r.base < base + len) {
             return Err(Overlap { base, len });

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ExitReason {
+    /// The guest has not stopped (no reason recorded yet).
     Running = 0,
     /// ACPI S5 (poweroff).
     PowerOff = 1,
@@ -26,20 +27,25 @@ pub enum ExitReason {
 /// Signalled by devices and vCPUs when the guest stops; the event loop waits on it.
 /// The first reason recorded wins.
 pub struct ExitSignal {
+    /// Written when a reason is requested; the event loop waits for it to become readable.
     pub evt: EventFd,
     reason: AtomicU8,
 }
 
 impl ExitSignal {
+    /// A signal with no reason recorded yet ([`ExitReason::Running`]).
     pub fn new() -> std::io::Result<Self> {
         Ok(Self { evt: EventFd::new(EFD_NONBLOCK)?, reason: AtomicU8::new(ExitReason::Running as u8) })
     }
 
+    /// Records `reason` unless one was already recorded, and wakes the event loop.
     pub fn request(&self, reason: ExitReason) {
-        let _ = self.reason.compare_exchange(ExitReason::Running as u8, reason as u8, Ordering::SeqCst, Ordering::SeqCst);
+        let _ =
+            self.reason.compare_exchange(ExitReason::Running as u8, reason as u8, Ordering::SeqCst, Ordering::SeqCst);
         let _ = self.evt.write(1);
     }
 
+    /// The first reason recorded, or [`ExitReason::Running`] if none was.
     pub fn reason(&self) -> ExitReason {
         match self.reason.load(Ordering::SeqCst) {
             1 => ExitReason::PowerOff,

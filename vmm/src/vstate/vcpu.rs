@@ -15,16 +15,34 @@ use crate::arch::{cpuid, kernel::BootEntry, regs};
 use crate::devices::bus::Bus;
 use crate::devices::{ExitReason, ExitSignal};
 
+/// Why a vCPU could not be created, configured or started.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
+    /// KVM_CREATE_VCPU failed.
     #[error("creating vCPU {index}: {err}")]
-    Create { index: u8, err: kvm_ioctls::Error },
+    Create {
+        /// The vCPU's index.
+        index: u8,
+        /// KVM's error.
+        err: kvm_ioctls::Error,
+    },
+    /// A KVM ioctl on the vCPU failed.
     #[error("vCPU {index}: {op}: {err}")]
-    Kvm { index: u8, op: &'static str, err: kvm_ioctls::Error },
+    Kvm {
+        /// The vCPU's index.
+        index: u8,
+        /// The ioctl's name.
+        op: &'static str,
+        /// KVM's error.
+        err: kvm_ioctls::Error,
+    },
+    /// Setting up the vCPU's registers, FPU, MSRs or LAPIC failed (the `u8` is its index).
     #[error("vCPU {index}: {0}", index = .1)]
     Regs(regs::RegsError, u8),
+    /// The vCPU's thread could not be started.
     #[error("starting vCPU thread: {0}")]
     Thread(std::io::Error),
+    /// An error of the VM the vCPUs belong to.
     #[error(transparent)]
     Vm(#[from] VmError),
 }
@@ -36,6 +54,7 @@ fn kick_signal() -> i32 {
 
 extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// A vCPU, configured and ready to [`spawn`](Self::spawn).
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
@@ -45,10 +64,11 @@ impl Vcpu {
     /// Creates vCPU `index` of `count`; the boot vCPU (index 0) starts at `boot`.
     pub fn new(vm: &Vm, index: u8, count: u8, boot: Option<BootEntry>) -> Result<Self, VcpuError> {
         let fd = vm.fd.create_vcpu(u64::from(index)).map_err(|err| VcpuError::Create { index, err })?;
-        let mut cpuid = vm
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|err| VcpuError::Kvm { index, op: "KVM_GET_SUPPORTED_CPUID", err })?;
+        let mut cpuid = vm.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|err| VcpuError::Kvm {
+            index,
+            op: "KVM_GET_SUPPORTED_CPUID",
+            err,
+        })?;
         let caps = cpuid::HostCaps { tsc_deadline: vm.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) };
         cpuid::customize(&mut cpuid, index, count, caps);
         fd.set_cpuid2(&cpuid).map_err(|err| VcpuError::Kvm { index, op: "KVM_SET_CPUID2", err })?;
@@ -60,7 +80,13 @@ impl Vcpu {
     }
 
     /// Runs the vCPU on its own thread until the guest stops or `stop` is set.
-    pub fn spawn(mut self, pio: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<ExitSignal>, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, VcpuError> {
+    pub fn spawn(
+        mut self,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Arc<ExitSignal>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<JoinHandle<()>, VcpuError> {
         // Idempotent: the handler only exists so the kick signal interrupts KVM_RUN.
         let _ = register_signal_handler(kick_signal(), noop_handler);
         std::thread::Builder::new()
@@ -121,7 +147,10 @@ impl Vcpu {
                 Some(ExitReason::Error)
             }
             Ok(VcpuExit::InternalError) => {
-                tracing::error!("vCPU {index}: KVM internal error (emulation failure in the guest); {}", self.describe());
+                tracing::error!(
+                    "vCPU {index}: KVM internal error (emulation failure in the guest); {}",
+                    self.describe()
+                );
                 Some(ExitReason::Error)
             }
             Ok(other) => {

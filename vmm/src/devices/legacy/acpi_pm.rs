@@ -10,18 +10,21 @@ use crate::devices::{ExitReason, ExitSignal};
 
 /// Covers PM1a_EVT (4 bytes), PM1a_CNT (2 bytes, at +4) and the reset register (+8).
 pub const ACPI_PM_PORT: u64 = layout::ACPI_PM1A_EVT_PORT as u64;
+/// Length of that port range, through the reset register.
 pub const ACPI_PM_LEN: u64 = (layout::ACPI_RESET_PORT - layout::ACPI_PM1A_EVT_PORT) as u64 + 1;
 const CNT_OFFSET: u64 = (layout::ACPI_PM1A_CNT_PORT - layout::ACPI_PM1A_EVT_PORT) as u64;
 const RESET_OFFSET: u64 = (layout::ACPI_RESET_PORT - layout::ACPI_PM1A_EVT_PORT) as u64;
 
 const EN_OFFSET: u64 = 2;
 
+/// The ACPI PM1a event and control blocks and the reset register, on port I/O.
 pub struct AcpiPm {
     exit: Arc<ExitSignal>,
     pm1_enable: u16,
 }
 
 impl AcpiPm {
+    /// A device that reports power-off and reset through `exit`.
     pub fn new(exit: Arc<ExitSignal>) -> Self {
         Self { exit, pm1_enable: 0 }
     }

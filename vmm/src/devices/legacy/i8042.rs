@@ -8,9 +8,12 @@ use vm_superio::I8042Device;
 use crate::devices::bus::BusDevice;
 use crate::devices::{ExitReason, ExitSignal};
 
+/// The data port; the command/status port is 0x64.
 pub const I8042_PORT: u64 = 0x60;
+/// Ports 0x60 to 0x64.
 pub const I8042_PORT_LEN: u64 = 5;
 
+/// The i8042's CPU reset line: pulsing it requests [`ExitReason::Reset`].
 pub struct ResetLine(pub Arc<ExitSignal>);
 
 impl vm_superio::Trigger for ResetLine {
@@ -21,9 +24,11 @@ impl vm_superio::Trigger for ResetLine {
     }
 }
 
+/// The i8042 controller on its ports.
 pub struct I8042(I8042Device<ResetLine>);
 
 impl I8042 {
+    /// A controller whose reset line requests a reset through `exit`.
     pub fn new(exit: Arc<ExitSignal>) -> Self {
         Self(I8042Device::new(ResetLine(exit)))
     }

@@ -8,14 +8,18 @@ use vm_superio::Serial;
 use super::IrqTrigger;
 use crate::devices::bus::BusDevice;
 
+/// COM1's base I/O port.
 pub const COM1_PORT: u64 = 0x3f8;
+/// Number of UART registers (I/O ports).
 pub const COM_PORT_LEN: u64 = 8;
 
+/// The guest console: an 8250 UART whose output goes to a host writer and whose input the host queues.
 pub struct SerialConsole {
     uart: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
 }
 
 impl SerialConsole {
+    /// A UART that interrupts through `irq` and writes guest output to `out`.
     pub fn new(irq: IrqTrigger, out: Box<dyn Write + Send>) -> Self {
         Self { uart: Serial::new(irq, out) }
     }

@@ -12,8 +12,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
@@ -22,7 +22,9 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+/// The virtio-blk sector size, in bytes.
 pub const SECTOR_SIZE: u64 = 512;
+/// Size of the device's one request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Data segments per request the driver may use (advertised as seg_max).
 const SEG_MAX: u32 = 126;
@@ -32,16 +34,36 @@ pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
 const CHUNK: usize = 128 << 10;
 const HEADER_LEN: u32 = 16;
 
+/// Why a disk image could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
+    /// The image could not be opened or its size found.
     #[error("disk {path}: {err}; check the path and its permissions (or add ,ro for a read-only disk)")]
-    Open { path: String, err: std::io::Error },
+    Open {
+        /// The image's path.
+        path: String,
+        /// The I/O error.
+        err: std::io::Error,
+    },
+    /// The image could not be locked: another process holds a conflicting lock.
     #[error("disk {path} is in use by another kindling VM (it holds the lock); stop that VM, or open both with ,ro")]
-    Locked { path: String },
-    #[error("disk {path} is {size} bytes, smaller than one {SECTOR_SIZE}-byte sector; give it a size (e.g. truncate -s 1G)")]
-    Empty { path: String, size: u64 },
+    Locked {
+        /// The image's path.
+        path: String,
+    },
+    /// The image is smaller than one sector.
+    #[error(
+        "disk {path} is {size} bytes, smaller than one {SECTOR_SIZE}-byte sector; give it a size (e.g. truncate -s 1G)"
+    )]
+    Empty {
+        /// The image's path.
+        path: String,
+        /// Its size in bytes.
+        size: u64,
+    },
 }
 
+/// A virtio-blk device backed by an image file or block device.
 pub struct Block {
     file: File,
     read_only: bool,
@@ -86,7 +108,9 @@ impl Block {
             return Err(DiskError::Empty { path: name, size });
         }
         if size % SECTOR_SIZE != 0 {
-            tracing::warn!("disk {name}: size {size} is not a multiple of {SECTOR_SIZE}; the tail is not visible to the guest");
+            tracing::warn!(
+                "disk {name}: size {size} is not a multiple of {SECTOR_SIZE}; the tail is not visible to the guest"
+            );
         }
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let serial = format!("kl-{:x}-{:x}", meta.dev(), meta.ino());
@@ -175,7 +199,14 @@ impl Block {
         }
     }
 
-    fn copy(&self, addr: GuestAddress, len: usize, offset: u64, to_guest: bool, mem: &GuestMemoryMmap) -> Result<(), ()> {
+    fn copy(
+        &self,
+        addr: GuestAddress,
+        len: usize,
+        offset: u64,
+        to_guest: bool,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), ()> {
         let mut buf = vec![0u8; len.min(CHUNK)];
         let mut done = 0usize;
         while done < len {
@@ -244,10 +275,10 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
     const MEM: usize = 1 << 20;
     const HDR: u64 = 0x8000;
@@ -350,11 +381,17 @@ mod tests {
         assert_eq!(run(&mut b, &m, &chain((HDR, 16, false), Some((DATA, 512, true)), (STATUS, 1, true))).0, ioerr);
         // Data buffer outside guest memory.
         header(&m, VIRTIO_BLK_T_IN, 0);
-        assert_eq!(run(&mut b, &m, &chain((HDR, 16, false), Some((MEM as u64 - 256, 512, true)), (STATUS, 1, true))).0, ioerr);
+        assert_eq!(
+            run(&mut b, &m, &chain((HDR, 16, false), Some((MEM as u64 - 256, 512, true)), (STATUS, 1, true))).0,
+            ioerr
+        );
         // Wrong direction: a read whose data buffer is device-readable.
         assert_eq!(run(&mut b, &m, &chain((HDR, 16, false), Some((DATA, 512, false)), (STATUS, 1, true))).0, ioerr);
         // Header outside guest memory.
-        assert_eq!(run(&mut b, &m, &chain((u64::MAX - 8, 16, false), Some((DATA, 512, true)), (STATUS, 1, true))).0, ioerr);
+        assert_eq!(
+            run(&mut b, &m, &chain((u64::MAX - 8, 16, false), Some((DATA, 512, true)), (STATUS, 1, true))).0,
+            ioerr
+        );
         // Header too short, and zero-length data.
         assert_eq!(run(&mut b, &m, &chain((HDR, 4, false), Some((DATA, 512, true)), (STATUS, 1, true))).0, ioerr);
         header(&m, VIRTIO_BLK_T_IN, 0);
@@ -362,7 +399,10 @@ mod tests {
         // Not a multiple of the sector size.
         assert_eq!(run(&mut b, &m, &chain((HDR, 16, false), Some((DATA, 100, true)), (STATUS, 1, true))).0, ioerr);
         // Oversized: a chain of more than 4 GiB is cut short by the iterator, and dropped.
-        assert_eq!(run(&mut b, &m, &chain((HDR, 16, false), Some((DATA, u32::MAX, true)), (STATUS, 1, true))), (0xff, 0));
+        assert_eq!(
+            run(&mut b, &m, &chain((HDR, 16, false), Some((DATA, u32::MAX, true)), (STATUS, 1, true))),
+            (0xff, 0)
+        );
         // Large but within 4 GiB: refused with an error, not attempted.
         let big = (MAX_REQUEST_BYTES + SECTOR_SIZE) as u32;
         assert_eq!(run(&mut b, &m, &chain((HDR, 16, false), Some((DATA, big, true)), (STATUS, 1, true))).0, ioerr);

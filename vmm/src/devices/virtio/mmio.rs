@@ -47,6 +47,7 @@ const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
 const REG_CONFIG: u64 = 0x100;
 
+/// One device's virtio-mmio register window; it owns the queues, features, status and interrupt.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: Arc<GuestMemoryMmap>,
@@ -61,6 +62,7 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
+    /// A transport for `device` whose queues live in `mem` and which interrupts through `irq`.
     pub fn new(device: Box<dyn VirtioDevice>, mem: Arc<GuestMemoryMmap>, irq: EventFd) -> Self {
         let queues = device
             .queue_max_sizes()
@@ -81,6 +83,7 @@ impl MmioTransport {
         }
     }
 
+    /// Number of virtqueues the device has.
     pub fn queue_count(&self) -> usize {
         self.queues.len()
     }
@@ -235,13 +238,28 @@ impl MmioTransport {
             REG_QUEUE_NOTIFY => self.process_queue(value as usize),
             REG_INTERRUPT_ACK => self.interrupt_status &= !value,
             REG_STATUS => self.set_status(value),
-            REG_QUEUE_DESC_LOW if queue_writable(self) => self.selected_queue().unwrap().set_desc_table_address(Some(value), None),
-            REG_QUEUE_DESC_HIGH if queue_writable(self) => self.selected_queue().unwrap().set_desc_table_address(None, Some(value)),
-            REG_QUEUE_DRIVER_LOW if queue_writable(self) => self.selected_queue().unwrap().set_avail_ring_address(Some(value), None),
-            REG_QUEUE_DRIVER_HIGH if queue_writable(self) => self.selected_queue().unwrap().set_avail_ring_address(None, Some(value)),
-            REG_QUEUE_DEVICE_LOW if queue_writable(self) => self.selected_queue().unwrap().set_used_ring_address(Some(value), None),
-            REG_QUEUE_DEVICE_HIGH if queue_writable(self) => self.selected_queue().unwrap().set_used_ring_address(None, Some(value)),
-            _ => tracing::debug!("virtio-mmio: ignored write {value:#x} to register {offset:#x} (status {:#x})", self.status),
+            REG_QUEUE_DESC_LOW if queue_writable(self) => {
+                self.selected_queue().unwrap().set_desc_table_address(Some(value), None)
+            }
+            REG_QUEUE_DESC_HIGH if queue_writable(self) => {
+                self.selected_queue().unwrap().set_desc_table_address(None, Some(value))
+            }
+            REG_QUEUE_DRIVER_LOW if queue_writable(self) => {
+                self.selected_queue().unwrap().set_avail_ring_address(Some(value), None)
+            }
+            REG_QUEUE_DRIVER_HIGH if queue_writable(self) => {
+                self.selected_queue().unwrap().set_avail_ring_address(None, Some(value))
+            }
+            REG_QUEUE_DEVICE_LOW if queue_writable(self) => {
+                self.selected_queue().unwrap().set_used_ring_address(Some(value), None)
+            }
+            REG_QUEUE_DEVICE_HIGH if queue_writable(self) => {
+                self.selected_queue().unwrap().set_used_ring_address(None, Some(value))
+            }
+            _ => tracing::debug!(
+                "virtio-mmio: ignored write {value:#x} to register {offset:#x} (status {:#x})",
+                self.status
+            ),
         }
     }
 }

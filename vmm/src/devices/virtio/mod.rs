@@ -2,9 +2,9 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 #[cfg(test)]
 pub mod test_ring;
-pub mod net;
 pub mod vsock;
 
 use std::os::unix::io::RawFd;

@@ -16,15 +16,22 @@ pub const QSIZE: u16 = 256;
 /// so the mock's used ring overlaps avail entries from `size / 2` on, which a test
 /// that wraps the ring would run into.
 pub struct Ring {
+    /// Guest address of the descriptor table.
     pub desc: u64,
+    /// Guest address of the avail ring.
     pub avail: u64,
+    /// Guest address of the (moved) used ring.
     pub used: u64,
+    /// The descriptor [`Self::push`] writes next.
     pub next_desc: u16,
+    /// The avail ring's idx as last published.
     pub avail_idx: u16,
+    /// The used ring's idx up to which [`Self::take_used`] has returned entries.
     pub used_seen: u16,
 }
 
 impl Ring {
+    /// A ring at `base`, and the queue the device uses for it.
     pub fn new(mem: &GuestMemoryMmap, base: u64) -> (Self, Queue) {
         let mq = MockSplitQueue::create(mem, GuestAddress(base), QSIZE);
         let mut queue: Queue = mq.create_queue().unwrap();
@@ -42,6 +49,7 @@ impl Ring {
         (ring, queue)
     }
 
+    /// Writes descriptor `index` as (addr, len, flags, next).
     pub fn write_desc(&self, mem: &GuestMemoryMmap, index: u16, (addr, len, flags, next): (u64, u32, u16, u16)) {
         let at = self.desc + 16 * u64::from(index);
         mem.write_obj(addr, GuestAddress(at)).unwrap();
@@ -64,6 +72,7 @@ impl Ring {
         head
     }
 
+    /// Makes chain `head` available to the device: next avail entry, then the avail idx.
     pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
         let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QSIZE);
         mem.write_obj(head, GuestAddress(slot)).unwrap();

@@ -20,10 +20,11 @@ use std::os::unix::io::{AsRawFd, RawFd};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
-    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP,
+    VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueT, Writer};
 use vm_memory::GuestMemoryMmap;
@@ -33,6 +34,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{Backend, NetError, MAX_BUFFER_LEN, MIN_FRAME_LEN, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
 use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+/// Size of each of the two queues.
 pub const QUEUE_SIZE: u16 = 256;
 /// Frames moved per direction before the device yields to the event loop (it signals
 /// itself to come back).
@@ -44,18 +46,29 @@ const TOKEN_KICK: u64 = 1;
 /// Why a TX chain was dropped.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TxError {
+    /// A descriptor of the chain is device-writable.
     #[error("TX chain contains a device-writable descriptor")]
     WritableInTx,
+    /// The chain is malformed or points outside guest memory.
     #[error("descriptor chain is malformed or points outside guest memory")]
     BadChain,
+    /// The chain ends early: a loop, a bad next index or a bad indirect table.
     #[error("descriptor chain ends early (a loop, a bad next index or a bad indirect table)")]
     Truncated,
+    /// The chain holds fewer bytes (given) than a header and an Ethernet header.
     #[error("chain holds {0} bytes, less than a header and an Ethernet header")]
     TooShort(usize),
+    /// The chain holds more bytes (given) than a header and the largest frame.
     #[error("chain holds {0} bytes, more than a header and the largest frame")]
     TooLong(usize),
+    /// The frame asks for an offload the driver did not negotiate.
     #[error("frame asks for an offload that was not negotiated (flags {flags:#x}, gso_type {gso_type:#x})")]
-    Offload { flags: u8, gso_type: u8 },
+    Offload {
+        /// The header's flags.
+        flags: u8,
+        /// The header's gso_type.
+        gso_type: u8,
+    },
 }
 
 /// Why an RX chain could not take a frame; it is returned to the guest unused.
@@ -69,14 +82,19 @@ enum RxChainError {
 /// Counters, for the log line at the end and for the tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Guest frames the backend took.
     pub tx_frames: u64,
+    /// Guest frames dropped: malformed, refused by the backend, or sent after it failed.
     pub tx_dropped: u64,
+    /// Frames delivered to the guest.
     pub rx_frames: u64,
+    /// Frames from the backend dropped: of an impossible size, or too big for the guest's buffers.
     pub rx_dropped: u64,
     /// Guest RX chains returned unused because they were malformed.
     pub rx_bad_chains: u64,
 }
 
+/// The virtio-net device, in front of one [`Backend`].
 pub struct Net {
     backend: Box<dyn Backend>,
     /// virtio_net_config: mac[6], status (le16), max_virtqueue_pairs (le16), mtu (le16).
@@ -101,6 +119,7 @@ pub struct Net {
 }
 
 impl Net {
+    /// A device for `backend` with MAC address `mac`; its link is up.
     pub fn new(backend: Box<dyn Backend>, mac: [u8; 6]) -> Result<Self, NetError> {
         let setup = |what: &'static str| move |err| NetError::Setup { what, err };
         let mut config = [0u8; 12];
@@ -143,6 +162,7 @@ impl Net {
         Ok(net)
     }
 
+    /// The device's counters so far.
     pub fn stats(&self) -> Stats {
         self.stats
     }
@@ -193,13 +213,20 @@ impl Net {
 
     fn backend_failed(&mut self, e: &std::io::Error) {
         if !self.dead {
-            tracing::error!("virtio-net: {} failed: {e}; the guest's network is down from now on", self.backend.describe());
+            tracing::error!(
+                "virtio-net: {} failed: {e}; the guest's network is down from now on",
+                self.backend.describe()
+            );
             self.dead = true;
         }
     }
 
     /// Copies a TX chain into `tx_buf` and checks it; returns its length.
-    fn read_tx_chain(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Result<usize, TxError> {
+    fn read_tx_chain(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<usize, TxError> {
         // The guest may rewrite descriptors while we look; everything is checked again
         // by the Reader's bounds checks, and the frame is validated after the copy.
         let mut last = None;
@@ -262,7 +289,13 @@ impl Net {
             self.stats.tx_dropped += 1;
             return true;
         }
-        match self.backend.flush().and_then(|empty| if empty { self.backend.send(&self.tx_buf[..self.tx_pending]) } else { Ok(false) }) {
+        match self.backend.flush().and_then(|empty| {
+            if empty {
+                self.backend.send(&self.tx_buf[..self.tx_pending])
+            } else {
+                Ok(false)
+            }
+        }) {
             Ok(true) => {
                 self.tx_pending = 0;
                 self.stats.tx_frames += 1;
@@ -511,9 +544,13 @@ impl Net {
 enum Delivery {
     Done,
     /// The frame can never be delivered; `used` says whether buffers were returned.
-    Dropped { used: bool },
+    Dropped {
+        used: bool,
+    },
     /// The guest has no room for the frame now.
-    NoRoom { used: bool },
+    NoRoom {
+        used: bool,
+    },
 }
 
 /// Out of RX buffers: with EVENT_IDX, asks the driver to notify on the next buffer it
@@ -538,7 +575,10 @@ fn arm_rx_notification(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
 
 /// Checks that an RX chain is entirely device-writable, inside guest memory, and has
 /// room for at least the header.
-fn rx_writer<'m>(chain: DescriptorChain<&'m GuestMemoryMmap>, mem: &'m GuestMemoryMmap) -> Result<Writer<'m>, RxChainError> {
+fn rx_writer<'m>(
+    chain: DescriptorChain<&'m GuestMemoryMmap>,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Writer<'m>, RxChainError> {
     if chain.clone().any(|d| !d.is_write_only()) {
         return Err(RxChainError::ReadableInRx);
     }

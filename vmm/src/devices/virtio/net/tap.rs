@@ -1,10 +1,8 @@
-//! The TAP backend: the VMM creates a tap device (`kl-<pid>`, IFF_TAP | IFF_NO_PI |
-//! IFF_VNET_HDR), gives its host side 172.30.N.1/24 (the guest is 172.30.N.2, N the
-//! first /24 no interface uses yet), brings it up and enables IPv4 forwarding. When
-//! iptables or nft is installed, the guest subnet is masqueraded behind the host's
-//! other interfaces, and the rules are removed when the VM ends (rules a killed VMM
-//! left behind are removed by the next one). Without them the guest still reaches the
-//! host itself, and whatever routes 172.30.N.0/24 back.
+//! The TAP backend: frames to and from a tap device opened by name, as Firecracker's
+//! device does. The device is opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR (created
+//! when no interface has that name yet, and gone when the VMM closes it); its
+//! addresses, routes and NAT are the host's business (the `kindling` binary's
+//! `hostnet`), not the device model's.
 //!
 //! With IFF_VNET_HDR every frame carries a virtio_net_hdr, so checksum and TSO offloads
 //! pass through unchanged in both directions; TUNSETOFFLOAD tells the kernel which
@@ -15,16 +13,13 @@ use std::io::{self, Read, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::process::{Command, Stdio};
 
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
 };
 
-use super::host::{self, same_subnet};
-use super::{Backend, GuestNet, NetError, VNET_HDR_LEN};
-use crate::runner::emulated::which;
+use super::{Backend, VNET_HDR_LEN};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -36,284 +31,83 @@ const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
 
-/// The guest subnets are 172.30.N.0/24.
-const SUBNET_BASE: [u8; 2] = [172, 30];
-pub const SUBNET_PREFIX: u8 = 24;
-
-/// `struct ifreq`: the interface name, then a 24-byte union.
+/// `struct ifreq`: the interface name, then a 24-byte union. Also what the host side
+/// configures a tap's address and flags with (SIOCSIFADDR and friends).
 #[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    data: [u8; 24],
+pub struct IfReq {
+    /// The interface name, NUL-terminated.
+    pub name: [u8; libc::IFNAMSIZ],
+    /// The union: flags, an address, or whatever the request carries.
+    pub data: [u8; 24],
 }
 
 impl IfReq {
-    fn new(name: &str) -> Self {
+    /// A request for interface `name` (cut to IFNAMSIZ - 1 bytes) with an empty union.
+    pub fn new(name: &str) -> Self {
         let mut r = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
         let n = name.len().min(libc::IFNAMSIZ - 1);
         r.name[..n].copy_from_slice(&name.as_bytes()[..n]);
         r
     }
 
-    fn with_short(name: &str, v: libc::c_short) -> Self {
+    /// A short (flags) in the union.
+    pub fn with_short(name: &str, v: libc::c_short) -> Self {
         let mut r = Self::new(name);
         r.data[..2].copy_from_slice(&v.to_ne_bytes());
         r
     }
 
     /// A `struct sockaddr_in` in the union.
-    fn with_addr(name: &str, addr: Ipv4Addr) -> Self {
+    pub fn with_addr(name: &str, addr: Ipv4Addr) -> Self {
         let mut r = Self::new(name);
         r.data[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
         r.data[4..8].copy_from_slice(&addr.octets());
         r
     }
-}
 
-fn ioctl_ptr<T>(fd: RawFd, req: libc::c_ulong, arg: &mut T) -> io::Result<()> {
-    // SAFETY: `arg` is a live, properly sized struct for the request (the callers pair
-    // each request with its argument type); the kernel writes at most its size.
-    if unsafe { libc::ioctl(fd, req as _, arg as *mut T) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Whether TAP can work here, for `--net auto`: Err says why not.
-pub fn usable() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("not root".into());
-    }
-    OpenOptions::new().read(true).write(true).open("/dev/net/tun").map(drop).map_err(|e| format!("/dev/net/tun: {e}"))
-}
-
-/// NAT rules added for the guest subnet, removed on drop.
-#[derive(Debug)]
-enum Nat {
-    Iptables { rules: Vec<Vec<String>> },
-    Nft { table: String },
-}
-
-impl Nat {
-    fn comment() -> String {
-        format!("kindling-{}", std::process::id())
+    /// The short at the start of the union (flags, after SIOCGIFFLAGS).
+    pub fn short(&self) -> libc::c_short {
+        libc::c_short::from_ne_bytes([self.data[0], self.data[1]])
     }
 
-    /// Adds masquerading and forwarding rules with whichever tool exists.
-    fn setup(tap: &str, subnet: &str) -> Result<Option<Self>, String> {
-        if let Some(iptables) = which("iptables") {
-            remove_stale_iptables(&iptables);
-            let c = Self::comment();
-            let spec = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-            let rules = vec![
-                spec(&format!("-t nat POSTROUTING -s {subnet} ! -o {tap} -m comment --comment {c} -j MASQUERADE")),
-                spec(&format!("FORWARD -i {tap} -m comment --comment {c} -j ACCEPT")),
-                spec(&format!("FORWARD -o {tap} -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment {c} -j ACCEPT")),
-            ];
-            let mut nat = Nat::Iptables { rules: Vec::new() };
-            for rule in rules {
-                let (table, rest) = split_table(&rule);
-                let op = if rest[0] == "POSTROUTING" { "-A" } else { "-I" };
-                let mut args: Vec<String> = table.to_vec();
-                args.push(op.into());
-                args.extend(rest.iter().cloned());
-                run(&iptables, &args)?;
-                if let Nat::Iptables { rules } = &mut nat {
-                    rules.push(rule);
-                }
-            }
-            return Ok(Some(nat));
+    /// Issues the interface ioctl `req` (one that takes a `struct ifreq`) on `fd`.
+    pub fn ioctl(&mut self, fd: RawFd, req: libc::c_ulong) -> io::Result<()> {
+        // SAFETY: `self` is a live `struct ifreq` of the kernel's size and layout (see
+        // the layout test); the kernel reads and writes at most that much.
+        if unsafe { libc::ioctl(fd, req as _, self as *mut Self) } < 0 {
+            return Err(io::Error::last_os_error());
         }
-        if let Some(nft) = which("nft") {
-            remove_stale_nft(&nft);
-            let table = format!("kindling_{}", std::process::id());
-            let script = format!(
-                "table ip {table} {{\n\
-                 chain postrouting {{ type nat hook postrouting priority 100; policy accept; ip saddr {subnet} oifname != \"{tap}\" masquerade; }}\n\
-                 chain forward {{ type filter hook forward priority 0; policy accept; iifname \"{tap}\" accept; oifname \"{tap}\" ct state related,established accept; }}\n\
-                 }}\n"
-            );
-            run_stdin(&nft, &["-f", "-"], &script)?;
-            return Ok(Some(Nat::Nft { table }));
-        }
-        Ok(None)
+        Ok(())
     }
 }
 
-impl Drop for Nat {
-    fn drop(&mut self) {
-        match self {
-            Nat::Iptables { rules } => {
-                let Some(iptables) = which("iptables") else { return };
-                for rule in rules.iter().rev() {
-                    let (table, rest) = split_table(rule);
-                    let mut args: Vec<String> = table.to_vec();
-                    args.push("-D".into());
-                    args.extend(rest.iter().cloned());
-                    if let Err(e) = run(&iptables, &args) {
-                        tracing::warn!("removing NAT rule: {e}");
-                    }
-                }
-            }
-            Nat::Nft { table } => {
-                if let Some(nft) = which("nft") {
-                    if let Err(e) = run(&nft, &["delete".into(), "table".into(), "ip".into(), table.clone()]) {
-                        tracing::warn!("removing NAT table: {e}");
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Splits a leading `-t TABLE` off an iptables rule.
-fn split_table(rule: &[String]) -> (&[String], &[String]) {
-    if rule.first().map(String::as_str) == Some("-t") && rule.len() > 2 {
-        rule.split_at(2)
-    } else {
-        rule.split_at(0)
-    }
-}
-
-fn run(prog: &std::path::Path, args: &[String]) -> Result<(), String> {
-    let out = Command::new(prog).args(args).stdin(Stdio::null()).output().map_err(|e| format!("{}: {e}", prog.display()))?;
-    if !out.status.success() {
-        return Err(format!("{} {}: {}", prog.display(), args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    Ok(())
-}
-
-fn run_stdin(prog: &std::path::Path, args: &[&str], input: &str) -> Result<(), String> {
-    let mut child = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{}: {e}", prog.display()))?;
-    let _ = child.stdin.take().expect("piped").write_all(input.as_bytes());
-    let out = child.wait_with_output().map_err(|e| format!("{}: {e}", prog.display()))?;
-    if !out.status.success() {
-        return Err(format!("{} {}: {}", prog.display(), args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    Ok(())
-}
-
-fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Deletes iptables rules tagged `kindling-<pid>` whose VMM is gone.
-fn remove_stale_iptables(iptables: &std::path::Path) {
-    for (table, chain) in [("nat", "POSTROUTING"), ("filter", "FORWARD")] {
-        let Ok(out) = Command::new(iptables).args(["-t", table, "-S", chain]).output() else { continue };
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let words: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-            let Some(pid) = words.iter().find_map(|w| w.strip_prefix("kindling-")?.parse::<u32>().ok()) else { continue };
-            if pid_alive(pid) || words.first().map(String::as_str) != Some("-A") {
-                continue;
-            }
-            let mut args = vec!["-t".to_string(), table.to_string(), "-D".to_string()];
-            args.extend(words[1..].iter().cloned());
-            if run(iptables, &args).is_ok() {
-                tracing::info!("removed a NAT rule left by kindling process {pid}");
-            }
-        }
-    }
-}
-
-/// Deletes nft tables `kindling_<pid>` whose VMM is gone.
-fn remove_stale_nft(nft: &std::path::Path) {
-    let Ok(out) = Command::new(nft).args(["list", "tables", "ip"]).output() else { return };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.trim().strip_prefix("table ip ") else { continue };
-        let Some(pid) = name.strip_prefix("kindling_").and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if !pid_alive(pid) && run(nft, &["delete".into(), "table".into(), "ip".into(), name.to_string()]).is_ok() {
-            tracing::info!("removed the NAT table left by kindling process {pid}");
-        }
-    }
-}
-
-pub struct Tap {
+/// An open tap device.
+pub struct TapBackend {
     file: File,
     name: String,
-    host_addr: Ipv4Addr,
-    nat: Option<Nat>,
 }
 
-impl Tap {
-    /// Creates and configures the tap device; returns it with the guest's addressing
-    /// and a sentence describing what was set up.
-    pub fn setup() -> Result<(Self, GuestNet, String), NetError> {
+impl TapBackend {
+    /// Opens the tap `name` (creating it when no interface has that name), with a
+    /// virtio-net header on every frame and no offloads until the driver accepts some.
+    /// EBUSY: another process holds a device of that name.
+    pub fn open(name: &str) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(NetError::TunOpen)?;
-        let pid = std::process::id();
-        let mut name = String::new();
-        for attempt in 0..16 {
-            name = if attempt == 0 { format!("kl-{pid}") } else { format!("kl-{pid}-{attempt}") };
-            let mut req = IfReq::with_short(&name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
-            match ioctl_ptr(file.as_raw_fd(), TUNSETIFF, &mut req) {
-                Ok(()) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 15 => continue,
-                Err(err) => return Err(NetError::TapCreate { name, err }),
-            }
-        }
-        let cfg = |what: &'static str, name: &str| {
-            let name = name.to_string();
-            move |err| NetError::TapConfig { name, what, err }
-        };
+            .open("/dev/net/tun")?;
+        IfReq::with_short(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).ioctl(file.as_raw_fd(), TUNSETIFF)?;
         let mut hdr_len = VNET_HDR_LEN as libc::c_int;
-        ioctl_ptr(file.as_raw_fd(), TUNSETVNETHDRSZ, &mut hdr_len).map_err(cfg("TUNSETVNETHDRSZ", &name))?;
-        set_offload(file.as_raw_fd(), 0).map_err(cfg("TUNSETOFFLOAD", &name))?;
-
-        let host_addr = assign_subnet(&name)?;
-        let o = host_addr.octets();
-        let guest = GuestNet {
-            ip: Ipv4Addr::new(o[0], o[1], o[2], 2),
-            prefix: SUBNET_PREFIX,
-            gateway: host_addr,
-            dns: host::routable_nameserver(),
-        };
-        let subnet = format!("{}.{}.{}.0/{SUBNET_PREFIX}", o[0], o[1], o[2]);
-        let mut notes = Vec::new();
-        match std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").map(|s| s.trim() == "1") {
-            Ok(true) => {}
-            _ => match std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
-                Ok(()) => notes.push("enabled net.ipv4.ip_forward".to_string()),
-                Err(e) => notes.push(format!("could not enable net.ipv4.ip_forward ({e})")),
-            },
+        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, a live local.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ as _, &mut hdr_len as *mut libc::c_int) } < 0 {
+            return Err(io::Error::last_os_error());
         }
-        let nat = match Nat::setup(&name, &subnet) {
-            Ok(Some(nat)) => {
-                notes.push(match &nat {
-                    Nat::Iptables { .. } => format!("NAT: iptables MASQUERADE for {subnet}"),
-                    Nat::Nft { table } => format!("NAT: nft table {table} masquerades {subnet}"),
-                });
-                Some(nat)
-            }
-            Ok(None) => {
-                notes.push(format!(
-                    "no NAT: neither iptables nor nft is installed; the guest reaches this host ({host_addr}) and what routes {subnet} back"
-                ));
-                None
-            }
-            Err(e) => {
-                notes.push(format!("no NAT: {e}"));
-                None
-            }
-        };
-        if guest.dns.is_none() {
-            notes.push("no DNS server for the guest: /etc/resolv.conf names none reachable from it".into());
-        }
-        let summary = format!("tap {name}, host {host_addr}/{SUBNET_PREFIX}, guest {}; {}", guest.ip, notes.join("; "));
-        Ok((Tap { file, name, host_addr, nat }, guest, summary))
+        set_offload(file.as_raw_fd(), 0)?;
+        Ok(Self { file, name: name.to_string() })
     }
 
+    /// The interface's name.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -327,47 +121,7 @@ fn set_offload(fd: RawFd, flags: libc::c_uint) -> io::Result<()> {
     Ok(())
 }
 
-/// Gives the tap 172.30.N.1/24 for the first N that no other interface is in, and
-/// brings it up. The first VM on a host always gets 172.30.0.0/24, so a node's address
-/// stays the same from boot to boot. Two VMMs racing for one N both see the clash after
-/// assigning, and move on.
-fn assign_subnet(name: &str) -> Result<Ipv4Addr, NetError> {
-    let cfg = |what: &'static str| {
-        let name = name.to_string();
-        move |err| NetError::TapConfig { name, what, err }
-    };
-    // SAFETY: a plain socket(2) call; the fd is owned by `sock` right away.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(cfg("socket")(io::Error::last_os_error()));
-    }
-    // SAFETY: `raw` is a fresh fd nobody else owns.
-    let sock: std::os::fd::OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
-    let fd = sock.as_raw_fd();
-    for n in 0..=255u8 {
-        let host_addr = Ipv4Addr::new(SUBNET_BASE[0], SUBNET_BASE[1], n, 1);
-        let taken = |addrs: &[host::IfAddr]| {
-            addrs.iter().any(|a| a.iface != name && same_subnet(a.addr, host_addr, a.prefix.min(SUBNET_PREFIX)))
-        };
-        if taken(&host::ipv4_addresses()) {
-            continue;
-        }
-        ioctl_ptr(fd, libc::SIOCSIFADDR, &mut IfReq::with_addr(name, host_addr)).map_err(cfg("SIOCSIFADDR"))?;
-        let mask = Ipv4Addr::from(u32::MAX << (32 - u32::from(SUBNET_PREFIX)));
-        ioctl_ptr(fd, libc::SIOCSIFNETMASK, &mut IfReq::with_addr(name, mask)).map_err(cfg("SIOCSIFNETMASK"))?;
-        if taken(&host::ipv4_addresses()) {
-            continue;
-        }
-        let mut flags = IfReq::new(name);
-        ioctl_ptr(fd, libc::SIOCGIFFLAGS, &mut flags).map_err(cfg("SIOCGIFFLAGS"))?;
-        let up = libc::c_short::from_ne_bytes([flags.data[0], flags.data[1]]) | libc::IFF_UP as libc::c_short;
-        ioctl_ptr(fd, libc::SIOCSIFFLAGS, &mut IfReq::with_short(name, up)).map_err(cfg("SIOCSIFFLAGS"))?;
-        return Ok(host_addr);
-    }
-    Err(NetError::NoSubnet)
-}
-
-impl Backend for Tap {
+impl Backend for TapBackend {
     fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
@@ -418,14 +172,7 @@ impl Backend for Tap {
     }
 
     fn describe(&self) -> String {
-        format!("tap {} ({})", self.name, self.host_addr)
-    }
-}
-
-impl Drop for Tap {
-    fn drop(&mut self) {
-        // The NAT rules go first; the device itself disappears with our fd.
-        self.nat.take();
+        format!("tap {}", self.name)
     }
 }
 
@@ -439,39 +186,6 @@ mod tests {
         let r = IfReq::with_addr("kl-1", Ipv4Addr::new(172, 30, 5, 1));
         assert_eq!(&r.name[..5], b"kl-1\0");
         assert_eq!(&r.data[4..8], &[172, 30, 5, 1]);
-    }
-
-    /// `cargo test -p kindling --lib -- --ignored tap_on_this_host` (as root).
-    #[test]
-    #[ignore = "needs root; adds a tap device and, with iptables or nft, NAT rules to this host (removed at the end)"]
-    fn tap_on_this_host() {
-        let (tap, guest, summary) = Tap::setup().unwrap();
-        eprintln!("{summary}");
-        let name = tap.name().to_string();
-        assert!(host::ipv4_addresses().iter().any(|a| a.iface == name && a.addr == guest.gateway && a.prefix == 24));
-        assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap().trim(), "1");
-        let tag = format!("kindling-{}", std::process::id());
-        let rules = || {
-            let nat = Command::new("iptables").args(["-t", "nat", "-S", "POSTROUTING"]).output().map(|o| o.stdout).unwrap_or_default();
-            let fwd = Command::new("iptables").args(["-S", "FORWARD"]).output().map(|o| o.stdout).unwrap_or_default();
-            String::from_utf8_lossy(&[nat, fwd].concat()).lines().filter(|l| l.contains(&tag)).count()
-        };
-        if which("iptables").is_some() {
-            assert!(summary.contains("iptables MASQUERADE"), "{summary}");
-            assert_eq!(rules(), 3);
-        }
-        drop(tap);
-        assert!(!host::ipv4_addresses().iter().any(|a| a.iface == name), "the tap is gone");
-        if which("iptables").is_some() {
-            assert_eq!(rules(), 0, "the NAT rules are gone");
-        }
-    }
-
-    #[test]
-    fn iptables_tables_split_off() {
-        let r: Vec<String> = ["-t", "nat", "POSTROUTING", "-j", "MASQUERADE"].map(String::from).to_vec();
-        assert_eq!(split_table(&r).1[0], "POSTROUTING");
-        let r: Vec<String> = ["FORWARD", "-j", "ACCEPT"].map(String::from).to_vec();
-        assert_eq!(split_table(&r).0.len(), 0);
+        assert_eq!(IfReq::with_short("x", 0x1234).short(), 0x1234);
     }
 }

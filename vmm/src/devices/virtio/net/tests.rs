@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::devices::virtio::test_ring::Ring;
 
-use super::passt::{StreamBackend, PASST_MTU};
+use super::stream::{StreamBackend, PASST_MTU};
 use super::{Backend, Net, MAX_FRAME_LEN, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
 use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
@@ -26,7 +26,6 @@ const DATA_START: u64 = 1 << 20;
 const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 /// What Linux posts as a mergeable RX buffer (a page).
 const RX_BUF: u32 = 4096;
-
 
 /// Guest memory, the device, its queues, and the passt end of its socket.
 struct Guest {
@@ -41,7 +40,10 @@ struct Guest {
     passt: UnixStream,
 }
 
-const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_RING_F_EVENT_IDX);
+const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_NET_F_MAC)
+    | (1 << VIRTIO_NET_F_MRG_RXBUF)
+    | (1 << VIRTIO_RING_F_EVENT_IDX);
 
 impl Guest {
     fn with_backend(backend: Box<dyn Backend>, passt: UnixStream, features: u64) -> Self {
@@ -114,7 +116,11 @@ impl Guest {
             assert!(bytes.len() >= VNET_HDR_LEN, "used length {len}");
             let hdr: [u8; VNET_HDR_LEN] = bytes[..VNET_HDR_LEN].try_into().unwrap();
             let num_buffers = u16::from_le_bytes([hdr[10], hdr[11]]) as usize;
-            assert!(num_buffers >= 1 && i + num_buffers <= used.len(), "num_buffers {num_buffers} of {}", used.len() - i);
+            assert!(
+                num_buffers >= 1 && i + num_buffers <= used.len(),
+                "num_buffers {num_buffers} of {}",
+                used.len() - i
+            );
             let mut frame = bytes[VNET_HDR_LEN..].to_vec();
             for &(h, l) in &used[i + 1..i + num_buffers] {
                 let (a, _) = self.rx_bufs.remove(&h).expect("a buffer we gave");
@@ -196,7 +202,11 @@ fn identity_config_and_features() {
     let f = g.dev.features();
     assert_ne!(f & (1 << VIRTIO_NET_F_MTU), 0);
     assert_ne!(f & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
-    assert_eq!(f & ((1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4)), 0, "passt takes no offloads");
+    assert_eq!(
+        f & ((1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4)),
+        0,
+        "passt takes no offloads"
+    );
 }
 
 #[test]
@@ -350,12 +360,12 @@ fn hostile_rx_chains_are_returned_empty_and_the_frame_waits_for_a_good_one() {
     let mut g = Guest::new(FEATURES);
     let a = g.alloc(8192);
     let bad: Vec<Vec<(u64, u32, u16)>> = vec![
-        vec![(a, 4096, 0)],                          // device-readable
-        vec![(a, 100, WRITE), (a + 100, 100, 0)],    // readable after writable
-        vec![(MEM_SIZE - 100, 4096, WRITE)],         // outside memory
-        vec![(u64::MAX - 8, 4096, WRITE)],           // address overflow
-        vec![(a, 11, WRITE)],                        // smaller than the header
-        vec![(a, 0, WRITE)],                         // empty
+        vec![(a, 4096, 0)],                       // device-readable
+        vec![(a, 100, WRITE), (a + 100, 100, 0)], // readable after writable
+        vec![(MEM_SIZE - 100, 4096, WRITE)],      // outside memory
+        vec![(u64::MAX - 8, 4096, WRITE)],        // address overflow
+        vec![(a, 11, WRITE)],                     // smaller than the header
+        vec![(a, 0, WRITE)],                      // empty
     ];
     let n_bad = bad.len();
     for d in &bad {
@@ -440,47 +450,4 @@ fn a_dead_backend_does_not_spin_the_event_loop() {
     g.send(&frame(60, 1));
     assert_eq!(g.dev.stats().tx_dropped, 1);
     assert_idle(&g);
-}
-
-/// The real passt, started as the VMM starts it: an ARP request for the gateway gets
-/// passt's answer through the stream protocol (skipped where passt is not installed).
-#[test]
-fn real_passt_answers_arp_for_the_gateway() {
-    use super::passt::Passt;
-    if super::passt::usable().is_err() {
-        eprintln!("skipped: passt is not installed (apt-get install passt)");
-        return;
-    }
-    let (mut passt, guest, summary) = match Passt::start() {
-        Ok(p) => p,
-        Err(super::NetError::NoRoute) => {
-            eprintln!("skipped: this host has no default route for passt to copy");
-            return;
-        }
-        Err(e) => panic!("{e}"),
-    };
-    eprintln!("{summary}");
-    let mac = [0x06, 0x6b, 0x6c, 0, 0, 1];
-    let mut arp = vec![0u8; VNET_HDR_LEN];
-    arp.extend_from_slice(&[0xff; 6]);
-    arp.extend_from_slice(&mac);
-    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-    arp.extend_from_slice(&mac);
-    arp.extend_from_slice(&guest.ip.octets());
-    arp.extend_from_slice(&[0; 6]);
-    arp.extend_from_slice(&guest.gateway.octets());
-    assert!(passt.send(&arp).unwrap());
-    let mut buf = vec![0u8; super::MAX_BUFFER_LEN];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let reply = loop {
-        if let Some(n) = passt.recv(&mut buf).unwrap() {
-            break buf[VNET_HDR_LEN..n].to_vec();
-        }
-        assert!(Instant::now() < deadline, "no ARP reply from passt");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    assert_eq!(&reply[..6], &mac, "addressed to the guest");
-    assert_eq!(&reply[12..14], &[0x08, 0x06], "an ARP frame");
-    assert_eq!(&reply[20..22], &[0, 2], "a reply");
-    assert_eq!(&reply[28..32], &guest.gateway.octets(), "for the gateway");
 }

@@ -52,6 +52,7 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_millis(if cfg!(test) { 200
 #[derive(Debug, PartialEq, Eq)]
 #[must_use]
 pub enum Outcome {
+    /// Keep the connection.
     Keep,
     /// Close the host stream and send RST to the guest.
     Reset,
@@ -64,6 +65,7 @@ pub enum Outcome {
 pub enum Rx {
     /// A header, and for RW the number of payload bytes placed in the caller's buffer.
     Packet(Header, usize),
+    /// No packet for the guest now.
     Nothing,
     /// Reading the host stream failed: reset the connection.
     Reset,
@@ -78,6 +80,7 @@ enum State {
     Closing,
 }
 
+/// One stream connection between a guest port and a host UNIX stream.
 pub struct Connection {
     stream: UnixStream,
     guest_cid: u64,
@@ -168,10 +171,12 @@ impl Connection {
         }
     }
 
+    /// The host stream.
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }
 
+    /// When an awaited answer from the guest (to REQUEST or SHUTDOWN) is due, if one is.
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline
     }
@@ -211,7 +216,10 @@ impl Connection {
     }
 
     fn can_send_data(&self) -> bool {
-        self.state == State::Established && !self.host_eof && self.guest_shut & SHUTDOWN_RCV == 0 && self.peer_credit() > 0
+        self.state == State::Established
+            && !self.host_eof
+            && self.guest_shut & SHUTDOWN_RCV == 0
+            && self.peer_credit() > 0
     }
 
     /// Handles a packet the guest sent on this connection (`op` is `hdr.op`, decoded).
@@ -569,7 +577,11 @@ mod tests {
         let (mut c, _host) = established(100);
         let shut = Header { flags: SHUTDOWN_SEND, ..guest_hdr(Op::Shutdown, 0, 100, 0) };
         assert_eq!(c.on_guest_packet(&shut, Op::Shutdown, &[]), Outcome::Keep);
-        assert_eq!(c.on_guest_packet(&guest_hdr(Op::Rw, 1, 100, 0), Op::Rw, b"x"), Outcome::Reset, "data after SHUTDOWN(SEND)");
+        assert_eq!(
+            c.on_guest_packet(&guest_hdr(Op::Rw, 1, 100, 0), Op::Rw, b"x"),
+            Outcome::Reset,
+            "data after SHUTDOWN(SEND)"
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 256;
 
+/// The virtio-vsock device; its host side is a [`Muxer`].
 pub struct Vsock {
     muxer: Muxer,
     /// virtio_vsock_config: guest_cid (le64).
@@ -31,7 +32,11 @@ pub struct Vsock {
 impl Vsock {
     /// A device for guest `guest_cid`, listening for host clients on `uds_path`.
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
-        Ok(Self { muxer: Muxer::new(uds_path, guest_cid)?, config: guest_cid.to_le_bytes(), scratch: vec![0; MAX_PAYLOAD] })
+        Ok(Self {
+            muxer: Muxer::new(uds_path, guest_cid)?,
+            config: guest_cid.to_le_bytes(),
+            scratch: vec![0; MAX_PAYLOAD],
+        })
     }
 
     /// Hands every packet the guest queued to the muxer. TX buffers are only read, so

@@ -33,16 +33,32 @@ pub use muxer::port_path;
 pub const HOST_CID: u64 = 2;
 /// Queue order fixed by the spec (the third, the event queue, is unused).
 pub const RX_QUEUE: usize = 0;
+/// Index of the TX queue (guest to host).
 pub const TX_QUEUE: usize = 1;
 
+/// Why the vsock device could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
+    /// The socket could not be bound, or a stale one not checked or removed.
     #[error("vsock socket {}: {err}; check that its directory exists and is writable, or pass another --vsock path", path.display())]
-    Bind { path: PathBuf, err: std::io::Error },
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The I/O error.
+        err: std::io::Error,
+    },
+    /// The socket path exists and is not a UNIX socket.
     #[error("vsock socket {}: exists and is not a UNIX socket; remove it or pass another --vsock path", .0.display())]
     NotASocket(PathBuf),
+    /// Something accepts connections on the socket path: a running VM uses it.
     #[error("vsock socket {} is in use by a running VM (it accepts connections); stop that VM or pass another --vsock path", .0.display())]
     InUse(PathBuf),
+    /// Creating the epoll fd or timerfd, or setting up the listener, failed.
     #[error("vsock: setting up {what}: {err}")]
-    Setup { what: &'static str, err: std::io::Error },
+    Setup {
+        /// What was being set up.
+        what: &'static str,
+        /// The I/O error.
+        err: std::io::Error,
+    },
 }

@@ -83,6 +83,7 @@ enum RxItem {
     Rst(ConnKey),
 }
 
+/// The host side of the device: the listening socket, the connections, and the packets waiting for the guest.
 pub struct Muxer {
     guest_cid: u64,
     uds_path: PathBuf,
@@ -265,7 +266,8 @@ impl Muxer {
     pub fn reset(&mut self) {
         for (_, entry) in self.conns.drain() {
             if entry.polled.is_some() {
-                let _ = self.epoll.ctl(ControlOperation::Delete, entry.conn.stream().as_raw_fd(), EpollEvent::default());
+                let _ =
+                    self.epoll.ctl(ControlOperation::Delete, entry.conn.stream().as_raw_fd(), EpollEvent::default());
             }
         }
         self.sources.retain(|_, s| matches!(s, Source::Pending(_)));
@@ -333,7 +335,12 @@ impl Muxer {
             let _ = self.epoll.ctl(ControlOperation::Delete, entry.conn.stream().as_raw_fd(), EpollEvent::default());
         }
         self.sources.remove(&entry.token);
-        tracing::debug!("vsock: connection host:{} <-> guest:{} closed{}", key.local_port, key.peer_port, if rst { " with RST" } else { "" });
+        tracing::debug!(
+            "vsock: connection host:{} <-> guest:{} closed{}",
+            key.local_port,
+            key.peer_port,
+            if rst { " with RST" } else { "" }
+        );
         if rst {
             self.queue_rst(key);
         }
@@ -368,7 +375,10 @@ impl Muxer {
     /// The guest asked for host port `hdr.dst_port`: connect to `P_<port>`.
     fn connect_to_host(&mut self, key: ConnKey, hdr: &Header) {
         if self.connection_count() >= MAX_CONNECTIONS {
-            tracing::warn!("vsock: {MAX_CONNECTIONS} connections open; refusing the guest's connection to port {}", hdr.dst_port);
+            tracing::warn!(
+                "vsock: {MAX_CONNECTIONS} connections open; refusing the guest's connection to port {}",
+                hdr.dst_port
+            );
             return self.queue_rst(key);
         }
         let path = port_path(&self.uds_path, hdr.dst_port);
@@ -379,7 +389,11 @@ impl Muxer {
                 self.insert(key, conn);
             }
             Err(e) => {
-                tracing::debug!("vsock: guest connection to host port {}: {}: {e}; answering RST", hdr.dst_port, path.display());
+                tracing::debug!(
+                    "vsock: guest connection to host port {}: {}: {e}; answering RST",
+                    hdr.dst_port,
+                    path.display()
+                );
                 self.queue_rst(key);
             }
         }
@@ -408,7 +422,10 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::warn!("vsock: accepting on {}: {e}; pausing for {ACCEPT_BACKOFF:?}", self.uds_path.display());
+                    tracing::warn!(
+                        "vsock: accepting on {}: {e}; pausing for {ACCEPT_BACKOFF:?}",
+                        self.uds_path.display()
+                    );
                     let _ = self.epoll.ctl(ControlOperation::Delete, self.listener.as_raw_fd(), EpollEvent::default());
                     self.deadlines.push(Reverse((now + ACCEPT_BACKOFF, TOKEN_LISTENER)));
                     return;
@@ -472,7 +489,9 @@ impl Muxer {
                 Some(Source::Pending(_)) => {
                     if let Some(Source::Pending(p)) = self.sources.remove(&token) {
                         let _ = self.epoll.ctl(ControlOperation::Delete, p.stream.as_raw_fd(), EpollEvent::default());
-                        tracing::warn!("vsock: host client sent no CONNECT line within {CONNECT_LINE_TIMEOUT:?}; closing it");
+                        tracing::warn!(
+                            "vsock: host client sent no CONNECT line within {CONNECT_LINE_TIMEOUT:?}; closing it"
+                        );
                     }
                 }
                 Some(&Source::Conn(key)) => {
@@ -493,7 +512,9 @@ impl Muxer {
         }
         let result = match next {
             // A zero duration would disarm the timer instead of firing it.
-            Some(at) => self.timer.reset(at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)), None),
+            Some(at) => {
+                self.timer.reset(at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)), None)
+            }
             None => self.timer.clear(),
         };
         if let Err(e) = result {
@@ -557,7 +578,9 @@ fn read_line(pending: &mut PendingConnect) -> Result<Option<Vec<u8>>, String> {
         match pending.stream.read(&mut byte) {
             Ok(0) => return Err("it closed before sending `CONNECT <port>`".into()),
             Ok(_) if byte[0] == b'\n' => return Ok(Some(std::mem::take(&mut pending.line))),
-            Ok(_) if pending.line.len() >= MAX_CONNECT_LINE => return Err("its first line is too long for `CONNECT <port>`".into()),
+            Ok(_) if pending.line.len() >= MAX_CONNECT_LINE => {
+                return Err("its first line is too long for `CONNECT <port>`".into())
+            }
             Ok(_) => pending.line.push(byte[0]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -585,7 +608,15 @@ mod tests {
     fn connect_lines() {
         assert_eq!(parse_connect(b"CONNECT 52"), Ok(52));
         assert_eq!(parse_connect(b"CONNECT 4294967295\r"), Ok(u32::MAX));
-        for bad in [&b"CONNECT 4294967296"[..], b"CONNECT", b"CONNECT ", b"CONNECT +5", b"CONNECT 5 ", b"connect 5", b"\xff\xfe"] {
+        for bad in [
+            &b"CONNECT 4294967296"[..],
+            b"CONNECT",
+            b"CONNECT ",
+            b"CONNECT +5",
+            b"CONNECT 5 ",
+            b"connect 5",
+            b"\xff\xfe",
+        ] {
             assert!(parse_connect(bad).is_err(), "{bad:?}");
         }
     }

@@ -17,26 +17,37 @@ pub const HDR_LEN: usize = 44;
 /// `len` is a malformed packet, and host-to-guest packets never carry more.
 pub const MAX_PAYLOAD: usize = 64 << 10;
 
+/// The socket type of stream connections (VIRTIO_VSOCK_TYPE_STREAM).
 pub const TYPE_STREAM: u16 = 1;
 /// SHUTDOWN flags: the sender will receive no more / send no more.
 pub const SHUTDOWN_RCV: u32 = 1;
+/// The sender will send no more.
 pub const SHUTDOWN_SEND: u32 = 2;
+/// Both directions are shut.
 pub const SHUTDOWN_BOTH: u32 = SHUTDOWN_RCV | SHUTDOWN_SEND;
 
 /// Packet operations; 0 (INVALID) and anything above 7 are not operations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
 pub enum Op {
+    /// Opens a connection.
     Request = 1,
+    /// Accepts a REQUEST.
     Response = 2,
+    /// Refuses or resets a connection.
     Rst = 3,
+    /// Shuts one or both directions (the SHUTDOWN flags).
     Shutdown = 4,
+    /// Carries stream data.
     Rw = 5,
+    /// Tells the peer the sender's buffer space (`buf_alloc`, `fwd_cnt`).
     CreditUpdate = 6,
+    /// Asks the peer for a credit update.
     CreditRequest = 7,
 }
 
 impl Op {
+    /// The operation `op` stands for, if any.
     pub fn from_raw(op: u16) -> Option<Self> {
         Some(match op {
             1 => Self::Request,
@@ -55,19 +66,30 @@ impl Op {
 /// unknown operation can still be answered with RST.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Header {
+    /// The sender's context ID.
     pub src_cid: u64,
+    /// The receiver's context ID.
     pub dst_cid: u64,
+    /// The sender's port.
     pub src_port: u32,
+    /// The receiver's port.
     pub dst_port: u32,
+    /// Payload length in bytes.
     pub len: u32,
+    /// Socket type ([`TYPE_STREAM`]).
     pub type_: u16,
+    /// The operation, raw (see [`Op`]).
     pub op: u16,
+    /// Operation flags: the SHUTDOWN flags for [`Op::Shutdown`].
     pub flags: u32,
+    /// The sender's receive buffer size, for credit.
     pub buf_alloc: u32,
+    /// Bytes the sender has consumed so far, for credit.
     pub fwd_cnt: u32,
 }
 
 impl Header {
+    /// Decodes a header from its wire form.
     pub fn from_bytes(b: &[u8; HDR_LEN]) -> Self {
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
@@ -86,6 +108,7 @@ impl Header {
         }
     }
 
+    /// Encodes the header in its wire form.
     pub fn to_bytes(&self) -> [u8; HDR_LEN] {
         let mut b = [0u8; HDR_LEN];
         b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
@@ -101,23 +124,36 @@ impl Header {
         b
     }
 
+    /// The operation, if `op` is a known one.
     pub fn op(&self) -> Option<Op> {
         Op::from_raw(self.op)
     }
 }
 
+/// Why a descriptor chain was refused as a packet or an RX buffer.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PacketError {
+    /// The chain is malformed or points outside guest memory.
     #[error("descriptor chain is malformed or points outside guest memory")]
     BadChain,
+    /// A TX chain contains a device-writable descriptor.
     #[error("TX chain contains a device-writable descriptor")]
     WritableInTx,
+    /// An RX chain contains a device-readable descriptor.
     #[error("RX chain contains a device-readable descriptor")]
     ReadableInRx,
+    /// The chain holds fewer bytes (given) than a header.
     #[error("chain holds {0} bytes, less than the {HDR_LEN}-byte header")]
     TooShort(usize),
+    /// The header announces more payload than the chain holds.
     #[error("header announces {len} payload bytes but the chain holds {avail}")]
-    LenBeyondChain { len: u32, avail: usize },
+    LenBeyondChain {
+        /// The payload length the header announces.
+        len: u32,
+        /// The bytes the chain holds after the header.
+        avail: usize,
+    },
+    /// The announced payload is over [`MAX_PAYLOAD`] or the caller's buffer.
     #[error("payload of {0} bytes is over the {MAX_PAYLOAD}-byte packet limit")]
     PayloadTooLong(u32),
 }
@@ -166,6 +202,7 @@ pub struct RxBuffer<'m> {
 }
 
 impl<'m> RxBuffer<'m> {
+    /// Checks `chain` as an RX buffer: all device-writable, with room for a header.
     pub fn new(chain: Chain<'m>, mem: &'m GuestMemoryMmap) -> Result<Self, PacketError> {
         if chain.clone().any(|d| !d.is_write_only()) {
             return Err(PacketError::ReadableInRx);

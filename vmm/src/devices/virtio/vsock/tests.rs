@@ -29,7 +29,6 @@ const GUEST_BUF_ALLOC: u32 = 256 << 10;
 const DATA_START: u64 = 1 << 20;
 const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
-
 /// A guest driver for the device under test.
 struct Guest {
     mem: GuestMemoryMmap,
@@ -330,9 +329,13 @@ fn bad_connect_lines_are_closed() {
     let mut g = Guest::new();
     g.give_rx(4);
     let long = "CONNECT ".to_string() + &"1".repeat(40);
-    for (line, close_write) in
-        [("HELLO\n", false), ("CONNECT abc\n", false), ("CONNECT 99999999999\n", false), (long.as_str(), false), ("CONNECT 5", true)]
-    {
+    for (line, close_write) in [
+        ("HELLO\n", false),
+        ("CONNECT abc\n", false),
+        ("CONNECT 99999999999\n", false),
+        (long.as_str(), false),
+        ("CONNECT 5", true),
+    ] {
         let mut client = UnixStream::connect(&g.path).unwrap();
         client.write_all(line.as_bytes()).unwrap();
         if close_write {
@@ -498,7 +501,10 @@ fn bulk_transfer_both_ways() {
             host_fwd_cnt = h.fwd_cnt;
             match h.op() {
                 Some(Op::Rw) => {
-                    assert!(data.iter().enumerate().all(|(i, &b)| b == pattern(received + i) ^ 0xff), "corrupt data at {received}");
+                    assert!(
+                        data.iter().enumerate().all(|(i, &b)| b == pattern(received + i) ^ 0xff),
+                        "corrupt data at {received}"
+                    );
                     received += data.len();
                 }
                 Some(Op::CreditUpdate) => {}

@@ -1,0 +1,705 @@
+//! `kindling bench`: boot-time benchmark. Times, over several runs, the launch of a VM
+//! until the guest prints its init marker and until it powers off, for kindling and for
+//! QEMU's `microvm` machine booting the same kernel and initrd on the same KVM. Under
+//! the emulated runner, both run inside the level-1 VM, so both are nested the same way.
+//!
+//! `kindling bench --workload net`: host<->guest I/O. The guest (the busybox initramfs
+//! with this very executable added, running `kindling bench --guest-server`) serves
+//! echo, sink and source on TCP and vsock ports. The host side measures the round-trip
+//! time of 1-byte messages and the throughput of bulk transfers each way: over
+//! virtio-net (TAP) and vsock for kindling, and over QEMU's virtio-net (microvm,
+//! virtio-net-device on a tap, no vhost) for the ratio. It needs a guest kernel with
+//! virtio-net and vsock built in (kindling's own: `kindling images path kernel`) and
+//! root (TAP), which the emulated runner's level-1 VM provides.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use kindling_vmm::config::VmConfig;
+
+use crate::runner::{self, emulated, Runner, RunnerKind};
+use crate::util::{inside_l1, which};
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Guest kernel (bzImage or vmlinux) both VMMs boot.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// initramfs whose init prints the marker and powers off (see scripts/busybox-initramfs).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: PathBuf,
+    /// Kernel command line for both.
+    #[arg(long, default_value = "console=ttyS0 quiet")]
+    pub cmdline: String,
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub memory: u64,
+    /// Counted runs per VMM (after one warm-up run each).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Console line that marks "init reached".
+    #[arg(long, default_value = "KINDLING-INIT-OK")]
+    pub marker: String,
+    #[arg(long, value_parser = runner::runner_arg(), default_value = "auto")]
+    pub runner: RunnerKind,
+    /// What to measure: boot time, or host<->guest network and vsock I/O.
+    #[arg(long, value_enum, default_value_t = Workload::Boot)]
+    pub workload: Workload,
+    /// Net workload: MiB per bulk transfer.
+    #[arg(long, value_name = "MIB", default_value_t = 32)]
+    pub net_mib: u64,
+    /// Net workload: 1-byte round trips timed per transport.
+    #[arg(long, value_name = "N", default_value_t = 300)]
+    pub round_trips: usize,
+    /// (internal) Inside the guest of the net workload: serve the benchmark's ports.
+    #[arg(long, hide = true)]
+    pub guest_server: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    Boot,
+    Net,
+}
+
+impl BenchArgs {
+    fn config(&self) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: Some(self.initrd.clone()),
+            cmdline: self.cmdline.clone(),
+            cpus: self.cpus,
+            memory_mib: self.memory,
+            disks: vec![],
+            vsock: None,
+            net: None,
+        }
+    }
+
+    /// The same benchmark as seen from inside the level-1 VM.
+    pub fn l1_args(&self) -> Vec<String> {
+        vec![
+            "--kernel".into(),
+            "/kindling/kernel".into(),
+            "--initrd".into(),
+            "/kindling/initrd".into(),
+            "--cmdline".into(),
+            self.cmdline.clone(),
+            "--cpus".into(),
+            self.cpus.to_string(),
+            "--memory".into(),
+            self.memory.to_string(),
+            "--runs".into(),
+            self.runs.to_string(),
+            "--marker".into(),
+            self.marker.clone(),
+            "--runner".into(),
+            "kvm".into(),
+            "--workload".into(),
+            format!("{:?}", self.workload).to_lowercase(),
+            "--net-mib".into(),
+            self.net_mib.to_string(),
+            "--round-trips".into(),
+            self.round_trips.to_string(),
+        ]
+    }
+}
+
+/// One timed launch.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    marker: Duration,
+    exit: Duration,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
+    if args.guest_server {
+        return net::guest_server();
+    }
+    // The net workload's guest runs this executable: add it to the initrd (once: inside
+    // the level-1 VM the initrd already has it).
+    let _prepared;
+    let mut args = args.clone();
+    if args.workload == Workload::Net && !inside_l1() {
+        let dir = tempfile::Builder::new().prefix("kindling-bench-").tempdir()?;
+        args.initrd = net::guest_initrd(&args.initrd, dir.path())?;
+        _prepared = dir;
+    }
+    let args = &args;
+    let config = args.config();
+    config.validate()?;
+    let (runner, why) = runner::choose(args.runner);
+    match runner {
+        Runner::Emulated => {
+            eprintln!("kindling: runner emulated ({why}); both VMMs run inside the level-1 VM");
+            // QEMU and its libraries go into L1's initramfs, and L1 holds a second
+            // VMM's guest.
+            let job = emulated::L1Job {
+                mode: "bench",
+                args: args.l1_args(),
+                with_qemu: true,
+                with_passt: false,
+                extra_memory_mib: config.memory_mib + 256,
+                network: false,
+            };
+            Ok(emulated::run_job(&config, &job, &[])?)
+        }
+        Runner::Kvm => {
+            eprintln!("kindling: runner kvm ({why})");
+            match args.workload {
+                Workload::Boot => measure_and_report(args)?,
+                Workload::Net => net::measure_and_report(args)?,
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn measure_and_report(args: &BenchArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut kindling = Command::new(&exe);
+    kindling.args(["boot", "--runner", "kvm", "--kernel"]).arg(&args.kernel).arg("--initrd").arg(&args.initrd);
+    kindling.args(["--cmdline", &args.cmdline, "--cpus", &args.cpus.to_string(), "--memory", &args.memory.to_string()]);
+    let mut rows = vec![("kindling", measure(&mut kindling, args)?)];
+    match qemu_command() {
+        Some(mut qemu) => {
+            qemu.args(["-M", "microvm,accel=kvm,rtc=off", "-cpu", "host"])
+                .args(["-smp", &args.cpus.to_string(), "-m", &format!("{}M", args.memory)])
+                .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio"])
+                .arg("-kernel")
+                .arg(&args.kernel)
+                .arg("-initrd")
+                .arg(&args.initrd)
+                .args(["-append", &args.cmdline]);
+            rows.push(("qemu microvm", measure(&mut qemu, args)?));
+        }
+        None => eprintln!("kindling bench: qemu-system-x86_64 not found; reporting kindling alone"),
+    }
+    report(args, &rows);
+    Ok(())
+}
+
+/// QEMU as shipped into the level-1 VM (with its own loader and libraries), or the host's.
+pub(crate) fn qemu_command() -> Option<Command> {
+    let bundled = Path::new(emulated::L1_QEMU_DIR);
+    if bundled.join("qemu-system-x86_64").is_file() {
+        let mut c = Command::new(bundled.join("lib/ld-linux-x86-64.so.2"));
+        c.arg("--library-path").arg(bundled.join("lib")).arg(bundled.join("qemu-system-x86_64"));
+        c.arg("-L").arg(bundled.join("share"));
+        return Some(c);
+    }
+    which("qemu-system-x86_64").map(Command::new)
+}
+
+fn measure(cmd: &mut Command, args: &BenchArgs) -> anyhow::Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for i in 0..=args.runs {
+        let s = once(cmd, &args.marker)?;
+        if i > 0 {
+            samples.push(s); // run 0 warms the page cache
+        }
+    }
+    Ok(samples)
+}
+
+fn once(cmd: &mut Command, marker: &str) -> anyhow::Result<Sample> {
+    let t0 = Instant::now();
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut seen = None;
+    let mut tail = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap_or_default();
+        if seen.is_none() && line.contains(marker) {
+            seen = Some(t0.elapsed());
+        }
+        tail.push(line);
+        if tail.len() > 20 {
+            tail.remove(0);
+        }
+    }
+    let status = child.wait()?;
+    let exit = t0.elapsed();
+    let Some(marker_at) = seen else {
+        anyhow::bail!(
+            "{:?} never printed {marker:?} (exit {status}); last lines:\n{}",
+            cmd.get_program(),
+            tail.join("\n")
+        );
+    };
+    Ok(Sample { marker: marker_at, exit })
+}
+
+pub(crate) fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let median = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
+    (median, v[0], v[v.len() - 1])
+}
+
+fn report(args: &BenchArgs, rows: &[(&str, Vec<Sample>)]) {
+    println!(
+        "boot benchmark: {} runs each after 1 warm-up, {} vCPU, {} MiB, kernel {}, initrd {}",
+        args.runs,
+        args.cpus,
+        args.memory,
+        args.kernel.display(),
+        args.initrd.display()
+    );
+    println!("{:<14} {:>28} {:>28}", "", "launch -> init marker (s)", "launch -> exit (s)");
+    println!("{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "", "median", "min", "max", "median", "min", "max");
+    let mut medians = Vec::new();
+    for (name, samples) in rows {
+        let m = stats(samples.iter().map(|s| s.marker.as_secs_f64()).collect());
+        let e = stats(samples.iter().map(|s| s.exit.as_secs_f64()).collect());
+        println!("{name:<14} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}", m.0, m.1, m.2, e.0, e.1, e.2);
+        medians.push((m.0, e.0));
+    }
+    if let [(km, ke), (qm, qe)] = medians[..] {
+        println!("{:<14} {:>9.2} {:>29.2}", "ratio k/q", km / qm, ke / qe);
+    }
+}
+
+/// The net workload (see the module documentation).
+mod net {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::BenchArgs;
+    use kindling_vmm::devices::virtio::net::Backend;
+
+    use crate::hostnet::tap::Tap;
+    use crate::runner::emulated::Archive;
+
+    const ECHO: u16 = 5201;
+    const SINK: u16 = 5202;
+    const SOURCE: u16 = 5203;
+    const QUIT: u16 = 5209;
+    const CHUNK: usize = 64 << 10;
+    /// Bulk transfers per direction; the median is reported.
+    const BULK_RUNS: usize = 3;
+
+    /// The guest's script (`kindling.run=`, `+` for spaces): eth0 from the command
+    /// line, then the server until the host says quit.
+    const GUEST_SCRIPT: &str =
+        "for+a+in+$(cat+/proc/cmdline);do+case+$a+in+kindling.ip=*)ip=${a#*=};;kindling.gw=*)gw=${a#*=};;esac;done;\
+        ip+addr+add+$ip+dev+eth0;ip+link+set+eth0+up;/bin/kindling+bench+--kernel+/+--initrd+/+--guest-server";
+
+    /// `initrd` with this executable added as /bin/kindling (a second, uncompressed cpio
+    /// archive after the first: the kernel unpacks both).
+    pub fn guest_initrd(initrd: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+        let out = dir.join("net-bench.cpio");
+        let mut f = std::fs::File::create(&out)?;
+        let n = std::io::copy(&mut std::fs::File::open(initrd)?, &mut f)?;
+        // The kernel looks for the next archive at a 4-byte aligned offset, skipping zeros.
+        f.write_all(&[0u8; 4][..(4 - n as usize % 4) % 4])?;
+        let mut a = Archive::new(std::io::BufWriter::new(f));
+        a.dir("bin")?;
+        a.file("bin/kindling", 0o755, &std::env::current_exe()?)?;
+        a.finish()?.flush()?;
+        Ok(out)
+    }
+
+    // ---- guest side -------------------------------------------------------------
+
+    /// Serves echo, sink (reads to EOF, answers the byte count) and source (reads a
+    /// count, sends that many bytes) on TCP and, when the VM has vsock, on vsock; exits
+    /// when a connection reaches the quit port.
+    pub fn guest_server() -> anyhow::Result<i32> {
+        let (quit_tx, quit_rx) = std::sync::mpsc::channel::<()>();
+        for port in [ECHO, SINK, SOURCE, QUIT] {
+            let tcp = TcpListener::bind(("0.0.0.0", port))?;
+            let q = quit_tx.clone();
+            std::thread::spawn(move || {
+                for conn in tcp.incoming().flatten() {
+                    let _ = conn.set_nodelay(true);
+                    serve(port, conn, &q);
+                }
+            });
+            match vsock_listen(port) {
+                Ok(fd) => {
+                    let q = quit_tx.clone();
+                    std::thread::spawn(move || loop {
+                        // SAFETY: accept on a listening socket we own; the new fd is
+                        // owned by the File right away.
+                        let c = unsafe {
+                            libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
+                        };
+                        if c >= 0 {
+                            // SAFETY: `c` is a fresh fd nobody else owns.
+                            serve(port, unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(c) }, &q);
+                        }
+                    });
+                }
+                Err(e) => eprintln!("bench guest: no vsock port {port}: {e}"),
+            }
+        }
+        println!("KINDLING-BENCH-SERVER-READY");
+        let _ = quit_rx.recv();
+        Ok(0)
+    }
+
+    fn serve(port: u16, mut s: impl Read + Write, quit: &std::sync::mpsc::Sender<()>) {
+        let mut buf = vec![0u8; CHUNK];
+        match port {
+            ECHO => {
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+            SINK => {
+                let mut total = 0u64;
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    total += n as u64;
+                }
+                let _ = s.write_all(format!("{total}\n").as_bytes());
+            }
+            SOURCE => {
+                let mut line = String::new();
+                let mut r = BufReader::new(&mut s);
+                let _ = r.read_line(&mut line);
+                drop(r);
+                let mut left: u64 = line.trim().parse().unwrap_or(0);
+                while left > 0 {
+                    let n = left.min(CHUNK as u64) as usize;
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    left -= n as u64;
+                }
+            }
+            _ => {
+                let _ = quit.send(());
+            }
+        }
+    }
+
+    fn vsock_listen(port: u16) -> std::io::Result<libc::c_int> {
+        // SAFETY: plain socket calls on a fresh fd, with a properly initialised
+        // sockaddr_vm; the fd is leaked on purpose (it serves until the process exits).
+        unsafe {
+            let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut addr: libc::sockaddr_vm = std::mem::zeroed();
+            addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+            addr.svm_port = u32::from(port);
+            addr.svm_cid = libc::VMADDR_CID_ANY;
+            let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+            if libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), len) < 0 || libc::listen(fd, 8) < 0 {
+                let e = std::io::Error::last_os_error();
+                libc::close(fd);
+                return Err(e);
+            }
+            Ok(fd)
+        }
+    }
+
+    // ---- host side --------------------------------------------------------------
+
+    /// A connection to one of the guest's ports.
+    trait Conn: Read + Write {
+        fn shutdown_write(&self);
+    }
+    impl Conn for TcpStream {
+        fn shutdown_write(&self) {
+            let _ = self.shutdown(Shutdown::Write);
+        }
+    }
+    impl Conn for UnixStream {
+        fn shutdown_write(&self) {
+            let _ = self.shutdown(Shutdown::Write);
+        }
+    }
+
+    enum Transport {
+        Tcp(Ipv4Addr),
+        /// The VMM's vsock socket (Firecracker-style CONNECT handshake).
+        Vsock(PathBuf),
+    }
+
+    impl Transport {
+        fn connect(&self, port: u16) -> std::io::Result<Box<dyn Conn>> {
+            match self {
+                Transport::Tcp(ip) => {
+                    let s = TcpStream::connect_timeout(&(*ip, port).into(), Duration::from_secs(5))?;
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(Duration::from_secs(300)))?;
+                    Ok(Box::new(s))
+                }
+                Transport::Vsock(uds) => {
+                    let mut s = UnixStream::connect(uds)?;
+                    s.set_read_timeout(Some(Duration::from_secs(300)))?;
+                    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+                    let mut line = Vec::new();
+                    let mut b = [0u8];
+                    while s.read(&mut b)? == 1 && b[0] != b'\n' {
+                        line.push(b[0]);
+                    }
+                    if !line.starts_with(b"OK ") {
+                        return Err(std::io::Error::other("vsock CONNECT refused"));
+                    }
+                    Ok(Box::new(s))
+                }
+            }
+        }
+
+        /// Waits until the guest's server answers.
+        fn wait_ready(&self, child: &mut Child, what: &str) -> anyhow::Result<()> {
+            let t0 = Instant::now();
+            loop {
+                if let Ok(mut c) = self.connect(ECHO) {
+                    if c.write_all(b"x").is_ok() && c.read_exact(&mut [0u8]).is_ok() {
+                        return Ok(());
+                    }
+                }
+                if let Some(st) = child.try_wait()? {
+                    anyhow::bail!("{what} exited ({st}) before its guest served the benchmark");
+                }
+                anyhow::ensure!(
+                    t0.elapsed() < Duration::from_secs(300),
+                    "{what}: the guest's benchmark server did not answer within 5 min"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+
+    /// One transport's figures: RTT median (s), host->guest and guest->host (B/s).
+    #[derive(Clone, Copy, Debug)]
+    struct Figures {
+        rtt: f64,
+        to_guest: f64,
+        to_host: f64,
+    }
+
+    fn measure(t: &Transport, args: &BenchArgs) -> anyhow::Result<Figures> {
+        let mut c = t.connect(ECHO)?;
+        let mut times = Vec::with_capacity(args.round_trips);
+        for i in 0..args.round_trips + 20 {
+            let t0 = Instant::now();
+            c.write_all(b"x")?;
+            c.read_exact(&mut [0u8])?;
+            if i >= 20 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        drop(c);
+        let bytes = args.net_mib << 20;
+        let buf = vec![0x5au8; CHUNK];
+        let mut to_guest = Vec::new();
+        let mut to_host = Vec::new();
+        for _ in 0..BULK_RUNS {
+            let mut c = t.connect(SINK)?;
+            let t0 = Instant::now();
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(CHUNK as u64) as usize;
+                c.write_all(&buf[..n])?;
+                left -= n as u64;
+            }
+            c.shutdown_write();
+            let mut reply = String::new();
+            c.read_to_string(&mut reply)?;
+            let secs = t0.elapsed().as_secs_f64();
+            anyhow::ensure!(
+                reply.trim() == bytes.to_string(),
+                "the guest's sink counted {:?} of {bytes} bytes",
+                reply.trim()
+            );
+            to_guest.push(bytes as f64 / secs);
+
+            let mut c = t.connect(SOURCE)?;
+            let t0 = Instant::now();
+            c.write_all(format!("{bytes}\n").as_bytes())?;
+            let mut got = 0u64;
+            let mut rbuf = vec![0u8; CHUNK];
+            loop {
+                match c.read(&mut rbuf)? {
+                    0 => break,
+                    n => got += n as u64,
+                }
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            anyhow::ensure!(got == bytes, "the guest's source sent {got} of {bytes} bytes");
+            to_host.push(bytes as f64 / secs);
+        }
+        Ok(Figures { rtt: super::stats(times).0, to_guest: super::stats(to_guest).0, to_host: super::stats(to_host).0 })
+    }
+
+    fn quit(t: &Transport, child: &mut Child, what: &str) -> anyhow::Result<()> {
+        let _ = t.connect(QUIT);
+        let t0 = Instant::now();
+        while child.try_wait()?.is_none() {
+            if t0.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                anyhow::bail!("{what} did not stop after the benchmark");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// The guest address in the VMM's "net: tap ..., guest A.B.C.D; ..." line.
+    fn guest_ip_from_log(line: &str) -> Option<Ipv4Addr> {
+        let rest = line.split("net: tap ").nth(1)?.split(", guest ").nth(1)?;
+        rest.split(|c: char| c == ';' || c == ',' || c.is_whitespace()).next()?.parse().ok()
+    }
+
+    fn kindling_run(args: &BenchArgs) -> anyhow::Result<(Figures, Figures)> {
+        let dir = tempfile::Builder::new().prefix("kindling-bench-").tempdir()?;
+        let uds = dir.path().join("v.sock");
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["boot", "--runner", "kvm", "--net", "tap", "--kernel"])
+            .arg(&args.kernel)
+            .arg("--initrd")
+            .arg(&args.initrd)
+            .arg("--vsock")
+            .arg(&uds)
+            .args(["--cmdline", &format!("{} kindling.run={GUEST_SCRIPT}", args.cmdline)])
+            .args(["--cpus", &args.cpus.to_string(), "--memory", &args.memory.to_string()])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("console.log"))?)
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // The VMM says where the guest is; its stderr is then drained in the background.
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(ip) = guest_ip_from_log(&line) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(ip);
+                    }
+                }
+                if line.contains("ERROR") {
+                    eprintln!("kindling (benchmarked): {line}");
+                }
+            }
+        });
+        let ip = rx
+            .recv_timeout(Duration::from_secs(120))
+            .map_err(|_| anyhow::anyhow!("kindling boot --net tap did not report the guest's address"))?;
+        let tcp = Transport::Tcp(ip);
+        tcp.wait_ready(&mut child, "kindling").map_err(|e| with_console(e, &dir.path().join("console.log")))?;
+        let net = measure(&tcp, args)?;
+        let vsock_t = Transport::Vsock(uds);
+        let vsock = measure(&vsock_t, args)?;
+        quit(&tcp, &mut child, "kindling")?;
+        Ok((net, vsock))
+    }
+
+    /// Adds the end of the guest's console to an error.
+    fn with_console(e: anyhow::Error, log: &Path) -> anyhow::Error {
+        let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+        e.context(format!("guest console (last lines):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n")))
+    }
+
+    fn qemu_run(args: &BenchArgs) -> anyhow::Result<Option<Figures>> {
+        let Some(mut qemu) = super::qemu_command() else {
+            eprintln!("kindling bench: qemu-system-x86_64 not found; reporting kindling alone");
+            return Ok(None);
+        };
+        let (tap, guest, _) = Tap::setup()?;
+        let fd = tap.fd();
+        let cmdline = format!("{}{} kindling.run={GUEST_SCRIPT}", args.cmdline, guest.args(&args.cmdline));
+        qemu.args(["-M", "microvm,accel=kvm,rtc=off", "-cpu", "host"])
+            .args(["-smp", &args.cpus.to_string(), "-m", &format!("{}M", args.memory)])
+            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "null"])
+            .args(["-netdev", &format!("tap,id=n0,fd={fd}"), "-device", "virtio-net-device,netdev=n0"])
+            .arg("-kernel")
+            .arg(&args.kernel)
+            .arg("-initrd")
+            .arg(&args.initrd)
+            .args(["-append", &cmdline])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        // SAFETY: fcntl between fork and exec, on the tap fd this process owns: QEMU
+        // inherits it.
+        unsafe {
+            qemu.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = qemu.spawn()?;
+        let tcp = Transport::Tcp(guest.ip);
+        let result = tcp.wait_ready(&mut child, "qemu").and_then(|()| measure(&tcp, args));
+        let stopped = quit(&tcp, &mut child, "qemu");
+        drop(tap);
+        let figures = result?;
+        stopped?;
+        Ok(Some(figures))
+    }
+
+    pub fn measure_and_report(args: &BenchArgs) -> anyhow::Result<()> {
+        let (net, vsock) = kindling_run(args)?;
+        let qemu = qemu_run(args)?;
+        println!(
+            "net benchmark: {} vCPU, {} MiB, kernel {}; {} round trips of 1 byte, {} x {} MiB each way (medians)",
+            args.cpus,
+            args.memory,
+            args.kernel.display(),
+            args.round_trips,
+            BULK_RUNS,
+            args.net_mib
+        );
+        println!("{:<24} {:>14} {:>18} {:>18}", "", "RTT (ms)", "host->guest MB/s", "guest->host MB/s");
+        let row = |name: &str, f: &Figures| {
+            println!("{name:<24} {:>14.3} {:>18.1} {:>18.1}", f.rtt * 1e3, f.to_guest / 1e6, f.to_host / 1e6);
+        };
+        row("kindling virtio-net", &net);
+        if let Some(q) = &qemu {
+            row("qemu virtio-net", q);
+            println!(
+                "{:<24} {:>14.2} {:>18.2} {:>18.2}",
+                "ratio kindling/qemu",
+                net.rtt / q.rtt,
+                net.to_guest / q.to_guest,
+                net.to_host / q.to_host
+            );
+        }
+        row("kindling vsock", &vsock);
+        println!("(TCP over a tap for virtio-net; vsock through the VMM's UNIX socket; QEMU: microvm, virtio-net-device, tap without vhost, no vsock)");
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn guest_address_from_the_vmm_log() {
+            let l = " INFO net: tap kl-1, host 172.30.0.1/24, guest 172.30.0.2; enabled net.ipv4.ip_forward";
+            assert_eq!(guest_ip_from_log(l), Some(Ipv4Addr::new(172, 30, 0, 2)));
+            assert_eq!(guest_ip_from_log("INFO net: passt (pid 3), guest 10.0.2.15/24"), None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(stats(vec![3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(stats(vec![4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+    }
+}

@@ -1,0 +1,177 @@
+//! `kindling boot`: one microVM in the foreground.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use kindling_proto::cmdline::NetParams;
+use kindling_proto::exit;
+use kindling_proto::forward::Forward;
+use kindling_vmm::builder::{Console, HostResources, MicroVm};
+use kindling_vmm::config::{DiskConfig, NetConfig, VmConfig, VsockConfig};
+use kindling_vmm::devices::virtio::net::Backend;
+use kindling_vmm::devices::ExitReason;
+
+use crate::hostnet::{self, NetChoice, NetKind};
+use crate::runner::{self, emulated, Runner, RunnerKind};
+
+#[derive(Debug, Clone, Args)]
+pub struct BootArgs {
+    /// Guest kernel: a bzImage (vmlinuz) or an ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// initramfs archive handed to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; kindling appends its virtio-mmio device entries.
+    /// Default: "console=ttyS0 panic=1", plus "root=/dev/vda rw" when a disk is given.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs (the emulated runner gives the guest 1; KINDLING_EMULATED_SMP=1
+    /// keeps N).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    pub memory: u64,
+    /// A raw disk image as a virtio-blk device, in order /dev/vda, /dev/vdb, ...;
+    /// append ",ro" for read-only.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    pub disks: Vec<String>,
+    /// A virtio-vsock device (guest CID 3) whose host side is the UNIX socket PATH.
+    /// Host programs connect to PATH and send "CONNECT <port>\n" to reach a guest port;
+    /// the guest's connections to host port N go to PATH_N.
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
+    /// Forward host TCP connections to a guest port over vsock: [ADDR:]HOSTPORT:GUESTPORT
+    /// (ADDR defaults to 127.0.0.1), or a range A-B:C-D. Repeatable. Without --vsock, a
+    /// private vsock socket is made for it.
+    #[arg(long = "forward", value_name = "[ADDR:]HOST:GUEST")]
+    pub forwards: Vec<Forward>,
+    /// The guest's network (virtio-net): tap (root: a tap device with NAT), passt
+    /// (user-mode, no root), none, or auto: tap when root with /dev/net/tun, else passt
+    /// when installed, else none. The guest's address, gateway and DNS server are
+    /// appended to the kernel command line (kindling.ip= kindling.gw= kindling.dns=).
+    #[arg(long, value_enum, value_name = "auto|tap|passt|none", default_value_t = NetChoice::Auto)]
+    pub net: NetChoice,
+    /// Where the VM runs: auto picks KVM when it can boot a stock kernel here.
+    #[arg(long, value_parser = runner::runner_arg(), default_value = "auto")]
+    pub runner: RunnerKind,
+}
+
+impl BootArgs {
+    /// The VM these arguments describe, validated; without its network device, which
+    /// [`run`] adds once the runner and the backend are chosen.
+    pub fn to_config(&self) -> anyhow::Result<VmConfig> {
+        let disks = self.disks.iter().map(|d| DiskConfig::parse(d)).collect::<Result<Vec<_>, _>>()?;
+        let config = VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone().unwrap_or_else(|| default_cmdline(!self.disks.is_empty())),
+            cpus: self.cpus,
+            memory_mib: self.memory,
+            disks,
+            vsock: self.vsock.clone().map(VsockConfig::new),
+            net: None,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// `config` with a network device, its command line carrying the guest's addresses
+/// `guest` (at their longest when the network is not set up yet).
+pub fn with_network(config: &VmConfig, guest: Option<&NetParams>) -> VmConfig {
+    let mut c = config.clone();
+    c.cmdline.push_str(&guest.unwrap_or(&NetParams::LONGEST).args(&config.cmdline));
+    c.net = Some(NetConfig { mac: hostnet::guest_mac() });
+    c
+}
+
+/// The command line used when none is given: serial console, reboot (ending the VM) a
+/// second after a panic, and the first disk as the root filesystem.
+pub fn default_cmdline(has_disk: bool) -> String {
+    let mut c = String::from("console=ttyS0 panic=1");
+    if has_disk {
+        c.push_str(" root=/dev/vda rw");
+    }
+    c
+}
+
+/// Runs the boot; returns the process exit status.
+pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
+    let mut config = args.to_config()?;
+    // Forwards travel over vsock: give the VM a private socket when none was asked for.
+    let private = tempfile::Builder::new().prefix("kindling-vsock-").tempdir()?;
+    if !args.forwards.is_empty() && config.vsock.is_none() {
+        config.vsock = Some(VsockConfig::new(private.path().join("vsock.sock")));
+    }
+    let (runner, why) = runner::choose(args.runner);
+    let (net, net_why) = hostnet::choose(args.net, runner == Runner::Emulated)?;
+    // Checked again with the network: its device and the guest's addresses lengthen
+    // the command line.
+    if net.is_some() {
+        with_network(&config, None).validate()?;
+    }
+    eprintln!("kindling: runner {} ({why})", runner.as_str());
+    eprintln!("kindling: net {} ({net_why})", net.map_or("none", NetKind::as_str));
+    match runner {
+        Runner::Kvm => {
+            let mut backend = None;
+            if let Some(kind) = net {
+                let host = hostnet::setup(kind)?;
+                tracing::info!("net: {}", host.summary);
+                config = with_network(&config, Some(&host.guest));
+                backend = Some(host.backend);
+            }
+            if let Some(v) = &config.vsock {
+                crate::forward::start(&args.forwards, &v.uds_path)?;
+            }
+            boot_on_kvm(&config, backend)
+        }
+        Runner::Emulated => {
+            let (cpus, clamped) = emulated::guest_cpus(config.cpus);
+            if let Some(warning) = clamped {
+                eprintln!("kindling: {warning}");
+                config.cpus = cpus;
+            }
+            match emulated::run(&config, net, &args.forwards) {
+                // QEMU ended with the level-1 VM reset and no status reported: L1 itself
+                // crashed (its emulated nested virtualization), which ends the guest too.
+                Err(emulated::EmulatedError::NoStatus(0)) => {
+                    eprintln!(
+                        "kindling: the level-1 VM reset without reporting the guest's status: treated as a guest crash"
+                    );
+                    Ok(exit::GUEST_CRASHED)
+                }
+                r => Ok(r?),
+            }
+        }
+    }
+}
+
+fn boot_on_kvm(config: &VmConfig, net: Option<Box<dyn Backend>>) -> anyhow::Result<i32> {
+    let t0 = Instant::now();
+    let console = Console { output: Box::new(std::io::stdout()), input: Some(libc::STDIN_FILENO) };
+    let vm = MicroVm::build(config, HostResources { console, net })?;
+    tracing::info!("microVM ready to run in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    let reason = vm.run()?;
+    let secs = t0.elapsed().as_secs_f64();
+    match reason {
+        ExitReason::PowerOff | ExitReason::Running => {
+            eprintln!("kindling: guest powered off after {secs:.2}s");
+            Ok(exit::OK)
+        }
+        ExitReason::Reset => {
+            eprintln!("kindling: guest rebooted after {secs:.2}s; stopping (reboot ends the VM)");
+            Ok(exit::OK)
+        }
+        ExitReason::TripleFault => {
+            eprintln!("kindling: the guest crashed (a vCPU triple-faulted) after {secs:.2}s; stopping");
+            Ok(exit::GUEST_CRASHED)
+        }
+        ExitReason::Error => {
+            anyhow::bail!("the VM stopped on a fatal vCPU error after {secs:.2}s (see the log lines above)")
+        }
+    }
+}

@@ -1,0 +1,71 @@
+use clap::Parser;
+use kindling::cli::{boot, Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    let code = match cli.command {
+        Command::L1Guest => kindling::runner::emulated::l1_guest_main(l1_run),
+        command => dispatch(command),
+    };
+    match code {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Logs go to stderr; RUST_LOG (or KINDLING_LOG) picks the level, "info" by default.
+fn init_logging() {
+    let filter = std::env::var("KINDLING_LOG")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/kindling/log-filter").ok().filter(|_| is_l1()))
+        .filter(|f| !f.trim().is_empty())
+        .map(EnvFilter::new)
+        .unwrap_or_else(|| EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(!is_l1() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+fn is_l1() -> bool {
+    std::env::args().nth(1).as_deref() == Some("__l1-guest")
+}
+
+/// `kindling MODE ARGS` (boot or bench) inside the level-1 VM.
+fn l1_run(mode: &str, args: Vec<String>) -> i32 {
+    let argv = ["kindling".to_string(), mode.to_string()].into_iter().chain(args);
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("kindling-l1: bad boot arguments: {e}");
+            return 2;
+        }
+    };
+    if matches!(cli.command, Command::L1Guest) {
+        return 2;
+    }
+    dispatch(cli.command).unwrap_or_else(|e| {
+        tracing::error!("{e:#}");
+        1
+    })
+}
+
+/// Runs a user-facing command (the same on the host and inside the level-1 VM).
+fn dispatch(command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Cluster(cmd) => kindling::cli::cluster::run(cmd),
+        Command::Boot(args) => boot::run(&args),
+        Command::Bench(args) => kindling::bench::run(&args),
+        Command::Images(cmd) => kindling::cli::images(&cmd),
+        Command::Daemon(args) => kindling::daemon::run(&args),
+        Command::L1Guest => Ok(2),
+    }
+}

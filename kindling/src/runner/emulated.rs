@@ -1,0 +1,710 @@
+//! The emulated runner: runs `kindling boot` inside a level-1 (L1) VM that QEMU emulates
+//! with TCG, exposing AMD SVM + nested paging so Debian's stock kvm-amd module gives L1 a
+//! real /dev/kvm. The user's guest is then an L2 VM under kindling's own VMM.
+//!
+//! L1 is: Debian's cloud kernel (`vmlinuz`), and an initramfs of busybox-static, the KVM
+//! modules, an /init script, and — appended per run — this very (static) executable, the
+//! guest's kernel/initrd and the boot arguments. Disks become L1 virtio drives
+//! (/dev/vda, ...). L2's console is L1's serial console, which is our stdio; L1 reports
+//! kindling's exit status through QEMU's isa-debug-exit port.
+//!
+//! The guest's vsock reaches the host through a relay: this process offers the vsock
+//! UNIX socket (and any `--forward` ports) on the host and passes each connection,
+//! handshake included, to a TCP port QEMU's user networking forwards into L1
+//! (`hostfwd`, with L1 otherwise cut off: `restrict=on`), where kindling passes it on to
+//! the L2 VMM's vsock socket. Guest-initiated vsock connections stay inside L1.
+//!
+//! With `--net`, L1's NIC gets outbound networking too (QEMU user networking without
+//! `restrict`; default route 10.0.2.2, DNS 10.0.2.3), and the L2 VMM sets up the
+//! guest's network inside L1, where it runs as root: a tap device (L1 loads the tun
+//! module), or passt, which is shipped in with its libraries. L1 has no iptables, so a
+//! TAP guest is not NATed there; instead L1 answers ARP for the guest's subnet on its
+//! NIC (proxy ARP) and routes, and QEMU's user networking, which terminates every
+//! connection on the host's sockets whatever its source address, is the NAT.
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use kindling_proto::forward::Forward;
+use kindling_vmm::config::VmConfig;
+
+use crate::cache;
+use crate::hostnet::NetKind;
+use crate::util::which;
+
+/// images/l1/modules.txt: the modules L1 loads, in dependency order (shared with scripts/setup).
+const L1_MODULE_LIST: &str = include_str!("../../../images/l1/modules.txt");
+
+/// File names of the modules L1 loads, in load order.
+pub fn l1_modules() -> impl Iterator<Item = &'static str> {
+    L1_MODULE_LIST
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.rsplit('/').next().unwrap_or(l))
+}
+/// Where scripts/setup installs the L1 kernel for every user (root installs).
+pub const SYSTEM_L1_DIR: &str = "/usr/local/lib/kindling/l1-kernel";
+const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// AMD EPYC with SVM and nested paging, minus the features TCG cannot emulate (which
+/// QEMU would otherwise warn about at every start).
+const L1_CPU: &str =
+    "EPYC,+svm,+npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
+/// Status values are offset so that QEMU's own exit code 1 (an error) never decodes
+/// to a guest status: QEMU exits with ((value << 1) | 1).
+const STATUS_OFFSET: i32 = 16;
+/// Memory L1 needs besides the L2 guest's: its kernel, the initramfs (held twice while
+/// unpacking) and the VMM.
+const L1_OVERHEAD_MIB: u64 = 512;
+/// The TCP port in L1 where the vsock relay listens (QEMU forwards a host port to it).
+const L1_RELAY_PORT: u16 = 1100;
+/// The L2 VMM's vsock socket inside L1.
+const L1_VSOCK_PATH: &str = "/kindling/vsock.sock";
+
+const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /lib/modules/order); do
+  insmod /lib/modules/$m || echo "kindling-l1: loading $m failed"
+done
+[ -c /dev/kvm ] || echo "kindling-l1: no /dev/kvm after loading the KVM modules"
+ip link set lo up
+if [ -e /sys/class/net/eth0 ]; then
+  ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0
+  # QEMU user networking: outbound (when not restricted) and DNS; proxy ARP lets it
+  # reach a routed guest subnet behind L1 (see the module documentation).
+  ip route add default via 10.0.2.2
+  echo 1 > /proc/sys/net/ipv4/conf/eth0/proxy_arp
+fi
+mkdir -p /etc && echo "nameserver 10.0.2.3" > /etc/resolv.conf
+exec /kindling/kindling __l1-guest
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatedError {
+    #[error("emulated runner needs qemu-system-x86_64; install it with `apt-get install qemu-system-x86` (scripts/setup does)")]
+    NoQemu,
+    #[error("emulated runner: no level-1 kernel found in {searched}; run scripts/setup (it extracts Debian's linux-image-*-cloud-amd64 there)")]
+    NoL1Kernel { searched: String },
+    #[error("emulated runner needs busybox-static at /bin/busybox; install it with `apt-get install busybox-static`")]
+    NoBusybox,
+    #[error("emulated runner: this kindling executable ({0}) is dynamically linked and cannot run inside the level-1 VM; build it with the workspace's .cargo/config.toml (crt-static)")]
+    NotStatic(PathBuf),
+    #[error("emulated runner: {what}: {err}")]
+    Io { what: String, err: std::io::Error },
+    #[error("emulated runner: the level-1 VM stopped without reporting kindling's exit status (QEMU exit code {0}); see the console output above")]
+    NoStatus(i32),
+    #[error("emulated runner: QEMU was killed by a signal")]
+    Killed,
+    #[error("vsock socket {0} is in use by a running VM; pick another path or stop that VM")]
+    VsockInUse(PathBuf),
+    #[error(transparent)]
+    Forward(#[from] crate::forward::ForwardError),
+    #[error("emulated runner: {0}")]
+    Job(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EmulatedError {
+    let what = what.into();
+    move |err| EmulatedError::Io { what, err }
+}
+
+/// Debian's cloud kernel and its KVM modules, as extracted by scripts/setup.
+pub struct L1Kernel {
+    pub dir: PathBuf,
+}
+
+impl L1Kernel {
+    /// Debian's stock cloud kernel (also the tests' stock guest kernel).
+    pub fn vmlinuz(&self) -> PathBuf {
+        self.dir.join("vmlinuz")
+    }
+    fn module(&self, name: &str) -> PathBuf {
+        self.dir.join("modules").join(name)
+    }
+    fn is_complete(dir: &Path) -> bool {
+        dir.join("vmlinuz").is_file() && l1_modules().all(|m| dir.join("modules").join(m).is_file())
+    }
+}
+
+fn l1_search_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("KINDLING_L1_KERNEL_DIR") {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.push(cache::dir().join("l1-kernel"));
+    dirs.push(PathBuf::from(SYSTEM_L1_DIR));
+    dirs
+}
+
+/// Finds the newest complete L1 kernel: `<dir>/<version>/{vmlinuz,modules/*.ko}`.
+pub fn find_l1_kernel() -> Result<L1Kernel, EmulatedError> {
+    let dirs = l1_search_dirs();
+    for base in &dirs {
+        if L1Kernel::is_complete(base) {
+            return Ok(L1Kernel { dir: base.clone() });
+        }
+        let Ok(entries) = std::fs::read_dir(base) else { continue };
+        let mut versions: Vec<PathBuf> =
+            entries.flatten().map(|e| e.path()).filter(|p| L1Kernel::is_complete(p)).collect();
+        versions.sort();
+        if let Some(dir) = versions.pop() {
+            return Ok(L1Kernel { dir });
+        }
+    }
+    Err(EmulatedError::NoL1Kernel {
+        searched: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// True when the ELF file has no PT_INTERP program header (statically linked).
+pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
+    let data = std::fs::read(path)?;
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| data.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let u64_at = |o: usize| data.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    if data.get(..5) != Some(b"\x7fELF\x02") {
+        return Ok(false);
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return Ok(false);
+    };
+    const PT_INTERP: u32 = 3;
+    Ok((0..usize::from(phnum)).all(|i| u32_at(phoff as usize + i * usize::from(phentsize)) != Some(PT_INTERP)))
+}
+
+/// A newc cpio archive being written.
+pub(crate) struct Archive<W: Write> {
+    out: W,
+    ino: u32,
+}
+
+impl<W: Write> Archive<W> {
+    pub(crate) fn new(out: W) -> Self {
+        Self { out, ino: 1 }
+    }
+
+    pub(crate) fn entry(&mut self, name: &str, mode: u32, data: &[u8]) -> std::io::Result<()> {
+        self.ino += 1;
+        let mut w = cpio::newc::Builder::new(name)
+            .ino(self.ino)
+            .mode(mode)
+            .nlink(1)
+            .write(&mut self.out, u32::try_from(data.len()).map_err(std::io::Error::other)?);
+        w.write_all(data)?;
+        w.finish()?;
+        Ok(())
+    }
+
+    pub(crate) fn dir(&mut self, name: &str) -> std::io::Result<()> {
+        self.entry(name, 0o040755, &[])
+    }
+
+    pub(crate) fn file(&mut self, name: &str, mode: u32, src: &Path) -> std::io::Result<()> {
+        let data = std::fs::read(src)?;
+        self.entry(name, 0o100000 | mode, &data)
+    }
+
+    pub(crate) fn finish(mut self) -> std::io::Result<W> {
+        cpio::newc::trailer(&mut self.out)?;
+        Ok(self.out)
+    }
+}
+
+/// The cached part of L1's initramfs: busybox, KVM modules, /init.
+fn base_initramfs(l1: &L1Kernel) -> Result<PathBuf, EmulatedError> {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.is_file() || !is_static_elf(busybox).unwrap_or(false) {
+        return Err(EmulatedError::NoBusybox);
+    }
+    let mut key = cache::Key::new("l1-initramfs-v4");
+    key.add(INIT_SCRIPT.as_bytes());
+    key.add_file(busybox).map_err(io("reading /bin/busybox"))?;
+    for m in l1_modules() {
+        key.add_file(&l1.module(m)).map_err(io(format!("reading {}", l1.module(m).display())))?;
+    }
+    let path = cache::dir().join("l1").join(format!("base-{}.cpio", key.finish()));
+    if path.is_file() {
+        return Ok(path);
+    }
+    cache::write_atomic(&path, |tmp| {
+        let mut a = Archive::new(std::io::BufWriter::new(std::fs::File::create(tmp)?));
+        for d in ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"] {
+            a.dir(d)?;
+        }
+        a.file("bin/busybox", 0o755, busybox)?;
+        a.entry("init", 0o100755, INIT_SCRIPT.as_bytes())?;
+        let order: Vec<&str> = l1_modules().collect();
+        for m in &order {
+            a.file(&format!("lib/modules/{m}"), 0o644, &l1.module(m))?;
+        }
+        a.entry("lib/modules/order", 0o100644, order.join("\n").as_bytes())?;
+        a.finish()?.flush()
+    })
+    .map_err(io(format!("writing {}", path.display())))?;
+    Ok(path)
+}
+
+/// `kindling boot` arguments for the VMM inside L1, with paths as L1 sees them.
+pub fn l1_boot_args(config: &VmConfig, net: Option<NetKind>) -> Vec<String> {
+    let mut args = vec!["--kernel".into(), "/kindling/kernel".into()];
+    if config.initrd.is_some() {
+        args.extend(["--initrd".into(), "/kindling/initrd".into()]);
+    }
+    args.extend([
+        "--cmdline".into(),
+        config.cmdline.clone(),
+        "--cpus".into(),
+        config.cpus.to_string(),
+        "--memory".into(),
+        config.memory_mib.to_string(),
+        "--runner".into(),
+        "kvm".into(),
+    ]);
+    for (i, d) in config.disks.iter().enumerate() {
+        let letter = (b'a' + i as u8) as char;
+        args.extend(["--disk".into(), format!("/dev/vd{letter}{}", if d.read_only { ",ro" } else { "" })]);
+    }
+    if config.vsock.is_some() {
+        args.extend(["--vsock".into(), L1_VSOCK_PATH.into()]);
+    }
+    // Always explicit: inside L1, `auto` would not know what the user was told here.
+    args.extend(["--net".into(), net.map_or("none", NetKind::as_str).into()]);
+    args
+}
+
+/// What kindling does inside the level-1 VM: `kindling MODE ARGS`, with the files it
+/// needs shipped in besides the guest's kernel and initrd.
+#[derive(Clone, Debug)]
+pub struct L1Job {
+    /// The subcommand run inside L1: `boot` or `bench`.
+    pub mode: &'static str,
+    /// Its arguments, with paths as L1 sees them (the kernel is /kindling/kernel, the
+    /// initrd /kindling/initrd, disks /dev/vda...).
+    pub args: Vec<String>,
+    /// Ship QEMU, its libraries and firmware in (the benchmark's peer).
+    pub with_qemu: bool,
+    /// Ship passt and its libraries in (a guest network through passt).
+    pub with_passt: bool,
+    /// Memory L1 needs besides the guest's and its own overhead (MiB).
+    pub extra_memory_mib: u64,
+    /// Give L1 outbound networking (QEMU user networking without `restrict`).
+    pub network: bool,
+}
+
+impl L1Job {
+    /// `kindling boot` of `config` inside L1, with a network of `net`.
+    pub fn boot(config: &VmConfig, net: Option<NetKind>) -> Self {
+        L1Job {
+            mode: "boot",
+            args: l1_boot_args(config, net),
+            with_qemu: false,
+            with_passt: net == Some(NetKind::Passt),
+            extra_memory_mib: 0,
+            network: net.is_some(),
+        }
+    }
+}
+
+/// The per-run part of L1's initramfs: kindling itself, the guest kernel/initrd, the
+/// job and its arguments (and for a benchmark, QEMU with everything it loads).
+fn run_archive(config: &VmConfig, job: &L1Job, exe: &Path, dest: &Path) -> std::io::Result<()> {
+    let mut a = Archive::new(std::io::BufWriter::new(std::fs::File::create(dest)?));
+    a.dir("kindling")?;
+    a.file("kindling/kindling", 0o755, exe)?;
+    a.file("kindling/kernel", 0o644, &config.kernel)?;
+    if let Some(initrd) = &config.initrd {
+        a.file("kindling/initrd", 0o644, initrd)?;
+    }
+    if job.with_passt {
+        add_passt_bundle(&mut a)?;
+    }
+    if job.with_qemu {
+        add_qemu_bundle(&mut a)?;
+    }
+    a.entry("kindling/mode", 0o100644, job.mode.as_bytes())?;
+    a.entry("kindling/args", 0o100644, job.args.join("\0").as_bytes())?;
+    let filter = std::env::var("RUST_LOG").unwrap_or_default();
+    a.entry("kindling/log-filter", 0o100644, filter.as_bytes())?;
+    a.finish()?.flush()
+}
+
+/// The files an ELF executable loads, from ldd: absolute paths (loader included).
+fn shared_libraries(exe: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let ldd = Command::new("ldd").arg(exe).output()?;
+    Ok(String::from_utf8_lossy(&ldd.stdout)
+        .lines()
+        .filter_map(|line| {
+            // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = line.split("=>").last()?.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// passt (and its AVX2 build, which it execs when the CPU has AVX2) as /bin/passt, with
+/// its libraries at the paths its loader expects (L1 has none of its own).
+fn add_passt_bundle<W: Write>(a: &mut Archive<W>) -> std::io::Result<()> {
+    let passt = which("passt").ok_or_else(|| std::io::Error::other("passt not found (apt-get install passt)"))?;
+    a.file("bin/passt", 0o755, &passt)?;
+    let avx2 = passt.with_file_name("passt.avx2");
+    if avx2.is_file() {
+        a.file("bin/passt.avx2", 0o755, &avx2)?;
+    }
+    for lib in shared_libraries(&passt)? {
+        let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
+        let mut dir = String::new();
+        for part in Path::new(&rel).parent().into_iter().flat_map(|p| p.components()) {
+            dir = if dir.is_empty() {
+                part.as_os_str().to_string_lossy().into()
+            } else {
+                format!("{dir}/{}", part.as_os_str().to_string_lossy())
+            };
+            a.dir(&dir)?;
+        }
+        a.file(&rel, 0o755, &lib)?;
+    }
+    Ok(())
+}
+
+/// QEMU's binary, its dynamic loader and libraries (from ldd) and the microvm firmware.
+fn add_qemu_bundle<W: Write>(a: &mut Archive<W>) -> std::io::Result<()> {
+    let qemu = which("qemu-system-x86_64").ok_or_else(|| std::io::Error::other("qemu-system-x86_64 not found"))?;
+    let root = L1_QEMU_DIR.trim_start_matches('/');
+    a.dir(root)?;
+    a.dir(&format!("{root}/lib"))?;
+    a.dir(&format!("{root}/share"))?;
+    a.file(&format!("{root}/qemu-system-x86_64"), 0o755, &qemu)?;
+    for lib in shared_libraries(&qemu)? {
+        let name = lib.file_name().and_then(|n| n.to_str()).unwrap_or("lib");
+        a.file(&format!("{root}/lib/{name}"), 0o755, &lib)?;
+    }
+    for fw in ["bios-microvm.bin", "linuxboot_dma.bin", "kvmvapic.bin"] {
+        let p = Path::new("/usr/share/qemu").join(fw);
+        if p.exists() {
+            a.file(&format!("{root}/share/{fw}"), 0o644, &p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Maps QEMU's exit code back to kindling's exit status inside L1.
+pub fn decode_exit(qemu_code: i32) -> Option<i32> {
+    (qemu_code & 1 == 1 && qemu_code >> 1 >= STATUS_OFFSET).then(|| (qemu_code >> 1) - STATUS_OFFSET)
+}
+
+pub fn encode_status(status: i32) -> u8 {
+    (status.clamp(0, 127 - STATUS_OFFSET) + STATUS_OFFSET) as u8
+}
+
+/// Where the benchmark's QEMU (binary, loader, libraries, firmware) lands inside L1.
+pub const L1_QEMU_DIR: &str = "/kindling/qemu";
+
+/// Set to 1 to keep `--cpus N` (N of 2 or more) under the emulated runner.
+pub const SMP_ENV: &str = "KINDLING_EMULATED_SMP";
+
+/// The vCPUs the emulated runner gives a guest asked to have `asked`, and, when that is
+/// fewer, the warning that says why. QEMU 7.2's emulated nested SVM does not carry a
+/// busy guest with 2 or more vCPUs: 11 of 12 2-vCPU node boots tried here failed within
+/// 10-80 s (the guest's vCPU triple-faulted, the level-1 VM reset, or interrupts
+/// between the guest's vCPUs were lost and RCU stalled), while 1-vCPU nodes get Ready
+/// and pass the end-to-end tests. Short multi-vCPU boots do work, so `SMP_ENV=1` keeps
+/// what was asked.
+pub fn guest_cpus(asked: u32) -> (u32, Option<String>) {
+    if asked <= 1 || std::env::var(SMP_ENV).is_ok_and(|v| v == "1") {
+        return (asked, None);
+    }
+    let why = format!(
+        "--cpus {asked}: the emulated runner gives the guest 1 vCPU; QEMU's emulated nested virtualization \
+         crashes or stalls busy guests with more (set {SMP_ENV}=1 to keep {asked}, e.g. for a short boot)"
+    );
+    (1, Some(why))
+}
+
+/// Boots `config` in an L1 VM, with a guest network of `net` set up inside L1; returns
+/// kindling's exit status from inside it. With a vsock device, its host socket and
+/// `forwards` are served here, relayed into L1.
+pub fn run(config: &VmConfig, net: Option<NetKind>, forwards: &[Forward]) -> Result<i32, EmulatedError> {
+    run_job(config, &L1Job::boot(config, net), forwards)
+}
+
+/// A free TCP port on the host's loopback (for QEMU's hostfwd).
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Host side of the relay: the vsock socket at `uds`, each connection passed to
+/// `127.0.0.1:relay_port` (QEMU's forward into L1). Removes the socket when dropped.
+struct HostRelay {
+    uds: PathBuf,
+}
+
+impl HostRelay {
+    fn start(uds: &Path, relay_port: u16) -> Result<Self, EmulatedError> {
+        if std::os::unix::net::UnixStream::connect(uds).is_ok() {
+            return Err(EmulatedError::VsockInUse(uds.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(uds);
+        let listener =
+            std::os::unix::net::UnixListener::bind(uds).map_err(io(format!("listening on {}", uds.display())))?;
+        std::thread::Builder::new()
+            .name("vsock-relay".into())
+            .spawn(move || {
+                for conn in listener.incoming().flatten() {
+                    std::thread::spawn(move || match std::net::TcpStream::connect(("127.0.0.1", relay_port)) {
+                        Ok(l1) => crate::forward::splice(conn, l1),
+                        Err(e) => tracing::warn!("vsock relay: cannot reach the level-1 VM: {e}"),
+                    });
+                }
+            })
+            .map_err(io("starting the vsock relay"))?;
+        Ok(Self { uds: uds.to_path_buf() })
+    }
+}
+
+impl Drop for HostRelay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds);
+    }
+}
+
+/// Inside L1: passes each connection on the relay port to the L2 VMM's vsock socket.
+fn start_l1_relay() {
+    let listener = match std::net::TcpListener::bind(("0.0.0.0", L1_RELAY_PORT)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("kindling-l1: vsock relay: cannot listen on port {L1_RELAY_PORT}: {e}");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || match std::os::unix::net::UnixStream::connect(L1_VSOCK_PATH) {
+                Ok(vsock) => crate::forward::splice(conn, vsock),
+                Err(e) => eprintln!("kindling-l1: vsock relay: {L1_VSOCK_PATH}: {e}"),
+            });
+        }
+    });
+}
+
+/// Runs `job` for the guest `config` (its kernel, initrd, disks, vsock) in an L1 VM;
+/// returns kindling's exit status from inside it.
+pub fn run_job(config: &VmConfig, job: &L1Job, forwards: &[Forward]) -> Result<i32, EmulatedError> {
+    let t0 = Instant::now();
+    let qemu = which("qemu-system-x86_64").ok_or(EmulatedError::NoQemu)?;
+    let l1 = find_l1_kernel()?;
+    let exe = std::env::current_exe().map_err(io("locating the kindling executable"))?;
+    if !is_static_elf(&exe).map_err(io(format!("reading {}", exe.display())))? {
+        return Err(EmulatedError::NotStatic(exe));
+    }
+    let base = base_initramfs(&l1)?;
+    let work =
+        tempfile::Builder::new().prefix("kindling-l1-").tempdir().map_err(io("creating a temporary directory"))?;
+    let initramfs = work.path().join("initramfs.cpio");
+    let per_run = work.path().join("run.cpio");
+    run_archive(config, job, &exe, &per_run).map_err(io("packing the guest kernel and initrd for L1"))?;
+    concat(&[&base, &per_run], &initramfs).map_err(io("writing the L1 initramfs"))?;
+    eprintln!(
+        "kindling: emulated runner: level-1 initramfs ready in {:.1}s (L1 kernel {})",
+        t0.elapsed().as_secs_f64(),
+        l1.dir.display()
+    );
+
+    let l1_mem = config.memory_mib + L1_OVERHEAD_MIB + job.extra_memory_mib;
+    // The vsock relay: QEMU forwards a free host port to L1's relay port. With a guest
+    // network, L1 needs outbound networking as well.
+    let mut relay = None;
+    let mut netdev = None;
+    let restrict = if job.network { "off" } else { "on" };
+    if let Some(vsock) = &config.vsock {
+        let port = free_port().map_err(io("picking a port for the vsock relay"))?;
+        relay = Some(HostRelay::start(&vsock.uds_path, port)?);
+        crate::forward::start(forwards, &vsock.uds_path)?;
+        netdev =
+            Some(format!("user,id=relay,restrict={restrict},hostfwd=tcp:127.0.0.1:{port}-10.0.2.15:{L1_RELAY_PORT}"));
+    } else if job.network {
+        netdev = Some("user,id=relay,restrict=off".to_string());
+    }
+    if job.network {
+        eprintln!(
+            "kindling: emulated runner: the guest's network is set up inside the level-1 VM; its outside is QEMU user networking, where 10.0.2.2 is this host's loopback{}",
+            if job.with_passt { "" } else { " (no iptables in L1: no NAT there; L1 routes the guest subnet to QEMU, which proxies every connection)" }
+        );
+    }
+    let mut cmd = Command::new(qemu);
+    if let Some(n) = &netdev {
+        cmd.args(["-netdev", n, "-device", "virtio-net-pci,netdev=relay,romfile="]);
+    }
+    // KINDLING_L1_CPU overrides the level-1 CPU model (for diagnosing emulation issues).
+    let cpu = std::env::var("KINDLING_L1_CPU").unwrap_or_else(|_| L1_CPU.to_string());
+    // At least two L1 vCPUs: kindling's device thread (disk I/O) then runs beside a
+    // single guest vCPU instead of taking turns with it.
+    let l1_cpus = config.cpus.max(2);
+    cmd.args(["-M", "q35,accel=tcg", "-cpu", &cpu])
+        .args(["-smp", &l1_cpus.to_string(), "-m", &format!("{l1_mem}M")])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
+        .args(["-device", &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04")])
+        .arg("-kernel")
+        .arg(l1.vmlinuz())
+        .arg("-initrd")
+        .arg(&initramfs)
+        // loglevel=4: L1's kernel errors (a soft lockup, a hung task, the OOM killer)
+        // reach the console; a healthy L1 prints none.
+        .args(["-append", "console=ttyS0 quiet loglevel=4 panic=-1 tsc=reliable"]);
+    for d in &config.disks {
+        let mut spec = format!("file={},if=virtio,format=raw,cache=writeback,discard=unmap", qemu_escape(&d.path));
+        if d.read_only {
+            spec.push_str(",readonly=on");
+        }
+        cmd.arg("-drive").arg(spec);
+    }
+    // The level-1 VM ends with this process, however it ends: killed, QEMU (and the
+    // guest in it) would otherwise run on, unseen, taking the machine's CPUs. SIGTERM
+    // lets QEMU flush its disks. The thread that forks waits for QEMU here, so the
+    // parent-death signal cannot fire early.
+    // SAFETY: prctl is a plain system call, async-signal-safe between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    eprintln!("kindling: emulated runner: starting the level-1 VM (QEMU TCG, {l1_cpus} vCPUs, {l1_mem} MiB)");
+    let status = cmd.status().map_err(io("starting qemu-system-x86_64"))?;
+    drop(relay);
+    let code = status.code().ok_or(EmulatedError::Killed)?;
+    tracing::debug!("level-1 VM exited with {code} after {:?}", t0.elapsed());
+    decode_exit(code).ok_or(EmulatedError::NoStatus(code))
+}
+
+/// Inside L1 (`kindling __l1-guest`, exec'd by /init): runs the job (`boot` or `bench`,
+/// from /kindling/mode) with its arguments on L1's KVM and reports the exit status to
+/// the host through QEMU's isa-debug-exit port.
+pub fn l1_guest_main(run: impl FnOnce(&str, Vec<String>) -> i32) -> ! {
+    let mode = std::fs::read_to_string("/kindling/mode").unwrap_or_else(|_| "boot".into());
+    let status = match std::fs::read("/kindling/args") {
+        Ok(raw) => {
+            let args: Vec<String> = String::from_utf8_lossy(&raw).split('\0').map(str::to_owned).collect();
+            wait_for_disks(&args);
+            if args.iter().any(|a| a == "--vsock") {
+                start_l1_relay();
+            }
+            run(mode.trim(), args)
+        }
+        Err(e) => {
+            eprintln!("kindling-l1: cannot read /kindling/args: {e}");
+            1
+        }
+    };
+    report_status(status);
+    // Not reached when QEMU honours the write; power off so QEMU exits anyway.
+    // SAFETY: plain reboot(2) syscall.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    std::process::exit(status)
+}
+
+/// virtio_blk probes asynchronously: give L1's /dev/vdX nodes a moment to appear.
+fn wait_for_disks(args: &[String]) {
+    let disks: Vec<PathBuf> =
+        args.windows(2).filter(|w| w[0] == "--disk").map(|w| PathBuf::from(w[1].trim_end_matches(",ro"))).collect();
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    while !disks.iter().all(|d| d.exists()) && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn report_status(status: i32) {
+    let value = encode_status(status);
+    // The console is a UART: wait until everything written has left it, or QEMU exits
+    // with the last lines (usually the error) still queued.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    // SAFETY: tcdrain on the standard descriptors; no memory is passed.
+    unsafe {
+        libc::tcdrain(libc::STDOUT_FILENO);
+        libc::tcdrain(libc::STDERR_FILENO);
+    }
+    // SAFETY: ioperm grants this (root) process the debug-exit port; the `out` touches
+    // only that port, which QEMU implements.
+    unsafe {
+        if libc::ioperm(u64::from(DEBUG_EXIT_PORT), 4, 1) != 0 {
+            eprintln!("kindling-l1: ioperm failed: {}", std::io::Error::last_os_error());
+            return;
+        }
+        std::arch::asm!("out dx, al", in("dx") DEBUG_EXIT_PORT, in("al") value, options(nomem, nostack));
+    }
+}
+
+/// QEMU's -drive option separates with commas; a literal comma is doubled.
+fn qemu_escape(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+fn concat(parts: &[&Path], dest: &Path) -> std::io::Result<()> {
+    let mut out = std::fs::File::create(dest)?;
+    for p in parts {
+        std::io::copy(&mut std::fs::File::open(p)?, &mut out)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_guests_get_one_vcpu_unless_smp_is_asked_for() {
+        assert_eq!(guest_cpus(1), (1, None));
+        let (n, why) = guest_cpus(4);
+        assert_eq!(n, 1);
+        assert!(why.unwrap().contains("--cpus 4: the emulated runner gives the guest 1 vCPU; QEMU"));
+        std::env::set_var(SMP_ENV, "1");
+        assert_eq!(guest_cpus(4), (4, None));
+        std::env::remove_var(SMP_ENV);
+    }
+
+    #[test]
+    fn exit_status_round_trips_and_qemu_errors_do_not_decode() {
+        for s in [0, 1, 2, 100] {
+            let qemu_code = (i32::from(encode_status(s)) << 1) | 1;
+            assert_eq!(decode_exit(qemu_code), Some(s));
+        }
+        assert_eq!(decode_exit(0), None, "L1 powered off without a status");
+        assert_eq!(decode_exit(1), None, "QEMU's own error exit");
+    }
+
+    #[test]
+    fn l1_args_map_disks_to_virtio_drives() {
+        let config = VmConfig {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: "console=ttyS0 a=b".into(),
+            cpus: 2,
+            memory_mib: 256,
+            disks: vec![
+                kindling_vmm::config::DiskConfig { path: "/x.img".into(), read_only: false },
+                kindling_vmm::config::DiskConfig { path: "/y,z.img".into(), read_only: true },
+            ],
+            vsock: None,
+            net: None,
+        };
+        let args = l1_boot_args(&config, None);
+        assert!(args.windows(2).any(|w| w == ["--disk", "/dev/vda"]));
+        assert!(args.windows(2).any(|w| w == ["--disk", "/dev/vdb,ro"]));
+        assert!(args.windows(2).any(|w| w == ["--cmdline", "console=ttyS0 a=b"]));
+        assert!(args.windows(2).any(|w| w == ["--net", "none"]), "the network choice is explicit inside L1");
+        assert_eq!(qemu_escape(Path::new("/y,z.img")), "/y,,z.img");
+    }
+
+    #[test]
+    fn static_detection() {
+        assert!(!is_static_elf(Path::new("/bin/sh")).unwrap(), "Debian's /bin/sh is dynamically linked");
+        assert!(is_static_elf(&std::env::current_exe().unwrap()).unwrap(), "tests are built crt-static too");
+    }
+}

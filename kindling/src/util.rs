@@ -1,0 +1,18 @@
+//! Small helpers that several parts of the binary share.
+
+use std::path::{Path, PathBuf};
+
+/// The first executable file called `name` in the directories of PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
+
+/// The directory the emulated runner's level-1 VM unpacks a job into (its kindling,
+/// the guest's kernel and initrd, the job's arguments).
+pub const L1_JOB_DIR: &str = "/kindling";
+
+/// True in the kindling that runs inside the emulated runner's level-1 VM (PID 1
+/// there, with the job's files under [`L1_JOB_DIR`]).
+pub fn inside_l1() -> bool {
+    std::process::id() == 1 && Path::new(L1_JOB_DIR).join("args").is_file()
+}
