@@ -10,6 +10,7 @@ use std::io::Read;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
+use crate::arch::kernel::KernelFormat;
 use crate::arch::layout;
 
 /// Smallest and largest guest the VMM agrees to build (vCPUs), as Firecracker (the MADT
@@ -181,15 +182,6 @@ pub struct NetConfig {
     pub mac: [u8; 6],
 }
 
-/// Kernel image formats the loader understands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KernelFormat {
-    /// A bzImage, with the boot protocol's setup header.
-    BzImage,
-    /// An ELF vmlinux.
-    Elf,
-}
-
 /// A microVM: kernel, vCPUs, memory and devices.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -245,6 +237,16 @@ impl VmConfig {
 }
 
 impl VmConfig {
+    /// The command line used when none is given: serial console, reboot (ending the VM)
+    /// a second after a panic, and the first disk as the root filesystem.
+    pub fn default_cmdline(has_disk: bool) -> String {
+        let mut c = String::from("console=ttyS0 panic=1");
+        if has_disk {
+            c.push_str(" root=/dev/vda rw");
+        }
+        c
+    }
+
     /// Number of virtio devices: the disks in order, then vsock, then net.
     pub fn virtio_device_count(&self) -> usize {
         self.disks.len() + usize::from(self.vsock.is_some()) + usize::from(self.net.is_some())

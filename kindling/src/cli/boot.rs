@@ -67,7 +67,7 @@ impl BootArgs {
         let config = VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
-            cmdline: self.cmdline.clone().unwrap_or_else(|| default_cmdline(!self.disks.is_empty())),
+            cmdline: self.cmdline.clone().unwrap_or_else(|| VmConfig::default_cmdline(!self.disks.is_empty())),
             cpus: self.cpus,
             memory_mib: self.memory,
             disks,
@@ -85,16 +85,6 @@ pub fn with_network(config: &VmConfig, guest: Option<&NetParams>) -> VmConfig {
     let mut c = config.clone();
     c.cmdline.push_str(&guest.unwrap_or(&NetParams::LONGEST).args(&config.cmdline));
     c.net = Some(NetConfig { mac: hostnet::guest_mac() });
-    c
-}
-
-/// The command line used when none is given: serial console, reboot (ending the VM) a
-/// second after a panic, and the first disk as the root filesystem.
-pub fn default_cmdline(has_disk: bool) -> String {
-    let mut c = String::from("console=ttyS0 panic=1");
-    if has_disk {
-        c.push_str(" root=/dev/vda rw");
-    }
     c
 }
 
@@ -173,5 +163,33 @@ fn boot_on_kvm(config: &VmConfig, net: Option<Box<dyn Backend>>) -> anyhow::Resu
         ExitReason::Error => {
             anyhow::bail!("the VM stopped on a fatal vCPU error after {secs:.2}s (see the log lines above)")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+    use std::path::Path;
+
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+    use crate::daemon::api::{DiskSpec, VmSpec};
+    use crate::daemon::state::Paths;
+    use crate::daemon::vm_process::boot_args;
+
+    /// The daemon's boot arguments are `kindling boot` arguments, and a comma in a disk
+    /// path survives.
+    #[test]
+    fn the_daemons_boot_arguments_parse_as_boot_arguments() {
+        let mut spec = VmSpec::new("vm", "/k");
+        spec.disks =
+            vec![DiskSpec { path: "/d,1".into(), read_only: false }, DiskSpec { path: "/e".into(), read_only: true }];
+        let argv = std::iter::once(OsString::from("kindling")).chain(boot_args(&spec, &Paths::new("/state")));
+        let Command::Boot(boot) = Cli::try_parse_from(argv).unwrap().command else { panic!("not boot") };
+        let disks: Vec<_> = boot.disks.iter().map(|d| kindling_vmm::config::DiskConfig::parse(d).unwrap()).collect();
+        assert_eq!((disks[0].path.as_path(), disks[0].read_only), (Path::new("/d,1"), false));
+        assert_eq!((disks[1].path.as_path(), disks[1].read_only), (Path::new("/e"), true));
+        assert_eq!(boot.memory, 512);
     }
 }

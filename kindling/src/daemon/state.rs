@@ -142,7 +142,7 @@ pub fn vm_config(spec: &VmSpec) -> VmConfig {
     VmConfig {
         kernel: spec.kernel.clone(),
         initrd: spec.initrd.clone(),
-        cmdline: spec.cmdline.clone().unwrap_or_else(|| crate::cli::boot::default_cmdline(!spec.disks.is_empty())),
+        cmdline: spec.cmdline.clone().unwrap_or_else(|| VmConfig::default_cmdline(!spec.disks.is_empty())),
         cpus: spec.cpus,
         memory_mib: spec.memory_mib,
         disks: spec.disks.iter().map(|d| DiskConfig { path: d.path.clone(), read_only: d.read_only }).collect(),

@@ -280,18 +280,6 @@ mod tests {
         spec.forwards = vec!["8080:80".into()];
         let a: Vec<String> = boot_args(&spec, &paths).into_iter().map(|s| s.into_string().unwrap()).collect();
         assert!(a.join(" ").ends_with("--vsock /state/vms/vm/vsock.sock --forward 8080:80 --runner emulated"), "{a:?}");
-        // They are `kindling boot` arguments, and a comma in a disk path survives.
-        use clap::Parser;
-        spec.vsock = false;
-        spec.forwards.clear();
-        let argv = std::iter::once(OsString::from("kindling")).chain(boot_args(&spec, &paths));
-        let crate::cli::Command::Boot(boot) = crate::cli::Cli::try_parse_from(argv).unwrap().command else {
-            panic!("not boot")
-        };
-        let disks: Vec<_> = boot.disks.iter().map(|d| kindling_vmm::config::DiskConfig::parse(d).unwrap()).collect();
-        assert_eq!((disks[0].path.as_path(), disks[0].read_only), (Path::new("/d,1"), false));
-        assert_eq!((disks[1].path.as_path(), disks[1].read_only), (Path::new("/e"), true));
-        assert_eq!(boot.memory, 512);
     }
 
     #[tokio::test(flavor = "current_thread")]

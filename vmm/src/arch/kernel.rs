@@ -15,7 +15,15 @@ use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::layout;
-use crate::config::KernelFormat;
+
+/// Kernel image formats the loader understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// A bzImage, with the boot protocol's setup header.
+    BzImage,
+    /// An ELF vmlinux.
+    Elf,
+}
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
