@@ -9,7 +9,9 @@
 //!   to the agent (`--until agent-start`): start, status, exec, ip, logs, an orderly stop,
 //!   a restart that keeps the disk's data, delete. A few minutes under the emulated runner.
 //! - `a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly`: the whole
-//!   product (ignored for now, see its reason).
+//!   product: start to Ready, kubectl, image load, a NodePort answering curl from the
+//!   host, stop and start keeping a Deployment, delete leaving nothing. About ten
+//!   minutes under the emulated runner.
 
 mod common;
 
