@@ -447,6 +447,17 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     std::fs::write(&kc_path, kc).unwrap();
     let nodes = env.kubectl(&["--kubeconfig", kc_path.to_str().unwrap(), "get", "nodes", "--no-headers"], None).ok();
     assert!(nodes.stdout.contains(" Ready"), "{}", nodes.text());
+    // The filesystem filled the 20 GiB disk at boot (the host only grew the file).
+    let df = env.quick(&["exec", "--name", name, "--", "df", "-B1", "--output=size", "/"]).ok().stdout;
+    let size: u64 = df.lines().last().unwrap_or("0").trim().parse().unwrap_or(0);
+    assert!(size > 15 << 30, "the root filesystem is {size} bytes:\n{df}");
+
+    // Root in the guest rewrites the node's admin kubeconfig with an exec plugin: the
+    // host's kubeconfig is built from the host's own identity files and never has it.
+    let hostile = "cat >/etc/kindling/admin.conf <<'EOF'\napiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    server: https://evil.example:6443\n\
+                   users:\n- name: x\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /bin/sh\n      args: [-c, touch /tmp/kindling-pwned]\n\
+                   contexts:\n- name: x\n  context: {cluster: x, user: x}\ncurrent-context: x\nEOF";
+    env.quick(&["exec", "--name", name, "--", "sh", "-c", hostile]).ok();
 
     // A locally built image without a registry: the busybox archive, loaded again.
     let (archive, image) = busybox_image();
@@ -462,7 +473,14 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
 
     env.run(&["stop", "--name", name], Duration::from_secs(15 * 60)).ok();
     assert_eq!(env.quick(&["status", "--name", name, "-o", "json"]).ok().json()["status"], "stopped");
+    // The host owns the credentials: a kubeconfig while the node is down.
+    let kc = env.quick(&["kubeconfig", "--name", name]).ok().stdout;
+    assert!(kc.contains("client-certificate-data"), "{kc}");
     env.run(&["start", "--name", name], long).ok();
+    let kc = std::fs::read_to_string(env.kubeconfig()).unwrap();
+    for bad in ["exec", "evil.example", "kindling-pwned", "/bin/sh"] {
+        assert!(!kc.contains(bad), "the node's hostile admin.conf reached the kubeconfig ({bad}):\n{kc}");
+    }
     env.kubectl(&["--context", name, "get", "deployment", "web"], None).ok();
     env.kubectl(&["--context", name, "rollout", "status", "deployment/web", "--timeout=30m"], None).ok();
     wait_for_body(&url, Duration::from_secs(15 * 60));

@@ -167,3 +167,34 @@ pub fn power_off(reboot: bool) -> ! {
         std::thread::sleep(Duration::from_secs(1));
     }
 }
+
+/// The root disk.
+const ROOT_DEVICE: &str = "/dev/vda";
+
+/// Grows the root filesystem online to fill its disk when the disk has grown (`kindling
+/// start --disk-size` grows only the disk file: the host runs no filesystem tools on a
+/// disk the guest wrote). Runs `resize2fs` only when the disk is more than 5% larger
+/// than the filesystem, so a booted node does not pay for it again.
+pub fn grow_root_filesystem(reaper: &crate::supervisor::Reaper) {
+    if in_container() {
+        return;
+    }
+    let disk = std::fs::read_to_string("/sys/block/vda/size")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(|sectors| sectors * 512);
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    let fs = nix::sys::statvfs::statvfs("/").ok().map(|st| st.blocks() as u64 * st.fragment_size() as u64);
+    let (Some(disk), Some(fs)) = (disk, fs) else { return };
+    if disk <= fs + fs / 20 {
+        return;
+    }
+    let t = std::time::Instant::now();
+    match reaper.run(&["resize2fs", ROOT_DEVICE]) {
+        Ok((0, _)) => {
+            phase::log(format!("grew / from {} to {} MiB in {:.1}s", fs >> 20, disk >> 20, t.elapsed().as_secs_f64()))
+        }
+        Ok((code, out)) => phase::log(format!("resize2fs {ROOT_DEVICE} failed (exit {code}): {}", out.trim())),
+        Err(e) => phase::log(format!("resize2fs {ROOT_DEVICE}: {e}")),
+    }
+}

@@ -9,6 +9,7 @@ mod node;
 mod phase;
 mod pki;
 mod ports;
+mod seed;
 mod selftest;
 mod supervisor;
 
@@ -38,6 +39,10 @@ fn main() {
         phase::log(format!("network setup: {e:#}"));
     }
     let reaper = supervisor::Reaper::start();
+    {
+        let reaper = reaper.clone();
+        std::thread::spawn(move || init::grow_root_filesystem(&reaper));
+    }
     let paths = Paths::new("/");
     let node = node::Node::default();
     if let Err(e) = control::serve(paths.clone(), reaper.clone(), init::in_container()) {

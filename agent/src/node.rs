@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use kindling_proto::seed;
+
 use crate::phase;
 use crate::pki::{NodeIdentity, Pki};
 use crate::supervisor::{Component, Reaper, Spec};
@@ -22,6 +24,8 @@ pub const DNS_IP: &str = "10.96.0.10";
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const NODE_POD_CIDR: &str = "10.244.0.0/24";
 pub const DEFAULT_IP: &str = "10.0.2.15/24";
+/// The seed disk: the second virtio disk (`kindling_proto::seed`).
+pub const SEED_DEVICE: &str = "/dev/vdb";
 
 /// Settings from the kernel command line (`kindling.*=`).
 #[derive(Clone, Debug)]
@@ -126,6 +130,21 @@ pub fn versions(paths: &Paths) -> HashMap<String, String> {
 /// Writes PKI, kubeconfigs, kubelet/CNI configuration and the CoreDNS add-on.
 pub fn write_configs(cfg: &NodeConfig, paths: &Paths) -> Result<()> {
     let pki = Pki::new(paths.pki());
+    if !pki.path("ca.key").exists() {
+        match crate::seed::read(&paths.at(SEED_DEVICE)) {
+            Ok(Some(files)) => {
+                match (crate::seed::file(&files, seed::CA_CERT), crate::seed::file(&files, seed::CA_KEY)) {
+                    (Some(cert), Some(key)) => {
+                        pki.install_ca(cert, key).context("installing the cluster CA from the seed disk")?;
+                        phase::log("PKI: the cluster CA comes from the seed disk");
+                    }
+                    _ => phase::log("PKI: the seed disk has no CA; making one"),
+                }
+            }
+            Ok(None) => {}
+            Err(e) => phase::log(format!("PKI: ignoring the seed disk: {e:#}")),
+        }
+    }
     let node = NodeIdentity {
         hostname: cfg.hostname.clone(),
         addresses: vec![cfg.address().to_string()],

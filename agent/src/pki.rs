@@ -10,6 +10,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use kindling_proto::seed;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
@@ -57,6 +58,23 @@ impl Pki {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// Installs a CA made elsewhere (the host's, whose subject is the same
+    /// [`seed::CA_COMMON_NAME`] this agent issues under): its certificate and key, checked
+    /// to be a PEM certificate and a PEM key.
+    pub fn install_ca(&self, cert: &[u8], key: &[u8]) -> Result<()> {
+        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))?;
+        let key_pem = std::str::from_utf8(key).context("the CA key is not text")?;
+        KeyPair::from_pem(key_pem).context("the CA key is not a PEM key")?;
+        let cert_pem = std::str::from_utf8(cert).context("the CA certificate is not text")?;
+        anyhow::ensure!(
+            cert_pem.trim_start().starts_with("-----BEGIN CERTIFICATE-----"),
+            "the CA certificate is not PEM"
+        );
+        write(&self.path("ca.key"), key, 0o600)?;
+        write(&self.path("ca.crt"), cert, 0o644)
     }
 
     /// Creates whatever is missing; returns the names of the files it (re)wrote.
@@ -160,7 +178,7 @@ impl Pki {
 
 fn ca_params() -> CertificateParams {
     let mut p = CertificateParams::default();
-    p.distinguished_name.push(DnType::CommonName, "kindling-ca");
+    p.distinguished_name.push(DnType::CommonName, seed::CA_COMMON_NAME);
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     p
@@ -274,6 +292,30 @@ mod tests {
         assert_eq!(again, vec!["apiserver.crt".to_string(), "kubelet-serving.crt".to_string()]);
         assert!(openssl(&["verify", "-CAfile", ca.to_str().unwrap(), pki.path("apiserver.crt").to_str().unwrap()])
             .contains(": OK"));
+    }
+
+    /// A CA made elsewhere (as the host makes it) is installed and everything the node
+    /// issues chains to it.
+    #[test]
+    fn an_installed_ca_signs_the_node_certificates() {
+        let d = tempfile::tempdir().unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = ca_params().self_signed(&key).unwrap().pem();
+        let pki = Pki::new(d.path().join("pki"));
+        assert!(pki.install_ca(cert.as_bytes(), b"not a key").is_err());
+        assert!(pki.install_ca(b"not a cert", key.serialize_pem().as_bytes()).is_err());
+        pki.install_ca(cert.as_bytes(), key.serialize_pem().as_bytes()).unwrap();
+        let written = pki.ensure(&node()).unwrap();
+        assert!(!written.contains(&"ca.key".to_string()) && !written.contains(&"ca.crt".to_string()), "{written:?}");
+        let host_ca = d.path().join("host-ca.crt");
+        fs::write(&host_ca, &cert).unwrap();
+        for c in ["apiserver", "kubelet-serving", "admin", "kubelet"] {
+            let crt = pki.path(&format!("{c}.crt"));
+            assert!(
+                openssl(&["verify", "-CAfile", host_ca.to_str().unwrap(), crt.to_str().unwrap()]).contains(": OK"),
+                "{c}"
+            );
+        }
     }
 
     #[test]

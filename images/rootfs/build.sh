@@ -56,6 +56,7 @@ packages=(
   ethtool iproute2               # CNI bridge/veth set-up, debugging
   ca-certificates                # TLS to anything outside the cluster
   netbase                        # /etc/protocols, /etc/services
+  e2fsprogs                      # resize2fs: the agent grows / online into a grown disk
 )
 
 # --- tools and inputs ---------------------------------------------------------

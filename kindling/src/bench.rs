@@ -277,8 +277,8 @@ mod net {
     use super::BenchArgs;
     use kindling_vmm::devices::virtio::net::Backend;
 
+    use crate::archive::Archive;
     use crate::hostnet::tap::Tap;
-    use crate::runner::emulated::Archive;
 
     const ECHO: u16 = 5201;
     const SINK: u16 = 5202;

@@ -10,11 +10,13 @@
 //! - [`images`], [`cache`]: the guest kernel and root disk, built from images/ and
 //!   cached by a hash of their inputs.
 //! - [`bench`]: `kindling bench`.
+//! - [`archive`]: newc cpio archives (initramfs, seed disks).
 //! - [`util`]: small helpers shared by the above.
 //!
 //! The VMM itself is the `kindling-vmm` crate, and the contracts with the guest agent
 //! and the daemon's clients are in `kindling-proto`; see ARCHITECTURE.md.
 
+pub mod archive;
 pub mod bench;
 pub mod cache;
 pub mod cli;

@@ -8,6 +8,7 @@
 //! - [`api`]: the provisioner daemon's REST API types (`kindling/openapi.yaml`).
 //! - [`forward`]: the `[ADDR:]HOSTPORT:GUESTPORT` grammar of port forwards.
 //! - [`exit`]: exit statuses of `kindling boot` that other parts act on.
+//! - [`seed`]: the seed disk the host hands a node at boot (the cluster CA).
 //!
 //! This crate depends on serde (and serde_json for the wire lines) only, so both sides
 //! can use it without pulling in each other's dependencies.
@@ -18,3 +19,4 @@ pub mod cmdline;
 pub mod exit;
 pub mod forward;
 pub mod phase;
+pub mod seed;

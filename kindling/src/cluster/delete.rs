@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::*;
@@ -41,10 +41,15 @@ pub fn delete(name: &str, say: &Say) -> Result<DeleteReport> {
             Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot remove {}", p.display()))),
         }
     }
+    let pki = identity_dir(&ctx.paths, name);
+    if pki.is_dir() {
+        std::fs::remove_dir_all(&pki).with_context(|| format!("cannot remove {}", pki.display()))?;
+        removed.push(pki);
+    }
     // A first start interrupted before the VM existed leaves its directory.
     let dir = ctx.paths.vm_dir(name);
     if dir.is_dir() && !ctx.paths.vm_json(name).exists() {
-        for f in [DISK_FILE, "disk.partial"] {
+        for f in [DISK_FILE, "disk.partial", SEED_FILE] {
             if std::fs::remove_file(dir.join(f)).is_ok() {
                 removed.push(dir.join(f));
             }

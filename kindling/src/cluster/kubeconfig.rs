@@ -30,8 +30,7 @@ fn path_from(kubeconfig: Option<&std::ffi::OsStr>, home: Option<&std::ffi::OsStr
     home.join(".kube").join("config")
 }
 
-/// Our entries, taken from the node's admin kubeconfig: its first cluster (with the
-/// server replaced) and its first user, all three named `name`.
+/// Our entries: a cluster, a user and a context, all three named `name`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Entries {
     pub name: String,
@@ -39,27 +38,65 @@ pub struct Entries {
     pub user: Value,
 }
 
+/// The most a credential field read from a node may hold.
+const MAX_CREDENTIAL: usize = 64 * 1024;
+
+fn b64(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
 impl Entries {
-    /// Reads the node's `/etc/kindling/admin.conf` text, pointing it at `server`.
-    pub fn from_admin_conf(name: &str, admin_conf: &str, server: &str) -> Result<Self> {
-        let doc: Value = serde_yaml_ng::from_str(admin_conf).context("the node's admin.conf is not YAML")?;
-        let first = |section: &str, kind: &str| -> Result<Value> {
-            doc.get(section)
+    /// Entries for the API server at `server` with client certificate credentials, from
+    /// PEM text: the CA that signed the server's certificate, the client's certificate
+    /// and its key. Nothing else goes in: no exec plugin, no token, no auth provider.
+    pub fn from_pems(name: &str, server: &str, ca: &str, cert: &str, key: &str) -> Result<Self> {
+        let mut cluster = Mapping::new();
+        cluster.insert("server".into(), server.into());
+        cluster.insert("certificate-authority-data".into(), b64(ca.as_bytes()).into());
+        let mut user = Mapping::new();
+        user.insert("client-certificate-data".into(), b64(cert.as_bytes()).into());
+        user.insert("client-key-data".into(), b64(key.as_bytes()).into());
+        Ok(Self { name: name.to_string(), cluster: Value::Mapping(cluster), user: Value::Mapping(user) })
+    }
+
+    /// Entries from a kubeconfig a node wrote (`kindling kubeconfig --vsock`, for a VM
+    /// booted by hand, whose CA the host does not have). The text is untrusted: only
+    /// the three credential fields are read, each must decode to PEM of the expected
+    /// kind and be at most 64 KiB, and the entries are built afresh from them
+    /// ([`Self::from_pems`]), pointing at `server`.
+    pub fn from_untrusted_kubeconfig(name: &str, text: &str, server: &str) -> Result<Self> {
+        use base64::Engine;
+        if text.len() > 4 * MAX_CREDENTIAL {
+            bail!("the node's kubeconfig is {} bytes, more than a kubeconfig holds; not using it", text.len());
+        }
+        let doc: Value = serde_yaml_ng::from_str(text).context("the node's kubeconfig is not YAML")?;
+        let field = |section: &str, kind: &str, key: &str, pem_kinds: &[&str]| -> Result<String> {
+            let raw = doc
+                .get(section)
                 .and_then(Value::as_sequence)
                 .and_then(|s| s.first())
                 .and_then(|e| e.get(kind))
-                .cloned()
-                .with_context(|| format!("the node's admin.conf has no {section}[0].{kind}"))
+                .and_then(|b| b.get(key))
+                .and_then(Value::as_str)
+                .with_context(|| format!("the node's kubeconfig has no {section}[0].{kind}.{key}"))?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(raw.trim())
+                .ok()
+                .filter(|b| b.len() <= MAX_CREDENTIAL)
+                .with_context(|| format!("the node's kubeconfig: {key} is not base64 of at most 64 KiB"))?;
+            let pem = String::from_utf8(bytes).ok().filter(|p| {
+                let t = p.trim();
+                pem_kinds.iter().any(|k| {
+                    t.starts_with(&format!("-----BEGIN {k}-----")) && t.ends_with(&format!("-----END {k}-----"))
+                }) && t.bytes().all(|b| b == b'\n' || b == b'\r' || (0x20..0x7f).contains(&b))
+            });
+            pem.with_context(|| format!("the node's kubeconfig: {key} is not a PEM {}", pem_kinds.join(" or ")))
         };
-        let mut cluster = first("clusters", "cluster")?;
-        let user = first("users", "user")?;
-        match cluster.as_mapping_mut() {
-            Some(m) => {
-                m.insert("server".into(), server.into());
-            }
-            None => bail!("the node's admin.conf: clusters[0].cluster is not a mapping"),
-        }
-        Ok(Self { name: name.to_string(), cluster, user })
+        let ca = field("clusters", "cluster", "certificate-authority-data", &["CERTIFICATE"])?;
+        let cert = field("users", "user", "client-certificate-data", &["CERTIFICATE"])?;
+        let key = field("users", "user", "client-key-data", &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"])?;
+        Self::from_pems(name, server, &ca, &cert, &key)
     }
 }
 
@@ -229,9 +266,10 @@ pub fn remove_from(path: &Path, name: &str) -> Result<bool> {
 mod tests {
     use super::*;
 
-    const ADMIN_CONF: &str = "apiVersion: v1\nkind: Config\nclusters:\n- name: kindling\n  cluster:\n    server: https://127.0.0.1:6443\n    certificate-authority-data: Q0E=\n\
-users:\n- name: kubernetes-admin\n  user:\n    client-certificate-data: Q1JU\n    client-key-data: S0VZ\n\
-contexts:\n- name: kindling\n  context:\n    cluster: kindling\n    user: kubernetes-admin\ncurrent-context: kindling\n";
+    /// Our entries for cluster `name` at `server`, with stand-in credentials.
+    fn ours(name: &str, server: &str) -> Entries {
+        Entries::from_pems(name, server, "CA", "CRT", "KEY").unwrap()
+    }
 
     const OTHER: &str = "apiVersion: v1\nkind: Config\npreferences: {colors: true}\nclusters:\n- name: prod\n  cluster:\n    server: https://prod:443\n    extensions: [{name: x, extension: {a: 1}}]\n\
 users:\n- name: prod-admin\n  user:\n    exec: {command: aws, apiVersion: client.authentication.k8s.io/v1beta1}\n\
@@ -242,18 +280,44 @@ contexts:\n- name: prod\n  context: {cluster: prod, user: prod-admin, namespace:
     }
 
     #[test]
-    fn entries_come_from_admin_conf_with_the_forwarded_server() {
-        let e = Entries::from_admin_conf("dev", ADMIN_CONF, "https://127.0.0.1:16444").unwrap();
-        assert_eq!(e.cluster["server"].as_str(), Some("https://127.0.0.1:16444"));
-        assert_eq!(e.cluster["certificate-authority-data"].as_str(), Some("Q0E="));
-        assert_eq!(e.user["client-key-data"].as_str(), Some("S0VZ"));
-        assert!(Entries::from_admin_conf("dev", "apiVersion: v1\n", "https://x").is_err());
+    fn entries_from_a_node_keep_only_checked_credentials() {
+        use base64::Engine;
+        let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let (ca, crt, key) = (
+            "-----BEGIN CERTIFICATE-----\nQ0E=\n-----END CERTIFICATE-----\n",
+            "-----BEGIN CERTIFICATE-----\nQ1JU\n-----END CERTIFICATE-----\n",
+            "-----BEGIN PRIVATE KEY-----\nS0VZ\n-----END PRIVATE KEY-----\n",
+        );
+        // A hostile node adds an exec plugin, a token and its own server; none of it
+        // may reach the user's kubeconfig.
+        let hostile = format!(
+            "apiVersion: v1\nclusters:\n- name: kindling\n  cluster:\n    server: https://evil:1\n    certificate-authority-data: {}\n    insecure-skip-tls-verify: true\n\
+             users:\n- name: admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n    token: stolen\n    exec:\n      command: /bin/sh\n      args: [-c, 'touch /tmp/pwned']\n",
+            enc(ca),
+            enc(crt),
+            enc(key)
+        );
+        let e = Entries::from_untrusted_kubeconfig("dev", &hostile, "https://127.0.0.1:16443").unwrap();
+        assert_eq!(e, Entries::from_pems("dev", "https://127.0.0.1:16443", ca, crt, key).unwrap());
+        let text = standalone(&e).unwrap();
+        for bad in ["exec", "token", "evil", "insecure", "/bin/sh"] {
+            assert!(!text.contains(bad), "{bad} in\n{text}");
+        }
+        // Not PEM, the wrong PEM, not base64: refused.
+        for (field, value) in [
+            ("client-key-data: ", enc("echo hi")),
+            ("client-key-data: ", enc(crt)),
+            ("client-key-data: ", "%%%".to_string()),
+        ] {
+            let t = hostile.replace(&format!("{field}{}", enc(key)), &format!("{field}{value}"));
+            assert!(Entries::from_untrusted_kubeconfig("dev", &t, "https://x").is_err(), "{value}");
+        }
     }
 
     #[test]
     fn merge_keeps_other_entries_and_unknown_fields_and_replaces_our_own() {
         let mut doc = parse(OTHER).unwrap();
-        let e = Entries::from_admin_conf("kindling", ADMIN_CONF, "https://127.0.0.1:16443").unwrap();
+        let e = ours("kindling", "https://127.0.0.1:16443");
         merge(&mut doc, &e).unwrap();
         assert_eq!(names(&doc, "clusters"), ["prod", "kindling"]);
         assert_eq!(names(&doc, "users"), ["prod-admin", "kindling"]);
@@ -268,7 +332,7 @@ contexts:\n- name: prod\n  context: {cluster: prod, user: prod-admin, namespace:
         assert_eq!(doc["contexts"][0]["context"]["namespace"].as_str(), Some("web"));
 
         // A second start (new port, new credentials) replaces, never duplicates.
-        let mut e2 = Entries::from_admin_conf("kindling", ADMIN_CONF, "https://127.0.0.1:16450").unwrap();
+        let mut e2 = ours("kindling", "https://127.0.0.1:16450");
         e2.user = serde_yaml_ng::from_str("{token: abc}").unwrap();
         merge(&mut doc, &e2).unwrap();
         assert_eq!(names(&doc, "clusters"), ["prod", "kindling"]);
@@ -281,9 +345,9 @@ contexts:\n- name: prod\n  context: {cluster: prod, user: prod-admin, namespace:
     fn remove_takes_out_only_our_three_entries() {
         let mut doc = parse(OTHER).unwrap();
         // Another cluster's entries whose names merely start like ours stay.
-        let other = Entries::from_admin_conf("kindling-2", ADMIN_CONF, "https://127.0.0.1:16444").unwrap();
+        let other = ours("kindling-2", "https://127.0.0.1:16444");
         merge(&mut doc, &other).unwrap();
-        let e = Entries::from_admin_conf("kindling", ADMIN_CONF, "https://127.0.0.1:16443").unwrap();
+        let e = ours("kindling", "https://127.0.0.1:16443");
         merge(&mut doc, &e).unwrap();
         assert!(remove(&mut doc, "kindling").unwrap());
         assert_eq!(names(&doc, "clusters"), ["prod", "kindling-2"]);
@@ -303,7 +367,7 @@ contexts:\n- name: prod\n  context: {cluster: prod, user: prod-admin, namespace:
     #[test]
     fn files_are_written_atomically_with_mode_0600_through_symlinks() {
         let d = tempfile::tempdir().unwrap();
-        let e = Entries::from_admin_conf("kindling", ADMIN_CONF, "https://127.0.0.1:16443").unwrap();
+        let e = ours("kindling", "https://127.0.0.1:16443");
         // No file yet, no directory either.
         let path = d.path().join("kube/config");
         merge_into(&path, &e).unwrap();

@@ -25,6 +25,7 @@ pub mod agent;
 mod credentials;
 mod delete;
 pub mod disk;
+pub mod identity;
 pub mod kubeconfig;
 mod node;
 pub mod ports;
@@ -72,6 +73,8 @@ pub const CRASH_RESTARTS: u32 = 2;
 pub const DEFAULT_STOP_WAIT_SECS: u64 = 120;
 /// The disk's file name in the VM directory.
 pub const DISK_FILE: &str = "disk.ext4";
+/// The seed disk's file name in the VM directory.
+pub const SEED_FILE: &str = "seed.img";
 /// The node's admin kubeconfig (written by the agent).
 pub const ADMIN_CONF: &str = "/etc/kindling/admin.conf";
 /// The phase `start` waits for.

@@ -51,6 +51,17 @@ pub(super) fn disk_path(paths: &Paths, name: &str) -> PathBuf {
     paths.vm_dir(name).join(DISK_FILE)
 }
 
+/// The cluster's identity on the host: its CA and admin credentials (0700).
+pub(super) fn identity_dir(paths: &Paths, name: &str) -> PathBuf {
+    clusters_dir(paths).join(format!("{name}.pki"))
+}
+
+/// The seed disk the node boots with (read-only; see `kindling_proto::seed`). In the
+/// VM directory, so the daemon's delete removes it.
+pub(super) fn seed_path(paths: &Paths, name: &str) -> PathBuf {
+    paths.vm_dir(name).join(SEED_FILE)
+}
+
 pub fn load_record(paths: &Paths, name: &str) -> Result<Option<ClusterRecord>> {
     let p = record_path(paths, name);
     match std::fs::read(&p) {

@@ -133,6 +133,7 @@ pub(super) fn spec_for(
     name: &str,
     kernel: PathBuf,
     disk: PathBuf,
+    seed: PathBuf,
     r: &ClusterRecord,
     cpus: u32,
     memory_mib: u64,
@@ -143,7 +144,7 @@ pub(super) fn spec_for(
     spec.cmdline = Some(cmdline(name, until));
     spec.cpus = cpus;
     spec.memory_mib = memory_mib;
-    spec.disks = vec![DiskSpec { path: disk, read_only: false }];
+    spec.disks = vec![DiskSpec { path: disk, read_only: false }, DiskSpec { path: seed, read_only: true }];
     spec.vsock = true;
     spec.forwards = ports::forwards(r.api_port, r.node_port_base);
     spec.runner = runner;
@@ -287,10 +288,24 @@ pub fn start(o: &StartOptions, say: &Say) -> Result<StartReport> {
             Err(e) => return Err(e),
         }
     };
-    let agent = Agent::vsock(agent::vsock_socket(&vm.dir)).patient(AGENT_PATIENCE);
-    // The agent writes admin.conf right after agent-start.
-    let kubeconfig = if target == "agent-start" { None } else { Some(write_kubeconfig(&agent, &record)?) };
+    let kubeconfig = if target == phase::AGENT_START {
+        None
+    } else {
+        let agent = Agent::vsock(agent::vsock_socket(&vm.dir)).patient(AGENT_PATIENCE);
+        check_node_identity(&agent, &ctx.paths, name)?;
+        Some(write_kubeconfig(&ctx.paths, &record)?)
+    };
     Ok(StartReport { restarted, kubeconfig, phases, ..StartReport::of(&record, o, t0) })
+}
+
+/// The cluster's identity (created on its first start) on the node's seed disk; returns
+/// the seed's path.
+pub(super) fn write_seed(ctx: &Ctx, name: &str) -> Result<PathBuf> {
+    let id = identity(&ctx.paths, name);
+    id.ensure()?;
+    let seed = seed_path(&ctx.paths, name);
+    id.write_seed(&seed)?;
+    Ok(seed)
 }
 
 /// First start (or a start after an interrupted one): images, record, disk, VM.
@@ -347,10 +362,12 @@ pub(super) fn first_start_prepare(
         }
         note_free_space(&vm_dir, record.disk_size_gib, say);
         save_record(&ctx.paths, &record)?;
+        let seed = write_seed(ctx, name)?;
         let spec = spec_for(
             name,
             kernel.clone(),
             disk_file,
+            seed,
             &record,
             cpus_for(o.cpus, emulated, say),
             o.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
@@ -425,8 +442,21 @@ pub(super) fn restart_prepare(
     if runner != vm.spec.runner {
         why.push("runner");
     }
-    let spec = spec_for(name, kernel, disk_file.clone(), &record, cpus, memory_mib, runner, o.until.as_deref());
-    if why.is_empty() && spec.forwards == vm.spec.forwards && spec.cmdline == vm.spec.cmdline {
+    if !identity(&ctx.paths, name).exists() {
+        bail!(
+            "cluster {name:?} was created by an older kindling, whose nodes made their own identity; the host now owns it: \
+             `{}`, then `{}` (its data is not kept)",
+            command_for("delete", name),
+            command_for("start", name)
+        );
+    }
+    let seed = write_seed(ctx, name)?;
+    let spec = spec_for(name, kernel, disk_file.clone(), seed, &record, cpus, memory_mib, runner, o.until.as_deref());
+    if why.is_empty()
+        && spec.forwards == vm.spec.forwards
+        && spec.cmdline == vm.spec.cmdline
+        && spec.disks == vm.spec.disks
+    {
         return Ok((record, vm));
     }
     if why.is_empty() {
@@ -574,13 +604,39 @@ mod tests {
             disk_size_gib: 20,
             created_at: 0,
         };
-        let s = spec_for("dev", "/k".into(), "/s/vms/dev/disk.ext4".into(), &r, 2, 4096, RunnerKind::Auto, None);
+        let s = spec_for(
+            "dev",
+            "/k".into(),
+            "/s/vms/dev/disk.ext4".into(),
+            "/s/vms/dev/seed.img".into(),
+            &r,
+            2,
+            4096,
+            RunnerKind::Auto,
+            None,
+        );
         assert_eq!(s.cmdline.as_deref(), Some("console=ttyS0 panic=1 root=/dev/vda rw kindling.hostname=dev"));
         assert!(s.vsock);
         assert_eq!(s.forwards, ["127.0.0.1:16444:6443", "127.0.0.1:20000-22767:30000-32767"]);
-        assert_eq!(s.disks, vec![DiskSpec { path: "/s/vms/dev/disk.ext4".into(), read_only: false }]);
+        assert_eq!(
+            s.disks,
+            vec![
+                DiskSpec { path: "/s/vms/dev/disk.ext4".into(), read_only: false },
+                DiskSpec { path: "/s/vms/dev/seed.img".into(), read_only: true }
+            ]
+        );
         assert_eq!((s.cpus, s.memory_mib), (2, 4096));
-        let s = spec_for("dev", "/k".into(), "/d".into(), &r, 1, 1024, RunnerKind::Emulated, Some("apiserver-ready"));
+        let s = spec_for(
+            "dev",
+            "/k".into(),
+            "/d".into(),
+            "/s".into(),
+            &r,
+            1,
+            1024,
+            RunnerKind::Emulated,
+            Some("apiserver-ready"),
+        );
         assert!(s.cmdline.unwrap().ends_with("kindling.hostname=dev kindling.until=apiserver-ready"));
         assert_eq!(s.runner, RunnerKind::Emulated);
     }

@@ -31,6 +31,7 @@ use std::time::Instant;
 use kindling_proto::forward::Forward;
 use kindling_vmm::config::VmConfig;
 
+use crate::archive::Archive;
 use crate::cache;
 use crate::hostnet::NetKind;
 use crate::util::which;
@@ -177,44 +178,6 @@ pub fn is_static_elf(path: &Path) -> std::io::Result<bool> {
     };
     const PT_INTERP: u32 = 3;
     Ok((0..usize::from(phnum)).all(|i| u32_at(phoff as usize + i * usize::from(phentsize)) != Some(PT_INTERP)))
-}
-
-/// A newc cpio archive being written.
-pub(crate) struct Archive<W: Write> {
-    out: W,
-    ino: u32,
-}
-
-impl<W: Write> Archive<W> {
-    pub(crate) fn new(out: W) -> Self {
-        Self { out, ino: 1 }
-    }
-
-    pub(crate) fn entry(&mut self, name: &str, mode: u32, data: &[u8]) -> std::io::Result<()> {
-        self.ino += 1;
-        let mut w = cpio::newc::Builder::new(name)
-            .ino(self.ino)
-            .mode(mode)
-            .nlink(1)
-            .write(&mut self.out, u32::try_from(data.len()).map_err(std::io::Error::other)?);
-        w.write_all(data)?;
-        w.finish()?;
-        Ok(())
-    }
-
-    pub(crate) fn dir(&mut self, name: &str) -> std::io::Result<()> {
-        self.entry(name, 0o040755, &[])
-    }
-
-    pub(crate) fn file(&mut self, name: &str, mode: u32, src: &Path) -> std::io::Result<()> {
-        let data = std::fs::read(src)?;
-        self.entry(name, 0o100000 | mode, &data)
-    }
-
-    pub(crate) fn finish(mut self) -> std::io::Result<W> {
-        cpio::newc::trailer(&mut self.out)?;
-        Ok(self.out)
-    }
 }
 
 /// The cached part of L1's initramfs: busybox, KVM modules, /init.
