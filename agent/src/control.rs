@@ -39,13 +39,16 @@ pub fn serve(paths: Paths, reaper: Arc<Reaper>, container: bool) -> Result<()> {
     } else {
         let fd = vsock_listen(VSOCK_PORT).context("listening on vsock (is there a virtio-vsock device?)")?;
         std::thread::Builder::new().name("control".into()).spawn(move || loop {
-            match nix::sys::socket::accept(std::os::fd::AsRawFd::as_raw_fd(&fd)) {
-                Ok(conn) => {
-                    // SAFETY: accept returned a new descriptor that nothing else owns.
-                    let conn = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(conn) });
+            match accept_from_host(std::os::fd::AsRawFd::as_raw_fd(&fd)) {
+                Ok(Some(conn)) => {
                     let ctx = ctx.clone();
-                    std::thread::spawn(move || handle(&ctx, conn));
+                    if let Err(e) =
+                        std::thread::Builder::new().name("control-conn".into()).spawn(move || handle(&ctx, conn))
+                    {
+                        phase::log(format!("control: cannot start a thread: {e}"));
+                    }
                 }
+                Ok(None) => {}
                 Err(e) => {
                     phase::log(format!("control: accept: {e}"));
                     std::thread::sleep(Duration::from_secs(1));
@@ -54,6 +57,32 @@ pub fn serve(paths: Paths, reaper: Arc<Reaper>, container: bool) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Accepts one vsock connection; Ok(None) when it does not come from the host (CID 2)
+/// and was closed. Inside the guest, vsock loopback (from the guest's own CID, or
+/// CID 1) reaches the listener too: a pod, or anything else in the node, must not get
+/// the agent's root shell. (Pods run with seccomp's RuntimeDefault profile, which also
+/// refuses them AF_VSOCK sockets.)
+fn accept_from_host(listener: std::os::fd::RawFd) -> nix::Result<Option<std::fs::File>> {
+    use nix::sys::socket::{getpeername, VsockAddr};
+    let conn = nix::sys::socket::accept(listener)?;
+    // SAFETY: accept returned a new descriptor that nothing else owns.
+    let conn = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(conn) });
+    match getpeername::<VsockAddr>(std::os::fd::AsRawFd::as_raw_fd(&conn)) {
+        Ok(peer) if peer.cid() == libc::VMADDR_CID_HOST => Ok(Some(conn)),
+        Ok(peer) => {
+            phase::log(format!(
+                "control: refused a connection from vsock CID {} (only the host may connect)",
+                peer.cid()
+            ));
+            Ok(None)
+        }
+        Err(e) => {
+            phase::log(format!("control: refused a connection whose peer is unknown ({e})"));
+            Ok(None)
+        }
+    }
 }
 
 fn vsock_listen(port: u32) -> nix::Result<OwnedFd> {

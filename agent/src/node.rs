@@ -175,7 +175,8 @@ pub fn write_configs(cfg: &NodeConfig, paths: &Paths) -> Result<()> {
          tlsCertFile: {crt}\ntlsPrivateKeyFile: {key}\nresolvConf: {resolv}\n\
          serializeImagePulls: false\nimageGCHighThresholdPercent: 100\nimageGCLowThresholdPercent: 99\n\
          evictionHard:\n  memory.available: 50Mi\n  nodefs.available: 2%\n  imagefs.available: 2%\n\
-         podCIDR: {NODE_POD_CIDR}\nsyncFrequency: 10s\nnodeStatusReportFrequency: 10s\n",
+         podCIDR: {NODE_POD_CIDR}\nsyncFrequency: 10s\nnodeStatusReportFrequency: 10s\n\
+         seccompDefault: true\n",
         ca = p("ca.crt"),
         sock = paths.containerd_socket().display(),
         crt = p("kubelet-serving.crt"),
