@@ -14,8 +14,7 @@ pub fn dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("kindling");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
-    home.join(".cache").join("kindling")
+    crate::util::home_dir().join(".cache").join("kindling")
 }
 
 /// Hex SHA-256 (first 16 bytes) over a sequence of labelled inputs.
@@ -52,7 +51,12 @@ pub fn write_atomic(path: &Path, fill: impl FnOnce(&Path) -> std::io::Result<()>
     }
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     match fill(&tmp).and_then(|()| std::fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            if let Some(parent) = path.parent() {
+                crate::util::sync_dir(parent);
+            }
+            Ok(())
+        }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             Err(e)

@@ -16,3 +16,25 @@ pub const L1_JOB_DIR: &str = "/kindling";
 pub fn inside_l1() -> bool {
     std::process::id() == 1 && Path::new(L1_JOB_DIR).join("args").is_file()
 }
+
+/// The user's home directory: `$HOME`, else the passwd entry's. Never a shared
+/// directory such as /tmp, where another user could plant files first.
+pub fn home_dir() -> PathBuf {
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let uid = nix::unistd::geteuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(user)) => user.dir,
+        // No home anywhere: a path that cannot exist, so that what needs one fails
+        // with its name instead of writing somewhere shared.
+        _ => PathBuf::from(format!("/nonexistent/home-of-uid-{uid}")),
+    }
+}
+
+/// fsync of a directory, so that a rename in it survives a crash.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}

@@ -83,7 +83,7 @@ impl Identity {
             write_private(&self.path("admin.key"), key.serialize_pem().as_bytes(), 0o600)?;
             write_private(&self.path("admin.crt"), cert.pem().as_bytes(), 0o644)?;
         }
-        sync_dir(&self.dir);
+        crate::util::sync_dir(&self.dir);
         Ok(())
     }
 
@@ -157,13 +157,6 @@ fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     f.write_all(data)?;
     f.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// fsync of a directory, so that renames in it survive a crash.
-pub fn sync_dir(dir: &Path) {
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ const SECTIONS: [(&str, &str); 3] = [("clusters", "cluster"), ("users", "user"),
 
 /// The kubeconfig kindling reads and writes.
 pub fn default_path() -> PathBuf {
-    path_from(std::env::var_os("KUBECONFIG").as_deref(), std::env::var_os("HOME").as_deref())
+    path_from(std::env::var_os("KUBECONFIG").as_deref(), Some(crate::util::home_dir().as_os_str()))
 }
 
 fn path_from(kubeconfig: Option<&std::ffi::OsStr>, home: Option<&std::ffi::OsStr>) -> PathBuf {
@@ -227,7 +227,9 @@ pub fn save(path: &Path, doc: &Value) -> Result<()> {
         f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &target)
+        std::fs::rename(&tmp, &target)?;
+        crate::util::sync_dir(dir);
+        Ok(())
     };
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -240,8 +242,54 @@ pub fn save(path: &Path, doc: &Value) -> Result<()> {
     })
 }
 
-/// Merges our entries into the kubeconfig at `path`.
+/// How long a change waits for another writer's `<file>.lock`.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// kubectl's (client-go's) lock on a kubeconfig: `<file>.lock`, created exclusively and
+/// removed when done, so that concurrent writers (kubectl, another kindling) do not lose
+/// each other's changes. Removed when dropped.
+struct FileLock(PathBuf);
+
+impl FileLock {
+    fn acquire(path: &Path) -> Result<Self> {
+        let target = resolve(path);
+        let mut lock = target.clone().into_os_string();
+        lock.push(".lock");
+        let lock = PathBuf::from(lock);
+        if let Some(dir) = lock.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).ok();
+        }
+        let t0 = std::time::Instant::now();
+        loop {
+            match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&lock) {
+                Ok(_) => return Ok(Self(lock)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && t0.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+                    "kubeconfig {}: {} has been held for {} s by another writer (kubectl or kindling); \
+                     if none runs, remove it and try again",
+                    target.display(),
+                    lock.display(),
+                    LOCK_WAIT.as_secs()
+                ),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("kubeconfig: cannot create the lock {}", lock.display()))
+                }
+            }
+        }
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Merges our entries into the kubeconfig at `path`, under its lock.
 pub fn merge_into(path: &Path, e: &Entries) -> Result<()> {
+    let _lock = FileLock::acquire(path)?;
     let mut doc = load(path)?;
     merge(&mut doc, e).with_context(|| format!("kubeconfig {}: unexpected layout", path.display()))?;
     save(path, &doc)
@@ -253,6 +301,7 @@ pub fn remove_from(path: &Path, name: &str) -> Result<bool> {
     if !path.exists() {
         return Ok(false);
     }
+    let _lock = FileLock::acquire(path)?;
     let mut doc = load(path)?;
     let changed =
         remove(&mut doc, name).with_context(|| format!("kubeconfig {}: unexpected layout", path.display()))?;
@@ -277,6 +326,32 @@ contexts:\n- name: prod\n  context: {cluster: prod, user: prod-admin, namespace:
 
     fn names(doc: &Value, section: &str) -> Vec<String> {
         doc[section].as_sequence().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect()
+    }
+
+    /// Writers that merge at the same time (two clusters starting at once) lose none
+    /// of each other's entries, and a lock another writer holds is waited for.
+    #[test]
+    fn concurrent_merges_keep_every_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("config");
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || merge_into(&path, &ours(&format!("c{i}"), "https://127.0.0.1:1")).unwrap())
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut got = names(&load(&path).unwrap(), "contexts");
+        got.sort();
+        assert_eq!(got, (0..8).map(|i| format!("c{i}")).collect::<Vec<_>>());
+        assert!(!d.path().join("config.lock").exists(), "the lock is gone");
+        // A stale lock is reported, naming it.
+        std::fs::write(d.path().join("config.lock"), "").unwrap();
+        let t0 = std::time::Instant::now();
+        let e = merge_into(&path, &ours("late", "https://x")).unwrap_err().to_string();
+        assert!(e.contains("config.lock") && e.contains("remove it") && t0.elapsed() >= LOCK_WAIT, "{e}");
     }
 
     #[test]

@@ -87,7 +87,9 @@ pub(super) fn save_record(paths: &Paths, r: &ClusterRecord) -> Result<()> {
         f.write_all(&serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?)?;
         f.write_all(b"\n")?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &p)
+        std::fs::rename(&tmp, &p)?;
+        crate::util::sync_dir(&dir);
+        Ok(())
     };
     write().map_err(|e| match e.raw_os_error() {
         Some(libc::ENOSPC) => disk::disk_full("writing the cluster record", &dir, None),

@@ -110,12 +110,15 @@ impl Client {
         let log_path = paths.daemon_log();
         let unreachable =
             |reason: String| ClientError::Unreachable { socket: self.socket.clone(), log: log_path.clone(), reason };
-        std::fs::create_dir_all(&paths.state_dir).map_err(|e| {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        // Only the user: the daemon's log and the VMs' files are nobody else's.
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&paths.state_dir).map_err(|e| {
             unreachable(format!("cannot create the state directory {}: {e}", paths.state_dir.display()))
         })?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&log_path)
             .map_err(|e| unreachable(format!("cannot open {}: {e}", log_path.display())))?;
         let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);

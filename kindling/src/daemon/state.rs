@@ -17,6 +17,8 @@ use super::api::{Vm, VmSpec, VmStatus};
 pub const VM_JSON: &str = "vm.json";
 pub const VM_JSON_TMP: &str = "vm.json.tmp";
 pub const CONSOLE_LOG: &str = "console.log";
+/// The console log's older half (the VM process rotates console.log at its cap).
+pub const CONSOLE_LOG_OLD: &str = "console.log.1";
 pub const VSOCK_SOCKET: &str = "vsock.sock";
 /// The VM process's TMPDIR (the emulated runner keeps its level-1 initramfs there), so
 /// that what a killed VM process leaves behind is in the VM directory, and removed.
@@ -31,8 +33,7 @@ pub fn state_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(d).join("kindling");
     }
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".local/state/kindling")
+    crate::util::home_dir().join(".local/state/kindling")
 }
 
 /// The daemon's socket when none is given: `$XDG_RUNTIME_DIR/kindling/daemon.sock`, else
@@ -262,7 +263,9 @@ impl VmRecord {
         f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
         f.write_all(b"\n")?;
         f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(VM_JSON))
+        std::fs::rename(&tmp, dir.join(VM_JSON))?;
+        crate::util::sync_dir(&dir);
+        Ok(())
     }
 
     pub fn load(path: &Path) -> Result<Self, String> {
