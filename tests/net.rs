@@ -13,7 +13,9 @@
 //!   itself; inside L1 the gateway is QEMU's 10.0.2.2, which does it. Either way the
 //!   listener on the real host's 127.0.0.1 is reached through passt.
 //!
-//! A third boot checks that `--net none` gives the guest no NIC and no addresses.
+//! These boots pass `--host-loopback`; without it (the default) the guest must not reach
+//! the host's loopback at all, which another boot per backend checks. A last boot checks
+//! that `--net none` gives the guest no NIC and no addresses.
 
 mod common;
 
@@ -84,10 +86,15 @@ fn serve_once(listener: TcpListener) -> mpsc::Receiver<Seen> {
 }
 
 fn boot_with(net: &str, script: &str) -> (std::process::Output, String) {
-    let initrd = busybox_initramfs();
-    boot(&[
+    boot_with_flags(net, script, &["--host-loopback"])
+}
+
+fn boot_with_flags(net: &str, script: &str, flags: &[&str]) -> (std::process::Output, String) {
+    let (kernel, initrd) = (our_kernel(), busybox_initramfs());
+    let cmdline = format!("console=ttyS0 panic=1 quiet kindling.run={script}");
+    let mut args = vec![
         "--kernel",
-        our_kernel().to_str().unwrap(),
+        kernel.to_str().unwrap(),
         "--initrd",
         initrd.to_str().unwrap(),
         "--memory",
@@ -95,8 +102,10 @@ fn boot_with(net: &str, script: &str) -> (std::process::Output, String) {
         "--net",
         net,
         "--cmdline",
-        &format!("console=ttyS0 panic=1 quiet kindling.run={script}"),
-    ])
+        &cmdline,
+    ];
+    args.extend_from_slice(flags);
+    boot(&args)
 }
 
 /// Runs the exchange over `net` and checks both ends.
@@ -141,6 +150,38 @@ fn passt_guest_reaches_the_host() {
     assert!(text.contains("mtu=65520"), "passt's MTU is offered:\n{text}");
     assert!(text.contains("net: passt (pid "), "{text}");
     assert!(!text.contains("virtio-net: passt"), "passt kept running:\n{text}");
+}
+
+/// Without `--host-loopback`, the guest cannot reach a service on the host's loopback
+/// (other clusters' API forwards live there): through passt's gateway, and under the
+/// emulated runner through QEMU's 10.0.2.2 from TAP or passt.
+#[test]
+fn the_hosts_loopback_is_closed_to_the_guest_by_default() {
+    let emulated = emulated();
+    let mut nets = vec!["passt"];
+    // SAFETY: geteuid has no preconditions.
+    if emulated || unsafe { libc::geteuid() } == 0 {
+        nets.push("tap");
+    }
+    for net in nets {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = serve_once(listener);
+        let target = if emulated { "10.0.2.2" } else { "$gw" };
+        let probe = format!(
+            "if echo x|nc -w 5 {target} {port} >/dev/null;then echo LOOPBACK-OPEN;else echo LOOPBACK-CLOSED;fi;"
+        );
+        let (out, text) = boot_with_flags(net, &guest_script(&probe), &[]);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains("LOOPBACK-CLOSED") && !text.contains("LOOPBACK-OPEN"),
+            "{net}: the guest reached the host's loopback:\n{text}"
+        );
+        assert!(
+            seen.recv_timeout(Duration::from_secs(1)).is_err(),
+            "{net}: the host's loopback listener saw a connection"
+        );
+    }
 }
 
 #[test]

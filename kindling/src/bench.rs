@@ -614,7 +614,7 @@ mod net {
             eprintln!("kindling bench: qemu-system-x86_64 not found; reporting kindling alone");
             return Ok(None);
         };
-        let (tap, guest, _) = Tap::setup()?;
+        let (tap, guest, _) = Tap::setup(false)?;
         let fd = tap.fd();
         let cmdline = format!("{}{} kindling.run={GUEST_SCRIPT}", args.cmdline, guest.args(&args.cmdline));
         qemu.args(["-M", "microvm,accel=kvm,rtc=off", "-cpu", "host"])

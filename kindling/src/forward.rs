@@ -23,6 +23,8 @@ pub enum ForwardError {
     Listen { spec: String, addr: SocketAddr, err: std::io::Error },
     #[error("vsock socket {path}: {err}")]
     Vsock { path: PathBuf, err: std::io::Error },
+    #[error("starting the forwards' thread: {err}")]
+    Thread { err: std::io::Error },
     #[error("guest port {port} refused the connection (nothing listens there, or the guest is not up yet): {reply}")]
     Refused { port: u32, reply: String },
 }
@@ -63,17 +65,63 @@ pub fn connect_guest(uds: &Path, port: u32) -> Result<UnixStream, ForwardError> 
     Ok(s)
 }
 
+/// Connections one forward (a port, or a range such as the NodePorts) carries at once;
+/// more wait in the listen queue. Any local user can open them, so they are bounded:
+/// one forward cannot starve another, and all of them together leave room on the
+/// guest's vsock device (1024 connections) for the VM owner's own connections.
+pub const MAX_PER_FORWARD: usize = 256;
+/// Connections all forwards of a VM carry at once.
+pub const MAX_FORWARDED: usize = 512;
+
+/// A counted budget of connections; a slot is given back when dropped.
+#[derive(Clone, Debug)]
+pub struct ConnLimit {
+    used: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max: usize,
+}
+
+/// A connection's place in a [`ConnLimit`].
+#[derive(Debug)]
+pub struct Slot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl ConnLimit {
+    /// A budget of `max` connections.
+    pub fn new(max: usize) -> Self {
+        Self { used: Default::default(), max }
+    }
+
+    /// A slot, or None when all `max` are taken.
+    pub fn take(&self) -> Option<Slot> {
+        use std::sync::atomic::Ordering;
+        self.used.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.max).then_some(n + 1)).ok()?;
+        Some(Slot(self.used.clone()))
+    }
+
+    /// Slots in use.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// Binds every forward's host address up front, so a port in use fails the boot before
 /// the VM starts, then serves them all from one thread for the life of the process.
 /// In a range, ports already in use are skipped with a warning (a NodePort range is
 /// forwarded best-effort); a single port in use is an error.
 pub fn start(specs: &[Forward], uds: &Path) -> Result<(), ForwardError> {
     raise_fd_limit();
+    let total = ConnLimit::new(MAX_FORWARDED);
     let mut listeners = Vec::new();
     for spec in specs {
+        let per_forward = ConnLimit::new(MAX_PER_FORWARD);
         for (addr, guest_port) in spec.pairs() {
             match TcpListener::bind(addr) {
-                Ok(l) => listeners.push((l, guest_port)),
+                Ok(l) => listeners.push(Listener { listener: l, guest_port, limit: per_forward.clone() }),
                 Err(err) if err.raw_os_error() == Some(libc::EMFILE) && spec.count > 1 => {
                     tracing::warn!(
                         "forward {spec}: out of file descriptors at host port {} (raise `ulimit -n`); the rest of the range is not forwarded",
@@ -105,9 +153,17 @@ pub fn start(specs: &[Forward], uds: &Path) -> Result<(), ForwardError> {
     let uds = uds.to_path_buf();
     std::thread::Builder::new()
         .name("forwards".into())
-        .spawn(move || accept_loop(listeners, uds))
-        .expect("spawning the forward thread");
+        .spawn(move || accept_loop(listeners, uds, total))
+        .map_err(|err| ForwardError::Thread { err })?;
     Ok(())
+}
+
+/// One forwarded host port.
+struct Listener {
+    listener: TcpListener,
+    guest_port: u16,
+    /// The budget of the forward this port belongs to.
+    limit: ConnLimit,
 }
 
 /// A forward takes one descriptor per port (thousands for a NodePort range), and a
@@ -123,12 +179,25 @@ fn raise_fd_limit() {
     }
 }
 
-fn accept_loop(listeners: Vec<(TcpListener, u16)>, uds: PathBuf) {
+fn accept_loop(listeners: Vec<Listener>, uds: PathBuf, total: ConnLimit) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
     loop {
-        let mut fds: Vec<PollFd> = listeners.iter().map(|(l, _)| PollFd::new(l.as_fd(), PollFlags::POLLIN)).collect();
-        if let Err(e) = poll(&mut fds, PollTimeout::NONE) {
+        // A forward whose budget is spent is not polled: its connections wait in the
+        // listen queue until one of its own closes.
+        let mut polled = Vec::new();
+        let mut fds = Vec::new();
+        for (i, l) in listeners.iter().enumerate() {
+            if l.limit.used() < l.limit.max && total.used() < total.max {
+                fds.push(PollFd::new(l.listener.as_fd(), PollFlags::POLLIN));
+                polled.push(i);
+            }
+        }
+        if fds.is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        }
+        if let Err(e) = poll(&mut fds, PollTimeout::from(100u16)) {
             if e != nix::errno::Errno::EINTR {
                 tracing::error!("forwards: poll: {e}");
                 return;
@@ -137,13 +206,14 @@ fn accept_loop(listeners: Vec<(TcpListener, u16)>, uds: PathBuf) {
         }
         let ready: Vec<usize> = fds
             .iter()
-            .enumerate()
-            .filter(|(_, f)| f.revents().is_some_and(|r| !r.is_empty()))
-            .map(|(i, _)| i)
+            .zip(&polled)
+            .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(_, i)| *i)
             .collect();
         drop(fds);
         for i in ready {
-            let (listener, port) = &listeners[i];
+            let Listener { listener, guest_port: port, limit } = &listeners[i];
+            let (Some(slot), Some(total_slot)) = (limit.take(), total.take()) else { continue };
             let (conn, peer) = match listener.accept() {
                 Ok(c) => c,
                 Err(e) => {
@@ -155,13 +225,20 @@ fn accept_loop(listeners: Vec<(TcpListener, u16)>, uds: PathBuf) {
                 }
             };
             let (uds, port) = (uds.clone(), *port);
-            std::thread::spawn(move || match connect_guest(&uds, u32::from(port)) {
-                Ok(guest) => splice(conn, guest),
-                Err(e) => {
-                    tracing::warn!("forward {peer} -> guest port {port}: {e}");
-                    let _ = conn.shutdown(Shutdown::Both);
+            let spawned = std::thread::Builder::new().name("forward".into()).spawn(move || {
+                let _slots = (slot, total_slot);
+                match connect_guest(&uds, u32::from(port)) {
+                    Ok(guest) => splice(conn, guest),
+                    Err(e) => {
+                        tracing::warn!("forward {peer} -> guest port {port}: {e}");
+                        let _ = conn.shutdown(Shutdown::Both);
+                    }
                 }
             });
+            // Out of threads: this connection is dropped (closed), the forward goes on.
+            if let Err(e) = spawned {
+                tracing::warn!("forward to guest port {port}: cannot start a thread: {e}");
+            }
         }
     }
 }
@@ -200,10 +277,16 @@ pub fn splice(a: impl Stream, b: impl Stream) {
         return;
     };
     let (mut a, mut b) = (a, b);
-    let t = std::thread::spawn(move || {
+    let t = std::thread::Builder::new().name("splice".into()).spawn(move || {
         let _ = std::io::copy(&mut a2, &mut b2);
         b2.shutdown_write();
     });
+    let Ok(t) = t else {
+        // Out of threads: give up this connection rather than the process.
+        a.shutdown_both();
+        b.shutdown_both();
+        return;
+    };
     let _ = std::io::copy(&mut b, &mut a);
     a.shutdown_write();
     let _ = t.join();
@@ -253,6 +336,50 @@ mod tests {
         let mut back = String::new();
         c.read_to_string(&mut back).unwrap();
         assert_eq!(back, "HELLO GUEST");
+    }
+
+    /// Local users cannot take more than a forward's budget: connections past it wait
+    /// in the listen queue, and each forward has its own budget.
+    #[test]
+    fn a_flood_of_connections_is_bounded_per_forward() {
+        let d = tempfile::tempdir().unwrap();
+        // A guest that accepts and holds every connection.
+        let path = d.path().join("v.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = held.clone();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let mut line = Vec::new();
+                let mut b = [0u8];
+                while c.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                let _ = c.write_all(b"OK 1\n");
+                h.lock().unwrap().push((String::from_utf8_lossy(&line).into_owned(), c));
+            }
+        });
+        let ports: Vec<u16> =
+            (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+        start(&[format!("{}:6443", ports[0]).parse().unwrap(), format!("{}:30000", ports[1]).parse().unwrap()], &path)
+            .unwrap();
+        let flood: Vec<TcpStream> =
+            (0..MAX_PER_FORWARD + 40).filter_map(|_| TcpStream::connect(("127.0.0.1", ports[1])).ok()).collect();
+        let count = |port: &str| held.lock().unwrap().iter().filter(|(l, _)| l.ends_with(port)).count();
+        let t0 = std::time::Instant::now();
+        while count("30000") < MAX_PER_FORWARD && t0.elapsed() < std::time::Duration::from_secs(20) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert_eq!(count("30000"), MAX_PER_FORWARD, "the flooded forward carries at most its budget");
+        // The other forward still gets through.
+        let _api = TcpStream::connect(("127.0.0.1", ports[0])).unwrap();
+        let t0 = std::time::Instant::now();
+        while count("6443") < 1 && t0.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(count("6443"), 1, "another forward is not starved");
+        drop(flood);
     }
 
     #[test]

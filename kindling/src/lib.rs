@@ -10,6 +10,7 @@
 //! - [`images`], [`cache`]: the guest kernel and root disk, built from images/ and
 //!   cached by a hash of their inputs.
 //! - [`bench`]: `kindling bench`.
+//! - [`logfile`]: the size-capped console log of a VM process.
 //! - [`archive`]: newc cpio archives (initramfs, seed disks).
 //! - [`util`]: small helpers shared by the above.
 //!
@@ -25,5 +26,6 @@ pub mod daemon;
 pub mod forward;
 pub mod hostnet;
 pub mod images;
+pub mod logfile;
 pub mod runner;
 pub mod util;

@@ -9,13 +9,12 @@ fn main() {
         Command::L1Guest => kindling::runner::emulated::l1_guest_main(l1_run),
         command => dispatch(command),
     };
-    match code {
-        Ok(code) => std::process::exit(code),
-        Err(e) => {
-            tracing::error!("{e:#}");
-            std::process::exit(1);
-        }
-    }
+    let code = code.unwrap_or_else(|e| {
+        tracing::error!("{e:#}");
+        1
+    });
+    kindling::logfile::finish();
+    std::process::exit(code)
 }
 
 /// Logs go to stderr; RUST_LOG (or KINDLING_LOG) picks the level, "info" by default.

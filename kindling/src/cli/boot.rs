@@ -54,6 +54,18 @@ pub struct BootArgs {
     /// appended to the kernel command line (kindling.ip= kindling.gw= kindling.dns=).
     #[arg(long, value_enum, value_name = "auto|tap|passt|none", default_value_t = NetChoice::Auto)]
     pub net: NetChoice,
+    /// Let the guest reach this host's loopback services through its gateway (passt's
+    /// gateway mapping; under the emulated runner QEMU's 10.0.2.2). Off by default:
+    /// other clusters' API forwards and your local services listen there.
+    #[arg(long)]
+    pub host_loopback: bool,
+    /// Send the console and the VMM's messages to PATH instead of stdout and stderr,
+    /// rotated to PATH.1 at --console-log-max (the daemon's VMs use it).
+    #[arg(long, value_name = "PATH")]
+    pub console_log: Option<PathBuf>,
+    /// The cap of --console-log's file (and of PATH.1), in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = crate::logfile::DEFAULT_MAX_MIB)]
+    pub console_log_max: u64,
     /// Where the VM runs: auto picks KVM when it can boot a stock kernel here.
     #[arg(long, value_parser = runner::runner_arg(), default_value = "auto")]
     pub runner: RunnerKind,
@@ -90,6 +102,10 @@ pub fn with_network(config: &VmConfig, guest: Option<&NetParams>) -> VmConfig {
 
 /// Runs the boot; returns the process exit status.
 pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
+    if let Some(path) = &args.console_log {
+        crate::logfile::capture_output(path, args.console_log_max << 20)
+            .map_err(|e| anyhow::anyhow!("--console-log {}: {e}", path.display()))?;
+    }
     let mut config = args.to_config()?;
     // Forwards travel over vsock: give the VM a private socket when none was asked for.
     let private = tempfile::Builder::new().prefix("kindling-vsock-").tempdir()?;
@@ -109,7 +125,7 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
         Runner::Kvm => {
             let mut backend = None;
             if let Some(kind) = net {
-                let host = hostnet::setup(kind)?;
+                let host = hostnet::setup(kind, args.host_loopback)?;
                 tracing::info!("net: {}", host.summary);
                 config = with_network(&config, Some(&host.guest));
                 backend = Some(host.backend);
@@ -125,7 +141,7 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
                 eprintln!("kindling: {warning}");
                 config.cpus = cpus;
             }
-            match emulated::run(&config, net, &args.forwards) {
+            match emulated::run(&config, net, args.host_loopback, &args.forwards) {
                 // QEMU ended with the level-1 VM reset and no status reported: L1 itself
                 // crashed (its emulated nested virtualization), which ends the guest too.
                 Err(emulated::EmulatedError::NoStatus(0)) => {

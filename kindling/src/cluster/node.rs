@@ -72,6 +72,15 @@ pub fn logs(name: &str, component: Option<&str>, follow: bool) -> Result<i32> {
         if !running {
             return Ok(0);
         }
+        // At the end of the file: the VM process may have rotated it (console.log.1 is
+        // what we read; a new console.log continues it).
+        if let (Ok(now), Ok(ours)) = (std::fs::metadata(&vm.console_log), f.metadata()) {
+            use std::os::unix::fs::MetadataExt;
+            if now.ino() != ours.ino() {
+                f = std::fs::File::open(&vm.console_log)?;
+                continue;
+            }
+        }
         std::thread::sleep(Duration::from_millis(250));
         if last_check.elapsed() > Duration::from_secs(2) {
             last_check = Instant::now();

@@ -3,7 +3,7 @@
 //! `kindling boot` process, in its own session, so VMs outlive the daemon and a
 //! restarted daemon re-attaches to them.
 //!
-//! - [`api`]: the request and response types (documented in vmm/openapi.yaml).
+//! - [`api`]: the request and response types (documented in kindling/openapi.yaml).
 //! - [`state`]: the state directory, VM name rules, spec validation, `vm.json` records.
 //! - [`vm_process`]: spawning, recognizing (pid + start time) and stopping VM processes.
 //! - [`server`]: the HTTP routes (axum on tokio).

@@ -1,4 +1,4 @@
-//! The daemon's HTTP server: the REST API of vmm/openapi.yaml on a UNIX socket.
+//! The daemon's HTTP server: the REST API of kindling/openapi.yaml on a UNIX socket.
 //!
 //! Every error is `{"error": "..."}` with a sentence that says what to do; status codes:
 //! 400 bad input, 404 unknown VM (or route), 405 wrong method, 409 name taken / already
@@ -415,7 +415,10 @@ fn directly_inside(path: &Path, dir: &Path) -> bool {
 fn remove_vm_files(paths: &Paths, spec: &VmSpec) -> Result<Deleted, String> {
     let dir = paths.vm_dir(&spec.name);
     let mut removable: Vec<PathBuf> =
-        [state::CONSOLE_LOG, state::VSOCK_SOCKET, state::VM_JSON_TMP].iter().map(|f| dir.join(f)).collect();
+        [state::CONSOLE_LOG, state::CONSOLE_LOG_OLD, state::VSOCK_SOCKET, state::VM_JSON_TMP]
+            .iter()
+            .map(|f| dir.join(f))
+            .collect();
     let mut kept = Vec::new();
     for disk in &spec.disks {
         if directly_inside(&disk.path, &dir) {
@@ -531,7 +534,7 @@ async fn console(
     let tail = parse_tail(&uri)?;
     d.slot(&name)?;
     let log = d.paths.console_log(&name);
-    let bytes = match read_end(&log, CONSOLE_MAX_BYTES) {
+    let bytes = match read_console(&log, CONSOLE_MAX_BYTES) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(ApiError::internal(format!("cannot read {}: {e}", log.display()))),
@@ -539,6 +542,18 @@ async fn console(
     let text = String::from_utf8_lossy(&bytes);
     let out = tail_lines(&text, tail).to_string();
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], out).into_response())
+}
+
+/// The last `max` bytes of a console log: the end of its rotated half, then the log.
+fn read_console(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let current = read_end(path, max)?;
+    let older = max - current.len() as u64;
+    let mut out = match read_end(&crate::logfile::RotatingLog::rotated(path), older) {
+        Ok(v) if older > 0 => v,
+        _ => Vec::new(),
+    };
+    out.extend(current);
+    Ok(out)
 }
 
 /// The last `max` bytes of a file.
@@ -557,7 +572,7 @@ fn read_end(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
 async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        format!("no such endpoint: {method} {}; the API is under /v1 (see vmm/openapi.yaml)", uri.path()),
+        format!("no such endpoint: {method} {}; the API is under /v1 (see kindling/openapi.yaml)", uri.path()),
     )
 }
 

@@ -101,6 +101,7 @@ pub fn boot_args(spec: &VmSpec, paths: &Paths) -> Vec<OsString> {
         a.extend(["--forward".into(), f.into()]);
     }
     a.extend(["--runner".into(), spec.runner.as_str().into()]);
+    a.extend(["--console-log".into(), paths.console_log(&spec.name).into()]);
     a
 }
 
@@ -113,7 +114,8 @@ pub struct Spawned {
 }
 
 /// Starts `exe boot ...` for `spec`: own session, stdin /dev/null, stdout and stderr
-/// appended to the VM's console.log, working directory the VM's directory.
+/// appended to the VM's console.log until the VM process takes it over
+/// (`--console-log`, which caps and rotates it), working directory the VM's directory.
 pub fn spawn(exe: &Path, spec: &VmSpec, paths: &Paths) -> std::io::Result<Spawned> {
     let dir = paths.vm_dir(&spec.name);
     let args = boot_args(spec, paths);
@@ -274,12 +276,13 @@ mod tests {
         let a: Vec<String> = boot_args(&spec, &paths).into_iter().map(|s| s.into_string().unwrap()).collect();
         assert_eq!(
             a.join(" "),
-            "boot --kernel /k --initrd /i --cmdline console=ttyS0 x=1 --cpus 1 --memory 512 --disk /d,1,rw --disk /e,ro --runner emulated"
+            "boot --kernel /k --initrd /i --cmdline console=ttyS0 x=1 --cpus 1 --memory 512 --disk /d,1,rw --disk /e,ro --runner emulated \
+             --console-log /state/vms/vm/console.log"
         );
         spec.vsock = true;
         spec.forwards = vec!["8080:80".into()];
         let a: Vec<String> = boot_args(&spec, &paths).into_iter().map(|s| s.into_string().unwrap()).collect();
-        assert!(a.join(" ").ends_with("--vsock /state/vms/vm/vsock.sock --forward 8080:80 --runner emulated"), "{a:?}");
+        assert!(a.join(" ").ends_with("--vsock /state/vms/vm/vsock.sock --forward 8080:80 --runner emulated --console-log /state/vms/vm/console.log"), "{a:?}");
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -10,6 +10,7 @@
 //! command line ([`kindling_proto::cmdline::NetParams`]).
 
 pub mod host;
+mod l1;
 pub mod passt;
 pub mod tap;
 
@@ -35,6 +36,8 @@ pub enum NetSetupError {
     NoRoute,
     #[error("--net passt: starting {what}: {err}")]
     PasstStart { what: &'static str, err: io::Error },
+    #[error("in the level-1 VM: blocking the guest's way to the host's loopback failed ({0}); refusing to start the guest's network")]
+    L1Block(String),
 }
 
 /// `kindling boot --net`.
@@ -118,15 +121,17 @@ pub struct HostNet {
     pub summary: String,
 }
 
-/// Sets up the host side of a network of `kind`.
-pub fn setup(kind: NetKind) -> Result<HostNet, NetSetupError> {
+/// Sets up the host side of a network of `kind`. `host_loopback`: the guest may reach
+/// the services on the host's loopback through its gateway (off by default: other
+/// clusters' API forwards and the user's local services live there).
+pub fn setup(kind: NetKind, host_loopback: bool) -> Result<HostNet, NetSetupError> {
     let (backend, guest, summary): (Box<dyn Backend>, _, _) = match kind {
         NetKind::Tap => {
-            let (tap, guest, summary) = tap::Tap::setup()?;
+            let (tap, guest, summary) = tap::Tap::setup(host_loopback)?;
             (Box::new(tap), guest, summary)
         }
         NetKind::Passt => {
-            let (passt, guest, summary) = passt::Passt::start()?;
+            let (passt, guest, summary) = passt::Passt::start(host_loopback)?;
             (Box::new(passt), guest, summary)
         }
     };

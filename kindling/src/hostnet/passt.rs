@@ -37,7 +37,10 @@ pub fn usable() -> Result<(), String> {
 
 impl Passt {
     /// Starts passt; returns it with the guest's addressing and a sentence describing it.
-    pub fn start() -> Result<(Self, NetParams, String), NetSetupError> {
+    /// With `host_loopback`, TCP to the gateway reaches the host's loopback services
+    /// (passt's default); without it, the guest cannot reach them (`--no-map-gw`, and
+    /// inside the emulated runner's level-1 VM, QEMU's gateway is blocked too).
+    pub fn start(host_loopback: bool) -> Result<(Self, NetParams, String), NetSetupError> {
         let bin = which("passt").ok_or(NetSetupError::NoPasst)?;
         let route = host::default_route().ok_or(NetSetupError::NoRoute)?;
         let addr = host::ipv4_addresses().into_iter().find(|a| a.iface == route.iface).ok_or(NetSetupError::NoRoute)?;
@@ -60,13 +63,19 @@ impl Passt {
         if forward_dns {
             cmd.args(["--dns-forward", &route.gateway.to_string()]);
         }
-        // passt maps TCP to the gateway address onto the host's loopback. Inside the
-        // emulated runner's level-1 VM that would be L1's own loopback, where nothing
-        // listens; its gateway (QEMU's 10.0.2.2) already leads to the user's host's
-        // loopback, so there the gateway is left as it is.
+        // passt maps TCP to the gateway address onto the host's loopback, where the
+        // user's other services listen (other clusters' forwards among them): only on
+        // request. Inside the emulated runner's level-1 VM the mapping would lead to
+        // L1's own loopback, where nothing listens; there QEMU's gateway 10.0.2.2 is
+        // the user's host's loopback, and it is blocked for passt's connections
+        // (made from an address of their own) unless asked for.
         let in_l1 = inside_l1();
-        if in_l1 {
+        if in_l1 || !host_loopback {
             cmd.arg("--no-map-gw");
+        }
+        if in_l1 && !host_loopback {
+            super::l1::block_host_loopback(super::l1::PASST_OUTBOUND)?;
+            cmd.args(["--outbound", super::l1::PASST_OUTBOUND]);
         }
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
@@ -113,7 +122,11 @@ impl Passt {
             (Some(d), false) => format!("DNS {d}"),
             (None, _) => "no DNS (/etc/resolv.conf names none)".into(),
         };
-        let gw_note = if in_l1 { "the user's host's loopback through QEMU" } else { "this host's loopback" };
+        let gw_note = match (host_loopback, in_l1) {
+            (false, _) => "the gateway itself, not this host's loopback (--host-loopback allows that)",
+            (true, true) => "the user's host's loopback through QEMU",
+            (true, false) => "this host's loopback",
+        };
         let summary = format!(
             "passt (pid {}), guest {}/{} gateway {} as the host has them on {} (TCP to the gateway reaches {gw_note}), {dns_note}, MTU {PASST_MTU}",
             child.id(),
@@ -201,7 +214,7 @@ mod tests {
             eprintln!("skipped: passt is not installed (apt-get install passt)");
             return;
         }
-        let (mut passt, guest, summary) = match Passt::start() {
+        let (mut passt, guest, summary) = match Passt::start(false) {
             Ok(p) => p,
             Err(NetSetupError::NoRoute) => {
                 eprintln!("skipped: this host has no default route for passt to copy");

@@ -197,7 +197,10 @@ pub struct Tap {
 impl Tap {
     /// Creates and configures the tap device; returns it with the guest's addressing
     /// and a sentence describing what was set up.
-    pub fn setup() -> Result<(Self, NetParams, String), NetSetupError> {
+    /// `host_loopback` matters inside the emulated runner's level-1 VM, whose gateway
+    /// (QEMU's 10.0.2.2) is the user's host's loopback: blocked for the guest unless
+    /// asked for. On a host, the guest's packets to 127.0.0.0/8 never reach loopback.
+    pub fn setup(host_loopback: bool) -> Result<(Self, NetParams, String), NetSetupError> {
         let pid = std::process::id();
         let mut attempt = 0;
         let backend = loop {
@@ -222,6 +225,10 @@ impl Tap {
         };
         let subnet = format!("{}.{}.{}.0/{SUBNET_PREFIX}", o[0], o[1], o[2]);
         let mut notes = Vec::new();
+        if crate::util::inside_l1() && !host_loopback {
+            super::l1::block_host_loopback(&subnet)?;
+            notes.push("the host's loopback (10.0.2.2) is blocked for the guest".to_string());
+        }
         match std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").map(|s| s.trim() == "1") {
             Ok(true) => {}
             _ => match std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
@@ -337,7 +344,7 @@ mod tests {
     #[test]
     #[ignore = "needs root; adds a tap device and, with iptables or nft, NAT rules to this host (removed at the end)"]
     fn tap_on_this_host() {
-        let (tap, guest, summary) = Tap::setup().unwrap();
+        let (tap, guest, summary) = Tap::setup(false).unwrap();
         eprintln!("{summary}");
         let name = tap.name().to_string();
         assert!(host::ipv4_addresses().iter().any(|a| a.iface == name && a.addr == guest.gateway && a.prefix == 24));

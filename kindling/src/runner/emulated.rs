@@ -8,11 +8,12 @@
 //! (/dev/vda, ...). L2's console is L1's serial console, which is our stdio; L1 reports
 //! kindling's exit status through QEMU's isa-debug-exit port.
 //!
-//! The guest's vsock reaches the host through a relay: this process offers the vsock
-//! UNIX socket (and any `--forward` ports) on the host and passes each connection,
-//! handshake included, to a TCP port QEMU's user networking forwards into L1
-//! (`hostfwd`, with L1 otherwise cut off: `restrict=on`), where kindling passes it on to
-//! the L2 VMM's vsock socket. Guest-initiated vsock connections stay inside L1.
+//! The guest's vsock reaches the host through a relay ([`relay`]): this process offers
+//! the vsock UNIX socket (and any `--forward` ports) on the host and passes each
+//! connection, handshake included, to a TCP port QEMU's user networking forwards into
+//! L1 (`hostfwd`, with L1 otherwise cut off: `restrict=on`), where kindling passes it
+//! on to the L2 VMM's vsock socket once the connection proved it knows the VM's token.
+//! Guest-initiated vsock connections stay inside L1.
 //!
 //! With `--net`, L1's NIC gets outbound networking too (QEMU user networking without
 //! `restrict`; default route 10.0.2.2, DNS 10.0.2.3), and the L2 VMM sets up the
@@ -31,6 +32,7 @@ use std::time::Instant;
 use kindling_proto::forward::Forward;
 use kindling_vmm::config::VmConfig;
 
+use super::relay::{self, HostRelay, Token};
 use crate::archive::Archive;
 use crate::cache;
 use crate::hostnet::NetKind;
@@ -64,6 +66,8 @@ const L1_OVERHEAD_MIB: u64 = 512;
 const L1_RELAY_PORT: u16 = 1100;
 /// The L2 VMM's vsock socket inside L1.
 const L1_VSOCK_PATH: &str = "/kindling/vsock.sock";
+/// The relay's token inside L1 (see [`relay`]).
+const L1_TOKEN_FILE: &str = "/kindling/relay-token";
 
 const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -215,7 +219,7 @@ fn base_initramfs(l1: &L1Kernel) -> Result<PathBuf, EmulatedError> {
 }
 
 /// `kindling boot` arguments for the VMM inside L1, with paths as L1 sees them.
-pub fn l1_boot_args(config: &VmConfig, net: Option<NetKind>) -> Vec<String> {
+pub fn l1_boot_args(config: &VmConfig, net: Option<NetKind>, host_loopback: bool) -> Vec<String> {
     let mut args = vec!["--kernel".into(), "/kindling/kernel".into()];
     if config.initrd.is_some() {
         args.extend(["--initrd".into(), "/kindling/initrd".into()]);
@@ -239,6 +243,9 @@ pub fn l1_boot_args(config: &VmConfig, net: Option<NetKind>) -> Vec<String> {
     }
     // Always explicit: inside L1, `auto` would not know what the user was told here.
     args.extend(["--net".into(), net.map_or("none", NetKind::as_str).into()]);
+    if host_loopback {
+        args.push("--host-loopback".into());
+    }
     args
 }
 
@@ -263,10 +270,10 @@ pub struct L1Job {
 
 impl L1Job {
     /// `kindling boot` of `config` inside L1, with a network of `net`.
-    pub fn boot(config: &VmConfig, net: Option<NetKind>) -> Self {
+    pub fn boot(config: &VmConfig, net: Option<NetKind>, host_loopback: bool) -> Self {
         L1Job {
             mode: "boot",
-            args: l1_boot_args(config, net),
+            args: l1_boot_args(config, net, host_loopback),
             with_qemu: false,
             with_passt: net == Some(NetKind::Passt),
             extra_memory_mib: 0,
@@ -277,7 +284,7 @@ impl L1Job {
 
 /// The per-run part of L1's initramfs: kindling itself, the guest kernel/initrd, the
 /// job and its arguments (and for a benchmark, QEMU with everything it loads).
-fn run_archive(config: &VmConfig, job: &L1Job, exe: &Path, dest: &Path) -> std::io::Result<()> {
+fn run_archive(config: &VmConfig, job: &L1Job, token: &Token, exe: &Path, dest: &Path) -> std::io::Result<()> {
     let mut a = Archive::new(std::io::BufWriter::new(std::fs::File::create(dest)?));
     a.dir("kindling")?;
     a.file("kindling/kindling", 0o755, exe)?;
@@ -292,6 +299,7 @@ fn run_archive(config: &VmConfig, job: &L1Job, exe: &Path, dest: &Path) -> std::
         add_qemu_bundle(&mut a)?;
     }
     a.entry("kindling/mode", 0o100644, job.mode.as_bytes())?;
+    a.entry(L1_TOKEN_FILE.trim_start_matches('/'), 0o100600, token.as_str().as_bytes())?;
     a.entry("kindling/args", 0o100644, job.args.join("\0").as_bytes())?;
     let filter = std::env::var("RUST_LOG").unwrap_or_default();
     a.entry("kindling/log-filter", 0o100644, filter.as_bytes())?;
@@ -393,67 +401,18 @@ pub fn guest_cpus(asked: u32) -> (u32, Option<String>) {
 /// Boots `config` in an L1 VM, with a guest network of `net` set up inside L1; returns
 /// kindling's exit status from inside it. With a vsock device, its host socket and
 /// `forwards` are served here, relayed into L1.
-pub fn run(config: &VmConfig, net: Option<NetKind>, forwards: &[Forward]) -> Result<i32, EmulatedError> {
-    run_job(config, &L1Job::boot(config, net), forwards)
+pub fn run(
+    config: &VmConfig,
+    net: Option<NetKind>,
+    host_loopback: bool,
+    forwards: &[Forward],
+) -> Result<i32, EmulatedError> {
+    run_job(config, &L1Job::boot(config, net, host_loopback), forwards)
 }
 
 /// A free TCP port on the host's loopback (for QEMU's hostfwd).
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Host side of the relay: the vsock socket at `uds`, each connection passed to
-/// `127.0.0.1:relay_port` (QEMU's forward into L1). Removes the socket when dropped.
-struct HostRelay {
-    uds: PathBuf,
-}
-
-impl HostRelay {
-    fn start(uds: &Path, relay_port: u16) -> Result<Self, EmulatedError> {
-        if std::os::unix::net::UnixStream::connect(uds).is_ok() {
-            return Err(EmulatedError::VsockInUse(uds.to_path_buf()));
-        }
-        let _ = std::fs::remove_file(uds);
-        let listener =
-            std::os::unix::net::UnixListener::bind(uds).map_err(io(format!("listening on {}", uds.display())))?;
-        std::thread::Builder::new()
-            .name("vsock-relay".into())
-            .spawn(move || {
-                for conn in listener.incoming().flatten() {
-                    std::thread::spawn(move || match std::net::TcpStream::connect(("127.0.0.1", relay_port)) {
-                        Ok(l1) => crate::forward::splice(conn, l1),
-                        Err(e) => tracing::warn!("vsock relay: cannot reach the level-1 VM: {e}"),
-                    });
-                }
-            })
-            .map_err(io("starting the vsock relay"))?;
-        Ok(Self { uds: uds.to_path_buf() })
-    }
-}
-
-impl Drop for HostRelay {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds);
-    }
-}
-
-/// Inside L1: passes each connection on the relay port to the L2 VMM's vsock socket.
-fn start_l1_relay() {
-    let listener = match std::net::TcpListener::bind(("0.0.0.0", L1_RELAY_PORT)) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("kindling-l1: vsock relay: cannot listen on port {L1_RELAY_PORT}: {e}");
-            return;
-        }
-    };
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || match std::os::unix::net::UnixStream::connect(L1_VSOCK_PATH) {
-                Ok(vsock) => crate::forward::splice(conn, vsock),
-                Err(e) => eprintln!("kindling-l1: vsock relay: {L1_VSOCK_PATH}: {e}"),
-            });
-        }
-    });
 }
 
 /// Runs `job` for the guest `config` (its kernel, initrd, disks, vsock) in an L1 VM;
@@ -471,7 +430,8 @@ pub fn run_job(config: &VmConfig, job: &L1Job, forwards: &[Forward]) -> Result<i
         tempfile::Builder::new().prefix("kindling-l1-").tempdir().map_err(io("creating a temporary directory"))?;
     let initramfs = work.path().join("initramfs.cpio");
     let per_run = work.path().join("run.cpio");
-    run_archive(config, job, &exe, &per_run).map_err(io("packing the guest kernel and initrd for L1"))?;
+    let token = Token::generate().map_err(io("making the relay's token"))?;
+    run_archive(config, job, &token, &exe, &per_run).map_err(io("packing the guest kernel and initrd for L1"))?;
     concat(&[&base, &per_run], &initramfs).map_err(io("writing the L1 initramfs"))?;
     eprintln!(
         "kindling: emulated runner: level-1 initramfs ready in {:.1}s (L1 kernel {})",
@@ -487,7 +447,13 @@ pub fn run_job(config: &VmConfig, job: &L1Job, forwards: &[Forward]) -> Result<i
     let restrict = if job.network { "off" } else { "on" };
     if let Some(vsock) = &config.vsock {
         let port = free_port().map_err(io("picking a port for the vsock relay"))?;
-        relay = Some(HostRelay::start(&vsock.uds_path, port)?);
+        if std::os::unix::net::UnixStream::connect(&vsock.uds_path).is_ok() {
+            return Err(EmulatedError::VsockInUse(vsock.uds_path.clone()));
+        }
+        relay = Some(
+            HostRelay::start(&vsock.uds_path, port, token)
+                .map_err(io(format!("serving {}", vsock.uds_path.display())))?,
+        );
         crate::forward::start(forwards, &vsock.uds_path)?;
         netdev =
             Some(format!("user,id=relay,restrict={restrict},hostfwd=tcp:127.0.0.1:{port}-10.0.2.15:{L1_RELAY_PORT}"));
@@ -557,7 +523,12 @@ pub fn l1_guest_main(run: impl FnOnce(&str, Vec<String>) -> i32) -> ! {
             let args: Vec<String> = String::from_utf8_lossy(&raw).split('\0').map(str::to_owned).collect();
             wait_for_disks(&args);
             if args.iter().any(|a| a == "--vsock") {
-                start_l1_relay();
+                match std::fs::read_to_string(L1_TOKEN_FILE).ok().as_deref().and_then(Token::parse) {
+                    Some(token) => relay::serve_in_l1(L1_RELAY_PORT, token, L1_VSOCK_PATH),
+                    None => eprintln!(
+                        "kindling-l1: vsock relay: no token in {L1_TOKEN_FILE}; the guest's vsock is not relayed"
+                    ),
+                }
             }
             run(mode.trim(), args)
         }
@@ -657,7 +628,7 @@ mod tests {
             vsock: None,
             net: None,
         };
-        let args = l1_boot_args(&config, None);
+        let args = l1_boot_args(&config, None, false);
         assert!(args.windows(2).any(|w| w == ["--disk", "/dev/vda"]));
         assert!(args.windows(2).any(|w| w == ["--disk", "/dev/vdb,ro"]));
         assert!(args.windows(2).any(|w| w == ["--cmdline", "console=ttyS0 a=b"]));
