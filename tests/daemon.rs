@@ -1,7 +1,7 @@
 //! The provisioner daemon (`kindling daemon`), end to end: a real daemon process on a
 //! temporary socket and state directory, real `kindling boot` VMs (Debian's stock kernel
 //! and a busybox initramfs), driven through the client module the CLI uses; and a check
-//! of the running server against vmm/openapi.yaml.
+//! of the running server against kindling/openapi.yaml.
 
 mod common;
 
@@ -231,7 +231,7 @@ struct Spec {
 
 impl Spec {
     fn load() -> Self {
-        let path = common::repo().join("vmm/openapi.yaml");
+        let path = common::repo().join("kindling/openapi.yaml");
         let text = std::fs::read_to_string(&path).unwrap();
         let doc: Value = serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(doc["openapi"].as_str().unwrap_or_default().starts_with("3.0"), "an OpenAPI 3.0 document");
