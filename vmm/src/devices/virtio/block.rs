@@ -20,7 +20,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use super::{RingError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 /// The virtio-blk sector size, in bytes.
 pub const SECTOR_SIZE: u64 = 512;
@@ -259,9 +259,9 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let Some(queue) = queues.get_mut(index) else { return false };
-        super::service_queue(queue, mem, "virtio-blk", |chain| {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, RingError> {
+        let Some(queue) = queues.get_mut(index) else { return Ok(false) };
+        super::service_queue(queue, mem, |chain| {
             let head = chain.head_index();
             let descs: Vec<Descriptor> = chain.collect();
             self.execute(&descs, mem).unwrap_or_else(|why| {
@@ -275,6 +275,8 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::test_ring::{within, Ring, QSIZE};
+    use std::time::Duration;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -307,7 +309,7 @@ mod tests {
         mq.build_desc_chain(descs).unwrap();
         let mut q: Queue = mq.create_queue().unwrap();
         mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-        assert!(block.process_queue(0, std::slice::from_mut(&mut q), mem));
+        assert!(block.process_queue(0, std::slice::from_mut(&mut q), mem).unwrap());
         let used_len: u32 = mem.read_obj(mq.used_addr().unchecked_add(8)).unwrap();
         (mem.read_obj(GuestAddress(STATUS)).unwrap(), used_len)
     }
@@ -428,8 +430,23 @@ mod tests {
         let mq = MockSplitQueue::new(&m, 16);
         mq.add_desc_chains(&descs, 0).unwrap();
         let mut q: Queue = mq.create_queue().unwrap();
-        assert!(b.process_queue(0, std::slice::from_mut(&mut q), &m));
+        assert!(b.process_queue(0, std::slice::from_mut(&mut q), &m).unwrap());
         let used_idx: u16 = m.read_obj(mq.used_addr().unchecked_add(2)).unwrap();
         assert_eq!(used_idx, 1, "the looping chain was completed, not left hanging");
+    }
+
+    /// A driver claiming more chains than the queue has entries used to make the
+    /// device spin: the iterator refused the ring and enable_notification said "more".
+    #[test]
+    fn avail_idx_beyond_the_queue_size_does_not_spin() {
+        let (mut b, _f) = disk(8, false);
+        let mem = mem();
+        let (mut ring, mut q) = Ring::new(&mem, 0);
+        mem.write_obj(VIRTIO_BLK_T_FLUSH, GuestAddress(0x8000)).unwrap();
+        ring.push(&mem, &[(0x8000, 16, 0), (0x9000, 1, VRING_DESC_F_WRITE as u16)]);
+        // The driver claims QSIZE + 1 more chains than it could have published.
+        ring.set_avail_idx(&mem, ring.avail_idx.wrapping_add(QSIZE + 1));
+        let result = within(Duration::from_secs(2), move || b.process_queue(0, std::slice::from_mut(&mut q), &mem));
+        assert!(matches!(result, Err(RingError::AvailIdxAhead { .. })), "{result:?}");
     }
 }

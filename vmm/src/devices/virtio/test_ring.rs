@@ -99,3 +99,29 @@ impl Ring {
         mem.read_obj(GuestAddress(self.used + 4 + 8 * u64::from(QSIZE))).unwrap()
     }
 }
+
+impl Ring {
+    /// Writes the avail ring's idx as a (possibly hostile) driver would, without
+    /// publishing anything.
+    pub fn set_avail_idx(&mut self, mem: &GuestMemoryMmap, idx: u16) {
+        self.avail_idx = idx;
+        mem.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();
+    }
+}
+
+/// Runs `f` on a thread of its own and returns its result, or panics when it has not
+/// returned within `limit` (the thread is left behind: a test that hit this hangs no
+/// further, but the thread may spin until the test binary exits).
+pub fn within<T: Send + 'static>(limit: std::time::Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("did not return within {limit:?}: the VMM would hang")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the servicing thread panicked"),
+    }
+}

@@ -32,7 +32,10 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Backend, NetError, MAX_BUFFER_LEN, MIN_FRAME_LEN, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
-use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::devices::virtio::{
+    add_used, pop_chain, RingError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 /// Size of each of the two queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -313,20 +316,23 @@ impl Net {
 
     /// Sends every frame the guest queued, until the backend pushes back. TX buffers
     /// are only read, so they are returned with length 0.
-    fn process_tx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let Some(queue) = queues.get_mut(TX_QUEUE).filter(|q| q.ready()) else { return false };
+    fn process_tx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, RingError> {
+        let Some(queue) = queues.get_mut(TX_QUEUE).filter(|q| q.ready()) else { return Ok(false) };
         if !self.send_pending_tx() {
             self.update_interest();
-            return false;
+            return Ok(false);
         }
+        let result = self.drain_tx(queue, mem);
+        self.update_interest();
+        result
+    }
+
+    fn drain_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, RingError> {
         let mut used_any = false;
         let mut budget = BUDGET;
         'outer: loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                tracing::warn!("virtio-net: {e}");
-                break;
-            }
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            queue.disable_notification(mem).map_err(RingError::Access)?;
+            while let Some(chain) = pop_chain(queue, mem)? {
                 let head = chain.head_index();
                 match self.read_tx_chain(chain, mem) {
                     Ok(_) if self.dead => self.stats.tx_dropped += 1,
@@ -351,10 +357,7 @@ impl Net {
                         self.stats.tx_dropped += 1;
                     }
                 }
-                if let Err(e) = queue.add_used(mem, head, 0) {
-                    tracing::warn!("virtio-net: cannot return TX descriptor {head}: {e}");
-                    break 'outer;
-                }
+                add_used(queue, mem, head, 0)?;
                 used_any = true;
                 if self.tx_pending > 0 {
                     // The backend is full: the rest waits until it is writable (the
@@ -367,30 +370,33 @@ impl Net {
                     break 'outer;
                 }
             }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue, // more buffers arrived meanwhile
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-net: {e}");
-                    break;
-                }
+            // More buffers may have arrived meanwhile; pop_chain said the ring was
+            // empty, so a true here means the guest really published more.
+            if !queue.enable_notification(mem).map_err(RingError::Access)? {
+                break;
             }
         }
-        self.update_interest();
-        used_any && queue.needs_notification(mem).unwrap_or(true)
+        Ok(used_any && queue.needs_notification(mem).unwrap_or(true))
     }
 
     /// Receives frames from the backend into guest buffers until either runs out.
-    fn process_rx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_rx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, RingError> {
         let queue = queues.get_mut(RX_QUEUE).filter(|q| q.ready());
         let Some(queue) = queue else {
-            // Not active yet: hold one frame, stop polling, deliver on activation.
+            // Not active yet (or waiting for a reset): hold one frame, stop polling,
+            // deliver on activation.
             if self.rx_len == 0 {
                 self.receive_one();
             }
             self.update_interest();
-            return false;
+            return Ok(false);
         };
+        let result = self.fill_rx(queue, mem);
+        self.update_interest();
+        result
+    }
+
+    fn fill_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, RingError> {
         let mut used_any = false;
         let mut budget = BUDGET;
         let mut rearmed = 0;
@@ -405,7 +411,7 @@ impl Net {
                     break;
                 }
             }
-            match self.deliver(queue, mem) {
+            match self.deliver(queue, mem)? {
                 Delivery::Done => {
                     self.rx_len = 0;
                     self.stats.rx_frames += 1;
@@ -428,8 +434,7 @@ impl Net {
                 }
             }
         }
-        self.update_interest();
-        used_any && queue.needs_notification(mem).unwrap_or(true)
+        Ok(used_any && queue.needs_notification(mem).unwrap_or(true))
     }
 
     /// Reads one frame from the backend into `rx_buf`; false when there was none.
@@ -458,7 +463,7 @@ impl Net {
     }
 
     /// Writes the frame in `rx_buf` into the guest's RX buffers.
-    fn deliver(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Delivery {
+    fn deliver(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Delivery, RingError> {
         let len = self.rx_len;
         let mergeable = self.acked(VIRTIO_NET_F_MRG_RXBUF);
         // Buffers that can hold (part of) the frame, and malformed ones to give back.
@@ -469,7 +474,7 @@ impl Net {
             if !mergeable && !good.is_empty() {
                 break;
             }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let Some(chain) = pop_chain(queue, mem)? else { break };
             let head = chain.head_index();
             match rx_writer(chain, mem) {
                 Ok(w) => {
@@ -487,7 +492,8 @@ impl Net {
         // the used ring (a mergeable frame is the next num_buffers used entries).
         let mut used = false;
         for &head in &bad {
-            used |= self.return_used(queue, mem, head, 0);
+            add_used(queue, mem, head, 0)?;
+            used = true;
         }
         if room < len {
             if !mergeable && !good.is_empty() {
@@ -495,7 +501,7 @@ impl Net {
                 // buffers it must post full-sized ones): it can never take it.
                 tracing::debug!("virtio-net: dropping a {len}-byte frame: RX buffer holds {room}");
                 queue.set_next_avail(queue.next_avail().wrapping_sub(good.len() as u16));
-                return Delivery::Dropped { used };
+                return Ok(Delivery::Dropped { used });
             }
             if bad.is_empty() {
                 // Not enough room yet: leave the buffers to the guest, and wait for more.
@@ -504,10 +510,11 @@ impl Net {
                 // Good buffers came after malformed ones, which are already gone: they
                 // cannot be pushed back, so they are returned empty.
                 for (head, _) in &good {
-                    used |= self.return_used(queue, mem, *head, 0);
+                    add_used(queue, mem, *head, 0)?;
+                    used = true;
                 }
             }
-            return Delivery::NoRoom { used };
+            return Ok(Delivery::NoRoom { used });
         }
         self.rx_buf[10..12].copy_from_slice(&(good.len() as u16).to_le_bytes());
         let mut offset = 0;
@@ -524,20 +531,9 @@ impl Net {
         }
         drop(good);
         for (head, n) in lens {
-            used |= self.return_used(queue, mem, head, n);
+            add_used(queue, mem, head, n)?;
         }
-        let _ = used;
-        Delivery::Done
-    }
-
-    fn return_used(&self, queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> bool {
-        match queue.add_used(mem, head, len) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!("virtio-net: cannot return RX descriptor {head}: {e}");
-                false
-            }
-        }
+        Ok(Delivery::Done)
     }
 }
 
@@ -623,11 +619,11 @@ impl VirtioDevice for Net {
         tracing::debug!("virtio-net: driver ready ({}); features: {}", self.backend.describe(), on.join(" "));
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, RingError> {
         match index {
             RX_QUEUE => self.process_rx(queues, mem),
             TX_QUEUE => self.process_tx(queues, mem),
-            _ => false,
+            _ => Ok(false),
         }
     }
 
@@ -635,7 +631,7 @@ impl VirtioDevice for Net {
         Some(self.epoll.as_raw_fd())
     }
 
-    fn process_host_events(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_host_events(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, RingError> {
         // Everything is level-triggered: whatever is ready is handled below, and what
         // is not handled stays ready. (The inner epoll needs no epoll_wait: a nested
         // epoll fd only reports its fds that are ready when it is polled.)
@@ -651,14 +647,14 @@ impl VirtioDevice for Net {
                 self.backend_failed(&e);
             }
             if !queues.is_empty() {
-                notify |= self.process_tx(queues, mem);
+                notify |= self.process_tx(queues, mem)?;
             }
         }
-        notify |= self.process_rx(queues, mem);
+        notify |= self.process_rx(queues, mem)?;
         if self.backend.has_buffered_rx() && self.rx_len == 0 && !self.dead {
             self.kick();
         }
-        notify
+        Ok(notify)
     }
 
     fn reset(&mut self) {

@@ -15,11 +15,11 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRI
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::devices::virtio::test_ring::Ring;
+use crate::devices::virtio::test_ring::{within, Ring, QSIZE};
 
 use super::stream::{StreamBackend, PASST_MTU};
 use super::{Backend, Net, MAX_FRAME_LEN, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
-use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use crate::devices::virtio::{RingError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 const MEM_SIZE: u64 = 16 << 20;
 const DATA_START: u64 = 1 << 20;
@@ -79,13 +79,13 @@ impl Guest {
             let head = self.rx.push(&self.mem, &[(addr, len, WRITE)]);
             self.rx_bufs.insert(head, (addr, len));
         }
-        self.dev.process_queue(RX_QUEUE, &mut self.queues, &self.mem);
+        self.dev.process_queue(RX_QUEUE, &mut self.queues, &self.mem).unwrap();
     }
 
     /// Publishes a raw TX chain, lets the device process it; returns the used entries.
     fn send_raw(&mut self, descs: &[(u64, u32, u16)]) -> Vec<(u16, u32)> {
         self.tx.push(&self.mem, descs);
-        self.dev.process_queue(TX_QUEUE, &mut self.queues, &self.mem);
+        self.dev.process_queue(TX_QUEUE, &mut self.queues, &self.mem).unwrap();
         self.tx.take_used(&self.mem)
     }
 
@@ -135,7 +135,7 @@ impl Guest {
     }
 
     fn pump(&mut self) -> bool {
-        self.dev.process_host_events(&mut self.queues, &self.mem)
+        self.dev.process_host_events(&mut self.queues, &self.mem).unwrap()
     }
 
     /// Pumps until `n` frames arrived (or 2 s passed).
@@ -274,7 +274,7 @@ fn before_activation_one_frame_is_held_and_nothing_spins() {
     passt.write_all(&64u32.to_be_bytes()).unwrap();
     passt.write_all(&frame(64, 0)).unwrap();
     assert!(readable(dev.host_events_fd().unwrap()));
-    assert!(!dev.process_host_events(&mut [], &mem));
+    assert!(!dev.process_host_events(&mut [], &mem).unwrap());
     assert!(!readable(dev.host_events_fd().unwrap()), "the held frame stops polling");
     dev.reset();
 }
@@ -334,7 +334,7 @@ fn hostile_tx_chains_are_dropped_and_returned() {
     g.tx.write_desc(&g.mem, head + 1, (a, 30, VRING_DESC_F_NEXT as u16, head));
     g.tx.next_desc += 2;
     g.tx.publish(&g.mem, head);
-    g.dev.process_queue(TX_QUEUE, &mut g.queues, &g.mem);
+    g.dev.process_queue(TX_QUEUE, &mut g.queues, &g.mem).unwrap();
     assert_eq!(g.tx.take_used(&g.mem).len(), 1, "looping chain returned");
     // An indirect descriptor pointing at garbage.
     let table = g.alloc(64);
@@ -345,7 +345,7 @@ fn hostile_tx_chains_are_dropped_and_returned() {
     g.tx.write_desc(&g.mem, head, (a, full, VRING_DESC_F_NEXT as u16, 999));
     g.tx.next_desc += 1;
     g.tx.publish(&g.mem, head);
-    g.dev.process_queue(TX_QUEUE, &mut g.queues, &g.mem);
+    g.dev.process_queue(TX_QUEUE, &mut g.queues, &g.mem).unwrap();
     assert_eq!(g.tx.take_used(&g.mem).len(), 1, "cut-off chain returned");
     assert!(g.passt_quiet(), "a chain cut off by a bad next index is not sent");
     // After all that, a good frame still goes through, split over two descriptors.
@@ -371,7 +371,7 @@ fn hostile_rx_chains_are_returned_empty_and_the_frame_waits_for_a_good_one() {
     for d in &bad {
         g.rx.push(&g.mem, d);
     }
-    g.dev.process_queue(RX_QUEUE, &mut g.queues, &g.mem);
+    g.dev.process_queue(RX_QUEUE, &mut g.queues, &g.mem).unwrap();
     g.passt_send(&frame(1000, 7));
     g.pump();
     let used = g.rx.take_used(&g.mem);
@@ -450,4 +450,45 @@ fn a_dead_backend_does_not_spin_the_event_loop() {
     g.send(&frame(60, 1));
     assert_eq!(g.dev.stats().tx_dropped, 1);
     assert_idle(&g);
+}
+
+/// A driver that moves avail.idx more than the queue size ahead used to make the TX
+/// loop spin: virtio-queue's iterator refused the ring (and logged), and
+/// enable_notification kept saying more was there.
+#[test]
+fn tx_avail_idx_beyond_the_queue_size_is_an_error_not_a_spin() {
+    let mut g = Guest::new(FEATURES);
+    g.send(&frame(60, 1));
+    assert_eq!(g.passt_recv(), frame(60, 1));
+    g.tx.set_avail_idx(&g.mem, g.tx.avail_idx.wrapping_add(QSIZE + 1));
+    let r = within(Duration::from_secs(2), move || g.dev.process_queue(TX_QUEUE, &mut g.queues, &g.mem));
+    assert!(matches!(r, Err(RingError::AvailIdxAhead { .. })), "{r:?}");
+}
+
+#[test]
+fn rx_avail_idx_beyond_the_queue_size_is_an_error_not_a_stall() {
+    let mut g = Guest::new(FEATURES);
+    g.give_rx(1, RX_BUF);
+    g.rx.set_avail_idx(&g.mem, g.rx.avail_idx.wrapping_add(QSIZE));
+    g.passt_send(&frame(60, 1));
+    let r = within(Duration::from_secs(2), move || {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            match g.dev.process_host_events(&mut g.queues, &g.mem) {
+                Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+                other => return other,
+            }
+        }
+    });
+    assert!(matches!(r, Err(RingError::AvailIdxAhead { .. })), "{r:?}");
+}
+
+/// An avail entry naming a descriptor beyond the table cannot be returned through the
+/// used ring (add_used refuses it): the device reports it instead of dropping it.
+#[test]
+fn head_index_beyond_the_table_is_an_error() {
+    let mut g = Guest::new(FEATURES);
+    g.tx.publish(&g.mem, QSIZE + 3);
+    let r = g.dev.process_queue(TX_QUEUE, &mut g.queues, &g.mem);
+    assert!(matches!(r, Err(RingError::HeadOutOfRange { head, .. }) if head == QSIZE + 3), "{r:?}");
 }

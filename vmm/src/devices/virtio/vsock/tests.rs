@@ -13,13 +13,13 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::devices::virtio::test_ring::{Ring, QSIZE};
+use crate::devices::virtio::test_ring::{within, Ring, QSIZE};
 
 use super::connection::{CONN_BUF_SIZE, REQUEST_TIMEOUT, SHUTDOWN_TIMEOUT};
 use super::muxer::EPHEMERAL_PORT_BASE;
 use super::packet::{Header, Op, HDR_LEN, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_STREAM};
 use super::{port_path, Vsock, HOST_CID, RX_QUEUE, TX_QUEUE};
-use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::{RingError, VirtioDevice};
 
 const MEM_SIZE: u64 = 8 << 20;
 const GUEST_CID: u64 = 3;
@@ -82,14 +82,14 @@ impl Guest {
             let head = self.rx.push(&self.mem, &[(addr, RX_BUF, WRITE)]);
             self.rx_bufs.insert(head, addr);
         }
-        self.dev.process_queue(RX_QUEUE, &mut self.queues, &self.mem);
+        self.dev.process_queue(RX_QUEUE, &mut self.queues, &self.mem).unwrap();
     }
 
     /// Publishes a raw TX chain and lets the device process it; returns the TX used
     /// entries it produced.
     fn send_raw(&mut self, descs: &[(u64, u32, u16)]) -> Vec<(u16, u32)> {
         self.tx.push(&self.mem, descs);
-        self.dev.process_queue(TX_QUEUE, &mut self.queues, &self.mem);
+        self.dev.process_queue(TX_QUEUE, &mut self.queues, &self.mem).unwrap();
         self.tx.take_used(&self.mem)
     }
 
@@ -120,7 +120,7 @@ impl Guest {
     }
 
     fn pump(&mut self) {
-        self.dev.process_host_events(&mut self.queues, &self.mem);
+        self.dev.process_host_events(&mut self.queues, &self.mem).unwrap();
     }
 
     /// Pumps host events until the device delivered something (or 2 s passed).
@@ -392,7 +392,7 @@ fn requests_wait_for_the_driver() {
     // Before activation the transport passes no queues; the event is still consumed.
     let deadline = Instant::now() + Duration::from_millis(100);
     while Instant::now() < deadline {
-        assert!(!g.dev.process_host_events(&mut [], &g.mem));
+        assert!(!g.dev.process_host_events(&mut [], &g.mem).unwrap());
     }
     assert_idle(&g);
     g.give_rx(1);
@@ -561,7 +561,7 @@ fn hostile_tx_chains_are_dropped_or_answered_with_rst() {
     g.tx.write_desc(&g.mem, head + 1, (at + 8, 8, VRING_DESC_F_NEXT as u16, head));
     g.tx.next_desc += 2;
     g.tx.publish(&g.mem, head);
-    g.dev.process_queue(TX_QUEUE, &mut g.queues, &g.mem);
+    g.dev.process_queue(TX_QUEUE, &mut g.queues, &g.mem).unwrap();
     assert_eq!(g.tx.take_used(&g.mem).len(), 1);
     assert!(g.recv().is_empty());
     // Spoofed source CID: no answer.
@@ -630,12 +630,31 @@ fn hostile_rx_buffers_are_returned_empty_and_the_packet_waits() {
     ];
     for descs in bad {
         g.rx.push(&g.mem, descs);
-        g.dev.process_queue(RX_QUEUE, &mut g.queues, &g.mem);
+        g.dev.process_queue(RX_QUEUE, &mut g.queues, &g.mem).unwrap();
         assert_eq!(g.rx.take_used(&g.mem).iter().map(|u| u.1).collect::<Vec<_>>(), vec![0]);
     }
     // Header split over two small writable descriptors: usable.
     let head = g.rx.push(&g.mem, &[(DATA_START, 20, WRITE), (DATA_START + 20, 24, WRITE)]);
     g.rx_bufs.insert(head, DATA_START);
-    g.dev.process_queue(RX_QUEUE, &mut g.queues, &g.mem);
+    g.dev.process_queue(RX_QUEUE, &mut g.queues, &g.mem).unwrap();
     assert_rst(&g.recv()[0], 6, 5);
+}
+
+/// The TX loop used to spin on a driver's avail.idx more than the queue size ahead.
+#[test]
+fn tx_avail_idx_beyond_the_queue_size_is_an_error_not_a_spin() {
+    let mut g = Guest::new();
+    g.tx.set_avail_idx(&g.mem, g.tx.avail_idx.wrapping_add(QSIZE + 1));
+    let r = within(Duration::from_secs(2), move || g.dev.process_queue(TX_QUEUE, &mut g.queues, &g.mem));
+    assert!(matches!(r, Err(RingError::AvailIdxAhead { .. })), "{r:?}");
+}
+
+#[test]
+fn rx_avail_idx_beyond_the_queue_size_is_an_error() {
+    let mut g = Guest::new();
+    // A packet for the guest: the RST answering a connection to nowhere.
+    g.send(&guest(Op::Request, 52, 9999), &[]);
+    g.rx.set_avail_idx(&g.mem, g.rx.avail_idx.wrapping_add(QSIZE + 1));
+    let r = within(Duration::from_secs(2), move || g.dev.process_queue(RX_QUEUE, &mut g.queues, &g.mem));
+    assert!(matches!(r, Err(RingError::AvailIdxAhead { .. })), "{r:?}");
 }
