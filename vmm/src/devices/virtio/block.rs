@@ -30,6 +30,10 @@ pub const QUEUE_SIZE: u16 = 256;
 const SEG_MAX: u32 = 126;
 /// Largest data transfer accepted in one request.
 pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
+/// Descriptors the device takes in one request: header, SEG_MAX data segments and the
+/// status byte. Linux keeps to seg_max; a longer chain (an indirect table can hold
+/// 65535 descriptors) is dropped without being looked at further.
+const MAX_DESCS: usize = SEG_MAX as usize + 2;
 /// Bounce buffer size for copies between the image and guest memory.
 const CHUNK: usize = 128 << 10;
 const HEADER_LEN: u32 = 16;
@@ -70,12 +74,18 @@ pub struct Block {
     capacity_sectors: u64,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     config: Vec<u8>,
+    /// The descriptors of the request being executed (at most [`MAX_DESCS`]).
+    descs: Vec<Descriptor>,
+    /// Bounce buffer between the image and guest memory, [`CHUNK`] bytes.
+    bounce: Vec<u8>,
 }
 
 /// Why a chain could not even be answered with a status byte.
 #[derive(Debug, PartialEq, Eq)]
 enum Drop {
     TooShort,
+    /// More than [`MAX_DESCS`] descriptors.
+    TooManyDescriptors,
     /// The chain iterator stopped early (a loop, over 4 GiB in total, or a descriptor
     /// outside memory): the last descriptor we saw still points onward.
     Truncated,
@@ -125,7 +135,15 @@ impl Block {
         config.extend_from_slice(&capacity_sectors.to_le_bytes());
         config.extend_from_slice(&0u32.to_le_bytes());
         config.extend_from_slice(&SEG_MAX.to_le_bytes());
-        Self { file, read_only, capacity_sectors, id, config }
+        Self {
+            file,
+            read_only,
+            capacity_sectors,
+            id,
+            config,
+            descs: Vec::with_capacity(MAX_DESCS + 1),
+            bounce: vec![0; CHUNK],
+        }
     }
 
     /// Executes one request; returns the number of bytes written into guest memory.
@@ -200,14 +218,14 @@ impl Block {
     }
 
     fn copy(
-        &self,
+        &mut self,
         addr: GuestAddress,
         len: usize,
         offset: u64,
         to_guest: bool,
         mem: &GuestMemoryMmap,
     ) -> Result<(), ()> {
-        let mut buf = vec![0u8; len.min(CHUNK)];
+        let buf = &mut self.bounce;
         let mut done = 0usize;
         while done < len {
             let n = (len - done).min(CHUNK);
@@ -263,8 +281,13 @@ impl VirtioDevice for Block {
         let Some(queue) = queues.get_mut(index) else { return Ok(false) };
         super::service_queue(queue, mem, |chain| {
             let head = chain.head_index();
-            let descs: Vec<Descriptor> = chain.collect();
-            self.execute(&descs, mem).unwrap_or_else(|why| {
+            let mut descs = std::mem::take(&mut self.descs);
+            descs.clear();
+            descs.extend(chain.take(MAX_DESCS + 1));
+            let result =
+                if descs.len() > MAX_DESCS { Err(Drop::TooManyDescriptors) } else { self.execute(&descs, mem) };
+            self.descs = descs;
+            result.unwrap_or_else(|why| {
                 tracing::debug!("virtio-blk: dropped malformed request {head}: {why:?}");
                 0
             })
@@ -275,7 +298,8 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_ring::{within, Ring, QSIZE};
+    use crate::devices::virtio::test_alloc::peak_alloc;
+    use crate::devices::virtio::test_ring::{indirect_table, within, Ring, MAX_INDIRECT, QSIZE};
     use std::time::Duration;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -448,5 +472,25 @@ mod tests {
         ring.set_avail_idx(&mem, ring.avail_idx.wrapping_add(QSIZE + 1));
         let result = within(Duration::from_secs(2), move || b.process_queue(0, std::slice::from_mut(&mut q), &mem));
         assert!(matches!(result, Err(RingError::AvailIdxAhead { .. })), "{result:?}");
+    }
+
+    /// An indirect table of 65535 descriptors must not size an allocation: the device
+    /// takes at most SEG_MAX data segments and drops longer chains.
+    #[test]
+    fn a_chain_of_65535_descriptors_allocates_nothing_of_its_size() {
+        let (mut b, _f) = disk(8, false);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let (mut ring, mut q) = Ring::new(&mem, 0);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        let table = indirect_table(&mem, 1 << 20, MAX_INDIRECT, DATA, 1, VRING_DESC_F_WRITE as u16);
+        // The header first: table entry 0 is rewritten as a readable 16-byte header.
+        mem.write_obj(HDR, GuestAddress(1 << 20)).unwrap();
+        mem.write_obj(16u32, GuestAddress((1 << 20) + 8)).unwrap();
+        mem.write_obj(VRING_DESC_F_NEXT as u16, GuestAddress((1 << 20) + 12)).unwrap();
+        ring.push(&mem, &[table]);
+        let (r, peak) = peak_alloc(|| b.process_queue(0, std::slice::from_mut(&mut q), &mem));
+        assert!(r.is_ok());
+        assert_eq!(ring.take_used(&mem), vec![(0, 0)], "dropped and returned");
+        assert!(peak < 64 << 10, "allocated {peak} bytes for one request");
     }
 }

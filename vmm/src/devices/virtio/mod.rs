@@ -6,8 +6,11 @@
 //! the device DEVICE_NEEDS_RESET and leaves it alone until the driver resets it.
 
 pub mod block;
+pub mod chain;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+pub mod test_alloc;
 #[cfg(test)]
 pub mod test_ring;
 pub mod vsock;

@@ -15,7 +15,6 @@
 //! with the interest the state above calls for, and an eventfd the device signals to
 //! itself when it stopped for fairness with work left.
 
-use std::io::{Read, Write};
 use std::os::unix::io::{AsRawFd, RawFd};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -26,12 +25,13 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP,
     VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueT, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Backend, NetError, MAX_BUFFER_LEN, MIN_FRAME_LEN, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
+use crate::devices::virtio::chain::{ChainError, Segments};
 use crate::devices::virtio::{
     add_used, pop_chain, RingError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -39,6 +39,10 @@ use crate::devices::virtio::{
 
 /// Size of each of the two queues.
 pub const QUEUE_SIZE: u16 = 256;
+/// Descriptors the device takes in one chain, either direction. Linux uses at most
+/// MAX_SKB_FRAGS + 2 (45 + 2 at the largest MAX_SKB_FRAGS it can be built with); a
+/// longer chain is dropped, so that no chain costs more than this to look at.
+pub const MAX_CHAIN_DESCS: usize = 64;
 /// Frames moved per direction before the device yields to the event loop (it signals
 /// itself to come back).
 const BUDGET: usize = 256;
@@ -49,15 +53,10 @@ const TOKEN_KICK: u64 = 1;
 /// Why a TX chain was dropped.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TxError {
-    /// A descriptor of the chain is device-writable.
-    #[error("TX chain contains a device-writable descriptor")]
-    WritableInTx,
-    /// The chain is malformed or points outside guest memory.
-    #[error("descriptor chain is malformed or points outside guest memory")]
-    BadChain,
-    /// The chain ends early: a loop, a bad next index or a bad indirect table.
-    #[error("descriptor chain ends early (a loop, a bad next index or a bad indirect table)")]
-    Truncated,
+    /// The chain is malformed: a device-writable descriptor, too many descriptors, a
+    /// loop, a bad next index or indirect table, or a buffer outside guest memory.
+    #[error("TX {0}")]
+    BadChain(#[from] ChainError),
     /// The chain holds fewer bytes (given) than a header and an Ethernet header.
     #[error("chain holds {0} bytes, less than a header and an Ethernet header")]
     TooShort(usize),
@@ -77,8 +76,7 @@ pub enum TxError {
 /// Why an RX chain could not take a frame; it is returned to the guest unused.
 #[derive(Debug, PartialEq, Eq)]
 enum RxChainError {
-    ReadableInRx,
-    BadChain,
+    BadChain(ChainError),
     TooSmall(usize),
 }
 
@@ -230,30 +228,18 @@ impl Net {
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
     ) -> Result<usize, TxError> {
-        // The guest may rewrite descriptors while we look; everything is checked again
-        // by the Reader's bounds checks, and the frame is validated after the copy.
-        let mut last = None;
-        for d in chain.clone() {
-            if d.is_write_only() {
-                return Err(TxError::WritableInTx);
-            }
-            last = Some(d);
-        }
-        // The iterator stops at loops (its TTL is the queue size), at next indexes
-        // beyond the queue and at malformed indirect tables: the last descriptor it
-        // yielded then still points onward.
-        if last.is_none_or(|d| d.has_next()) {
-            return Err(TxError::Truncated);
-        }
-        let mut reader = chain.reader(mem).map_err(|_| TxError::BadChain)?;
-        let len = reader.available_bytes();
+        // One walk of the chain, of at most MAX_CHAIN_DESCS descriptors; the guest may
+        // rewrite the descriptors meanwhile, but every copy is bounds-checked and the
+        // frame is validated after it.
+        let segs = Segments::new(chain, mem, false, MAX_CHAIN_DESCS)?;
+        let len = segs.len();
         if len < VNET_HDR_LEN + MIN_FRAME_LEN {
             return Err(TxError::TooShort(len));
         }
         if len > MAX_BUFFER_LEN {
             return Err(TxError::TooLong(len));
         }
-        reader.read_exact(&mut self.tx_buf[..len]).map_err(|_| TxError::BadChain)?;
+        segs.read_at(mem, 0, &mut self.tx_buf[..len])?;
         self.check_offloads()?;
         Ok(len)
     }
@@ -467,7 +453,7 @@ impl Net {
         let len = self.rx_len;
         let mergeable = self.acked(VIRTIO_NET_F_MRG_RXBUF);
         // Buffers that can hold (part of) the frame, and malformed ones to give back.
-        let mut good: Vec<(u16, Writer<'_>)> = Vec::new();
+        let mut good: Vec<(u16, Segments)> = Vec::new();
         let mut bad: Vec<u16> = Vec::new();
         let mut room = 0usize;
         while room < len {
@@ -476,10 +462,10 @@ impl Net {
             }
             let Some(chain) = pop_chain(queue, mem)? else { break };
             let head = chain.head_index();
-            match rx_writer(chain, mem) {
-                Ok(w) => {
-                    room += w.available_bytes();
-                    good.push((head, w));
+            match rx_segments(chain, mem) {
+                Ok(segs) => {
+                    room += segs.len();
+                    good.push((head, segs));
                 }
                 Err(why) => {
                     tracing::debug!("virtio-net: unusable RX buffer {head}: {why:?}");
@@ -518,20 +504,14 @@ impl Net {
         }
         self.rx_buf[10..12].copy_from_slice(&(good.len() as u16).to_le_bytes());
         let mut offset = 0;
-        let mut lens = Vec::with_capacity(good.len());
-        for (head, w) in &mut good {
-            let n = w.available_bytes().min(len - offset);
-            if let Err(e) = w.write_all(&self.rx_buf[offset..offset + n]) {
-                // Bounds were checked when the Writer was built; only a guest racing
-                // its own descriptors could get here.
+        for (head, segs) in &good {
+            let n = segs.len().min(len - offset);
+            if let Err(e) = segs.write_at(mem, 0, &self.rx_buf[offset..offset + n]) {
+                // Bounds were checked when the segments were taken; this cannot fail.
                 tracing::debug!("virtio-net: writing RX buffer {head}: {e}");
             }
             offset += n;
-            lens.push((*head, n as u32));
-        }
-        drop(good);
-        for (head, n) in lens {
-            add_used(queue, mem, head, n)?;
+            add_used(queue, mem, *head, n as u32)?;
         }
         Ok(Delivery::Done)
     }
@@ -569,19 +549,13 @@ fn arm_rx_notification(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
     queue.avail_idx(mem, Ordering::Acquire).is_ok_and(|now| now != seen)
 }
 
-/// Checks that an RX chain is entirely device-writable, inside guest memory, and has
-/// room for at least the header.
-fn rx_writer<'m>(
-    chain: DescriptorChain<&'m GuestMemoryMmap>,
-    mem: &'m GuestMemoryMmap,
-) -> Result<Writer<'m>, RxChainError> {
-    if chain.clone().any(|d| !d.is_write_only()) {
-        return Err(RxChainError::ReadableInRx);
-    }
-    let w = chain.writer(mem).map_err(|_| RxChainError::BadChain)?;
-    match w.available_bytes() {
+/// Checks that an RX chain is entirely device-writable, inside guest memory, of at most
+/// [`MAX_CHAIN_DESCS`] descriptors, and has room for at least the header.
+fn rx_segments(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Result<Segments, RxChainError> {
+    let segs = Segments::new(chain, mem, true, MAX_CHAIN_DESCS).map_err(RxChainError::BadChain)?;
+    match segs.len() {
         n if n < VNET_HDR_LEN => Err(RxChainError::TooSmall(n)),
-        _ => Ok(w),
+        _ => Ok(segs),
     }
 }
 

@@ -15,7 +15,8 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRI
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::devices::virtio::test_ring::{within, Ring, QSIZE};
+use crate::devices::virtio::test_alloc::peak_alloc;
+use crate::devices::virtio::test_ring::{indirect_table, within, Ring, MAX_INDIRECT, QSIZE};
 
 use super::stream::{StreamBackend, PASST_MTU};
 use super::{Backend, Net, MAX_FRAME_LEN, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
@@ -491,4 +492,27 @@ fn head_index_beyond_the_table_is_an_error() {
     g.tx.publish(&g.mem, QSIZE + 3);
     let r = g.dev.process_queue(TX_QUEUE, &mut g.queues, &g.mem);
     assert!(matches!(r, Err(RingError::HeadOutOfRange { head, .. }) if head == QSIZE + 3), "{r:?}");
+}
+
+/// Indirect tables of 65535 descriptors must not size an allocation (virtio-queue's
+/// Reader and Writer keep one slice per descriptor).
+#[test]
+fn chains_of_65535_descriptors_allocate_nothing_of_their_size() {
+    let mut g = Guest::new(FEATURES);
+    let table = indirect_table(&g.mem, 8 << 20, MAX_INDIRECT, DATA_START, 1, 0);
+    let (used, peak) = peak_alloc(|| g.send_raw(&[table]));
+    assert_eq!(used.len(), 1, "dropped and returned");
+    assert!(peak < 64 << 10, "TX allocated {peak} bytes for one chain");
+    assert!(g.passt_quiet());
+
+    let table = indirect_table(&g.mem, 8 << 20, MAX_INDIRECT, DATA_START, 1, WRITE);
+    g.rx.push(&g.mem, &[table]);
+    g.passt_send(&frame(60, 1));
+    let (_, peak) = peak_alloc(|| {
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while g.rx.take_used(&g.mem).is_empty() && Instant::now() < deadline {
+            g.pump();
+        }
+    });
+    assert!(peak < 64 << 10, "RX allocated {peak} bytes for one chain");
 }

@@ -46,11 +46,11 @@ impl Vsock {
         service_queue(queue, mem, |chain| {
             let head = chain.head_index();
             match packet::read_header(chain, mem) {
-                Ok((hdr, mut reader)) => match packet::read_payload(&hdr, &mut reader, &mut self.scratch) {
-                    Ok(payload) => self.muxer.send_pkt(&hdr, payload),
+                Ok(pkt) => match pkt.read_payload(&mut self.scratch) {
+                    Ok(payload) => self.muxer.send_pkt(&pkt.hdr, payload),
                     Err(e) => {
-                        tracing::debug!("vsock: refusing packet {hdr:?}: {e}");
-                        self.muxer.refuse(&hdr);
+                        tracing::debug!("vsock: refusing packet {:?}: {e}", pkt.hdr);
+                        self.muxer.refuse(&pkt.hdr);
                     }
                 },
                 Err(e) => tracing::debug!("vsock: dropping TX chain {head}: {e}"),

@@ -13,7 +13,8 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::devices::virtio::test_ring::{within, Ring, QSIZE};
+use crate::devices::virtio::test_alloc::peak_alloc;
+use crate::devices::virtio::test_ring::{indirect_table, within, Ring, MAX_INDIRECT, QSIZE};
 
 use super::connection::{CONN_BUF_SIZE, REQUEST_TIMEOUT, SHUTDOWN_TIMEOUT};
 use super::muxer::EPHEMERAL_PORT_BASE;
@@ -657,4 +658,23 @@ fn rx_avail_idx_beyond_the_queue_size_is_an_error() {
     g.rx.set_avail_idx(&g.mem, g.rx.avail_idx.wrapping_add(QSIZE + 1));
     let r = within(Duration::from_secs(2), move || g.dev.process_queue(RX_QUEUE, &mut g.queues, &g.mem));
     assert!(matches!(r, Err(RingError::AvailIdxAhead { .. })), "{r:?}");
+}
+
+/// Indirect tables of 65535 descriptors must not size an allocation.
+#[test]
+fn chains_of_65535_descriptors_allocate_nothing_of_their_size() {
+    let mut g = Guest::new();
+    let at = g.alloc(HDR_LEN as u64);
+    g.mem.write_slice(&guest(Op::Request, 52, 9999).to_bytes(), GuestAddress(at)).unwrap();
+    let table = indirect_table(&g.mem, 6 << 20, MAX_INDIRECT, at, 1, 0);
+    let (used, peak) = peak_alloc(|| g.send_raw(&[table]));
+    assert_eq!(used.len(), 1, "dropped and returned");
+    assert!(peak < 64 << 10, "TX allocated {peak} bytes for one chain");
+
+    // An RST for the guest, and an RX buffer of 65535 one-byte descriptors.
+    g.send(&guest(Op::Rw, 52, 9999), &[]);
+    let table = indirect_table(&g.mem, 6 << 20, MAX_INDIRECT, DATA_START, 1, WRITE);
+    g.rx.push(&g.mem, &[table]);
+    let ((), peak) = peak_alloc(|| g.dev.process_queue(RX_QUEUE, &mut g.queues, &g.mem).map(|_| ()).unwrap());
+    assert!(peak < 64 << 10, "RX allocated {peak} bytes for one chain");
 }
