@@ -70,7 +70,6 @@ impl LogLimiter {
 
 /// Logs through `tracing` at `$level` (warn, error or info), rate limited per call
 /// site (see the module documentation).
-#[allow(unused_macros)] // until the devices use it
 macro_rules! guest_log {
     ($level:ident, $($arg:tt)+) => {{
         static LIMITER: $crate::devices::guest_log::LogLimiter =
@@ -85,19 +84,17 @@ macro_rules! guest_log {
 }
 
 /// `tracing::warn!` for lines the guest can trigger: rate limited per call site.
-#[allow(unused_macros)] // until the devices use it
 macro_rules! guest_warn {
     ($($arg:tt)+) => { $crate::devices::guest_log::guest_log!(warn, $($arg)+) };
 }
 
 /// `tracing::error!` for lines the guest can trigger: rate limited per call site.
-#[allow(unused_macros)] // until the devices use it
 macro_rules! guest_error {
     ($($arg:tt)+) => { $crate::devices::guest_log::guest_log!(error, $($arg)+) };
 }
 
 /// `tracing::info!` for lines the guest can trigger: rate limited per call site.
-#[allow(unused_macros)]
+#[allow(unused_macros)] // nothing guest-triggered logs at info yet
 macro_rules! guest_info {
     ($($arg:tt)+) => { $crate::devices::guest_log::guest_log!(info, $($arg)+) };
 }
@@ -108,8 +105,6 @@ pub(crate) use {guest_error, guest_info, guest_log, guest_warn};
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
 
     #[test]
     fn burst_then_silence_then_one_line_with_the_count() {
@@ -141,14 +136,59 @@ mod tests {
         assert_eq!(l.check_at(t0 - Duration::from_secs(30)), None);
     }
 
-    /// Counts the events it sees, by level.
-    #[derive(Default)]
-    struct Counter {
-        warn: AtomicUsize,
-        error: AtomicUsize,
+    #[test]
+    fn the_counters_see_both_facades() {
+        assert_eq!(testing::count_logs(|| tracing::warn!("w")), (1, 0));
+        assert_eq!(testing::count_logs(|| tracing::debug!("d")), (0, 0));
+        assert_eq!(testing::count_logs(|| log::error!("virtio-queue style")), (0, 1));
     }
 
-    struct Sub(Arc<Counter>);
+    #[test]
+    fn the_macros_limit_each_call_site_on_its_own() {
+        let (lines, _) = testing::count_logs(|| {
+            for i in 0..10_000 {
+                guest_warn!("hostile register write {i}");
+            }
+        });
+        assert_eq!(lines, BURST as usize);
+        let (lines, _) = testing::count_logs(|| {
+            for i in 0..10_000 {
+                guest_error!("hostile chain {i}");
+                guest_warn!("another call site {i}");
+            }
+        });
+        assert_eq!(lines, 2 * BURST as usize);
+    }
+}
+
+/// Test support: counting what code logs.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Once};
+
+    thread_local! {
+        static LOG_RECORDS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Counts the `log` crate's records (virtio-queue logs through it) per thread.
+    struct LogCounter;
+
+    impl log::Log for LogCounter {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, _: &log::Record<'_>) {
+            LOG_RECORDS.with(|n| n.set(n.get() + 1));
+        }
+        fn flush(&self) {}
+    }
+
+    static LOG_COUNTER: LogCounter = LogCounter;
+
+    /// Counts tracing events at warn level and above.
+    struct Sub(Arc<AtomicUsize>);
 
     impl tracing::Subscriber for Sub {
         fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
@@ -160,26 +200,26 @@ mod tests {
         fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
         fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
         fn event(&self, e: &tracing::Event<'_>) {
-            match *e.metadata().level() {
-                tracing::Level::WARN => self.0.warn.fetch_add(1, Ordering::Relaxed),
-                tracing::Level::ERROR => self.0.error.fetch_add(1, Ordering::Relaxed),
-                _ => 0,
-            };
+            if *e.metadata().level() <= tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
         }
         fn enter(&self, _: &tracing::span::Id) {}
         fn exit(&self, _: &tracing::span::Id) {}
     }
 
-    #[test]
-    fn the_macros_limit_each_call_site_on_its_own() {
-        let counter = Arc::new(Counter::default());
-        tracing::subscriber::with_default(Sub(counter.clone()), || {
-            for i in 0..10_000 {
-                guest_warn!("hostile register write {i}");
-                guest_error!("hostile chain {i}");
+    /// Runs `f` and returns the number of lines it logged on this thread: tracing
+    /// events at warn or above, and records of any level through the `log` crate.
+    pub fn count_logs(f: impl FnOnce()) -> (usize, usize) {
+        static INSTALL: Once = Once::new();
+        INSTALL.call_once(|| {
+            if log::set_logger(&LOG_COUNTER).is_ok() {
+                log::set_max_level(log::LevelFilter::Trace);
             }
         });
-        assert_eq!(counter.warn.load(Ordering::Relaxed), BURST as usize);
-        assert_eq!(counter.error.load(Ordering::Relaxed), BURST as usize);
+        let events = Arc::new(AtomicUsize::new(0));
+        let before = LOG_RECORDS.with(Cell::get);
+        tracing::subscriber::with_default(Sub(events.clone()), f);
+        (events.load(Ordering::Relaxed), LOG_RECORDS.with(Cell::get) - before)
     }
 }

@@ -21,6 +21,7 @@ use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{RingError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::devices::guest_log::guest_error;
 
 /// The virtio-blk sector size, in bytes.
 pub const SECTOR_SIZE: u64 = 512;
@@ -201,7 +202,7 @@ impl Block {
                 // The guest asked for durability: everything acknowledged so far hits the disk.
                 if !self.read_only {
                     self.file.sync_all().map_err(|e| {
-                        tracing::error!("disk flush (fsync) failed: {e}");
+                        guest_error!("disk flush (fsync) failed: {e}");
                         VIRTIO_BLK_S_IOERR
                     })?;
                 }
@@ -232,11 +233,11 @@ impl Block {
             let at = addr.checked_add(done as u64).ok_or(())?;
             let file_off = offset + done as u64;
             if to_guest {
-                self.file.read_exact_at(&mut buf[..n], file_off).map_err(|e| tracing::error!("disk read: {e}"))?;
+                self.file.read_exact_at(&mut buf[..n], file_off).map_err(|e| guest_error!("disk read: {e}"))?;
                 mem.write_slice(&buf[..n], at).map_err(|_| ())?;
             } else {
                 mem.read_slice(&mut buf[..n], at).map_err(|_| ())?;
-                self.file.write_all_at(&buf[..n], file_off).map_err(|e| tracing::error!("disk write: {e}"))?;
+                self.file.write_all_at(&buf[..n], file_off).map_err(|e| guest_error!("disk write: {e}"))?;
             }
             done += n;
         }

@@ -4,6 +4,11 @@
 //! (or [`service_queue`], which does both in the usual loop). A driver that breaks a
 //! ring's rules, rather than a chain's, gets a [`RingError`]: the transport then marks
 //! the device DEVICE_NEEDS_RESET and leaves it alone until the driver resets it.
+//! Chains are read through [`chain::Segments`], which bounds what one chain can cost.
+//!
+//! Log lines a guest (or a host peer) can repeat at will, at warn level and above, go
+//! through the rate-limited macros of [`crate::devices::guest_log`]; debug lines are
+//! not limited, being off unless asked for.
 
 pub mod block;
 pub mod chain;

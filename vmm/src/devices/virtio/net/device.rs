@@ -31,6 +31,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Backend, NetError, MAX_BUFFER_LEN, MIN_FRAME_LEN, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
+use crate::devices::guest_log::guest_error;
 use crate::devices::virtio::chain::{ChainError, Segments};
 use crate::devices::virtio::{
     add_used, pop_chain, RingError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -199,7 +200,7 @@ impl Net {
         };
         match result {
             Ok(()) => self.polled = want,
-            Err(e) => tracing::error!("virtio-net: epoll: {e}"),
+            Err(e) => guest_error!("virtio-net: epoll: {e}"),
         }
     }
 
