@@ -494,4 +494,53 @@ mod tests {
         assert_eq!(ring.take_used(&mem), vec![(0, 0)], "dropped and returned");
         assert!(peak < 64 << 10, "allocated {peak} bytes for one request");
     }
+
+    mod props {
+        use super::*;
+        use crate::devices::virtio::test_fuzz::{
+            config, guest_memory, raw_ring, run_bounded, taken, NSLOTS, SLOTS, SLOT_SIZE,
+        };
+        use proptest::prelude::*;
+
+        /// Request headers for the slots: mostly real request types and sectors on the disk.
+        fn headers() -> impl Strategy<Value = Vec<(u32, u64)>> {
+            let t = prop_oneof![
+                Just(VIRTIO_BLK_T_IN),
+                Just(VIRTIO_BLK_T_OUT),
+                Just(VIRTIO_BLK_T_FLUSH),
+                Just(VIRTIO_BLK_T_GET_ID),
+                any::<u32>()
+            ];
+            let sector = prop_oneof![3 => 0..20u64, 1 => any::<u64>()];
+            prop::collection::vec((t, sector), NSLOTS as usize)
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Any ring: no panic, no hang, no allocation sized by the guest, and every
+            /// chain taken is returned (or the ring is reported broken).
+            #[test]
+            fn any_ring(raw in raw_ring(), hdrs in headers(), read_only in any::<bool>()) {
+                let (mut b, _f) = disk(16, read_only);
+                let mem = guest_memory();
+                let (mut ring, mut q) = Ring::new(&mem, 0);
+                raw.write(&mem, &mut ring);
+                for (i, (t, sector)) in hdrs.iter().enumerate() {
+                    let at = SLOTS + i as u64 * SLOT_SIZE;
+                    mem.write_obj(*t, GuestAddress(at)).unwrap();
+                    mem.write_obj(*sector, GuestAddress(at + 8)).unwrap();
+                }
+                let (result, q, mem) = run_bounded(256 << 10, move || {
+                    let r = b.process_queue(0, std::slice::from_mut(&mut q), &mem);
+                    (r, q, mem)
+                });
+                let used = ring.take_used(&mem).len() as u16;
+                if result.is_ok() {
+                    prop_assert_eq!(used, taken(&q, 0), "every chain taken is returned");
+                    prop_assert_eq!(used, ring.avail_idx, "and every chain published is taken");
+                }
+            }
+        }
+    }
 }

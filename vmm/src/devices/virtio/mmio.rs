@@ -182,6 +182,9 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // NEEDS_RESET is the device's to set (virtio 1.x, 2.1.2): the driver's write
+        // neither sets nor clears it.
+        let value = (value & !VIRTIO_CONFIG_S_NEEDS_RESET) | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET);
         // The driver only ever adds bits (virtio 1.x, 3.1.1); clearing one takes a
         // reset. Accepting a clear would let it take NEEDS_RESET back without one, or
         // take DRIVER_OK away and reconfigure queues under a running device.
@@ -529,6 +532,9 @@ mod tests {
         assert!(t.is_active());
         w(&mut t, REG_QUEUE_NUM, 4);
         assert_eq!(t.queues[0].size(), 16);
+        // NEEDS_RESET is the device's bit: the driver cannot set it.
+        w(&mut t, REG_STATUS, 1 | 2 | 8 | 4 | VIRTIO_CONFIG_S_NEEDS_RESET);
+        assert_eq!(r(&mut t, REG_STATUS), 1 | 2 | 8 | 4);
     }
 
     #[test]
@@ -580,5 +586,211 @@ mod tests {
         // The limiter is per call site and shared with tests running in parallel, which
         // can only leave fewer lines; one more is the "suppressed" line.
         assert!(lines <= crate::devices::guest_log::BURST as usize + 1, "{lines} lines");
+    }
+
+    mod props {
+        use super::*;
+        use crate::devices::virtio::test_fuzz::{config, guest_memory, run_bounded};
+        use proptest::prelude::*;
+        use std::os::unix::net::UnixStream;
+
+        const REGS: [u64; 26] = [
+            REG_MAGIC,
+            REG_VERSION,
+            REG_DEVICE_ID,
+            REG_VENDOR_ID,
+            REG_DEVICE_FEATURES,
+            REG_DEVICE_FEATURES_SEL,
+            REG_DRIVER_FEATURES,
+            REG_DRIVER_FEATURES_SEL,
+            REG_QUEUE_SEL,
+            REG_QUEUE_NUM_MAX,
+            REG_QUEUE_NUM,
+            REG_QUEUE_READY,
+            REG_QUEUE_NOTIFY,
+            REG_INTERRUPT_STATUS,
+            REG_INTERRUPT_ACK,
+            REG_STATUS,
+            REG_QUEUE_DESC_LOW,
+            REG_QUEUE_DESC_HIGH,
+            REG_QUEUE_DRIVER_LOW,
+            REG_QUEUE_DRIVER_HIGH,
+            REG_QUEUE_DEVICE_LOW,
+            REG_QUEUE_DEVICE_HIGH,
+            REG_CONFIG_GENERATION,
+            REG_CONFIG,
+            REG_CONFIG + 4,
+            REG_CONFIG + 8,
+        ];
+        /// Ring `i` of the device lives at `RING_BASE * (i + 1)`.
+        const RING_BASE: u64 = 0x10000;
+
+        /// What a hostile driver does to the transport.
+        #[derive(Clone, Debug)]
+        enum Op {
+            /// A read of `size` bytes.
+            Read(u64, usize),
+            /// A 4-byte write.
+            Write(u64, u32),
+            /// A write of another size (ignored by the transport, which must survive it).
+            WriteBytes(u64, Vec<u8>),
+            /// The whole driver handshake, every queue on its ring, every feature taken.
+            BringUp,
+            /// A FLUSH-like chain on ring `i` (what each device makes of it is its affair).
+            Push(usize),
+            /// avail.idx of ring `i` set to anything (the next Push writes it right again).
+            Corrupt(usize, u16),
+            /// A notification of queue `i`.
+            Notify(usize),
+            /// The event loop saw the device's host events fd readable.
+            HostEvents,
+        }
+
+        fn offset() -> impl Strategy<Value = u64> {
+            prop_oneof![4 => prop::sample::select(REGS.to_vec()), 1 => 0..0x180u64, 1 => any::<u64>()]
+        }
+
+        fn value() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                4 => 0..16u32,
+                1 => Just(0xf),
+                1 => (0..3u64).prop_map(|i| (RING_BASE * (i + 1)) as u32),
+                1 => prop::sample::select(vec![16u32, 64, 128, 256, 257, 1024]),
+                1 => any::<u32>(),
+            ]
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                3 => (offset(), prop::sample::select(vec![1usize, 2, 4, 8])).prop_map(|(o, n)| Op::Read(o, n)),
+                6 => (offset(), value()).prop_map(|(o, v)| Op::Write(o, v)),
+                1 => (offset(), prop::collection::vec(any::<u8>(), 0..9)).prop_map(|(o, b)| Op::WriteBytes(o, b)),
+                2 => Just(Op::BringUp),
+                3 => (0..3usize).prop_map(Op::Push),
+                1 => (0..3usize, any::<u16>()).prop_map(|(i, v)| Op::Corrupt(i, v)),
+                2 => (0..3usize).prop_map(Op::Notify),
+                1 => Just(Op::HostEvents),
+            ]
+        }
+
+        /// Devices behind the transport, with what must outlive them.
+        fn device(kind: u8) -> (Box<dyn VirtioDevice>, Box<dyn std::any::Any + Send>) {
+            match kind {
+                0 => {
+                    let f = tempfile::NamedTempFile::new().unwrap();
+                    f.as_file().set_len(64 << 10).unwrap();
+                    (Box::new(crate::devices::virtio::block::Block::open(f.path(), false).unwrap()), Box::new(f))
+                }
+                1 => {
+                    let (ours, peer) = UnixStream::pair().unwrap();
+                    peer.set_nonblocking(true).unwrap();
+                    let backend = crate::devices::virtio::net::stream::StreamBackend::new(ours, None).unwrap();
+                    (
+                        Box::new(crate::devices::virtio::net::Net::new(Box::new(backend), [2, 0, 0, 0, 0, 1]).unwrap()),
+                        Box::new(peer),
+                    )
+                }
+                _ => {
+                    let dir = tempfile::tempdir().unwrap();
+                    let dev = crate::devices::virtio::vsock::Vsock::new(3, &dir.path().join("v.sock")).unwrap();
+                    (Box::new(dev), Box::new(dir))
+                }
+            }
+        }
+
+        fn used_idx(mem: &GuestMemoryMmap, ring: &Ring) -> u16 {
+            mem.read_obj(GuestAddress(ring.used + 2)).unwrap()
+        }
+
+        fn apply(t: &mut MmioTransport, mem: &GuestMemoryMmap, rings: &mut [Ring], op: &Op) {
+            match op {
+                Op::Read(o, n) => t.read(*o, &mut vec![0u8; *n]),
+                Op::Write(o, v) => w(t, *o, *v),
+                Op::WriteBytes(o, b) => t.write(*o, b),
+                Op::BringUp => {
+                    w(t, REG_STATUS, 0);
+                    w(t, REG_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+                    for sel in 0..2 {
+                        w(t, REG_DEVICE_FEATURES_SEL, sel);
+                        let f = r(t, REG_DEVICE_FEATURES);
+                        w(t, REG_DRIVER_FEATURES_SEL, sel);
+                        w(t, REG_DRIVER_FEATURES, f);
+                    }
+                    w(t, REG_STATUS, 1 | 2 | 8);
+                    for (i, ring) in rings.iter_mut().enumerate().take(t.queue_count()) {
+                        *ring = Ring::new(mem, RING_BASE * (i as u64 + 1)).0;
+                        w(t, REG_QUEUE_SEL, i as u32);
+                        w(t, REG_QUEUE_NUM, u32::from(QSIZE));
+                        for (low, addr) in [
+                            (REG_QUEUE_DESC_LOW, ring.desc),
+                            (REG_QUEUE_DRIVER_LOW, ring.avail),
+                            (REG_QUEUE_DEVICE_LOW, ring.used),
+                        ] {
+                            w(t, low, addr as u32);
+                            w(t, low + 4, (addr >> 32) as u32);
+                        }
+                        w(t, REG_QUEUE_READY, 1);
+                    }
+                    w(t, REG_STATUS, 1 | 2 | 8 | 4);
+                }
+                Op::Push(i) => {
+                    let ring = &mut rings[*i];
+                    let at = 0x80000 + 0x1000 * *i as u64;
+                    mem.write_obj(virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH, GuestAddress(at)).unwrap();
+                    let write = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+                    ring.push(mem, &[(at, 44, 0), (at + 0x100, 1024, write)]);
+                    w(t, REG_QUEUE_NOTIFY, *i as u32);
+                }
+                Op::Corrupt(i, v) => mem.write_obj(*v, GuestAddress(rings[*i].avail + 2)).unwrap(),
+                Op::Notify(i) => w(t, REG_QUEUE_NOTIFY, *i as u32),
+                Op::HostEvents => t.process_host_events(),
+            }
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Any sequence of register accesses and ring changes, against each device:
+            /// no panic, no hang, no allocation sized by the guest; NEEDS_RESET stays
+            /// until the driver writes 0 to Status, and meanwhile no used ring moves.
+            #[test]
+            fn any_register_sequence(kind in 0u8..3, ops in prop::collection::vec(op(), 0..40)) {
+                let mem = Arc::new(guest_memory());
+                let (dev, keep) = device(kind);
+                let t = MmioTransport::new(dev, mem.clone(), EventFd::new(0).unwrap());
+                let rings = (0..3).map(|i| Ring::new(&mem, RING_BASE * (i + 1)).0).collect::<Vec<_>>();
+                let failure = run_bounded(1 << 20, move || {
+                    let (mut t, mut rings) = (t, rings);
+                    let mut frozen: Option<Vec<u16>> = None;
+                    for (n, op) in ops.iter().enumerate() {
+                        apply(&mut t, &mem, &mut rings, op);
+                        let status = r(&mut t, REG_STATUS);
+                        let resets = matches!(op, Op::BringUp | Op::Write(REG_STATUS, 0));
+                        let used: Vec<u16> = rings.iter().map(|ring| used_idx(&mem, ring)).collect();
+                        match &frozen {
+                            Some(_) if resets => frozen = None,
+                            Some(_) if status & VIRTIO_CONFIG_S_NEEDS_RESET == 0 => {
+                                return Some(format!("op {n} {op:?} cleared NEEDS_RESET without a reset"));
+                            }
+                            Some(before) if *before != used => {
+                                return Some(format!("op {n} {op:?}: a used ring moved while NEEDS_RESET"));
+                            }
+                            _ => {}
+                        }
+                        if status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 && frozen.is_none() {
+                            if r(&mut t, REG_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG == 0
+                                && !matches!(op, Op::Write(REG_INTERRUPT_ACK, _))
+                            {
+                                return Some(format!("op {n} {op:?}: NEEDS_RESET without a configuration interrupt"));
+                            }
+                            frozen = Some(used);
+                        }
+                    }
+                    drop(keep);
+                    None
+                });
+                prop_assert!(failure.is_none(), "{}", failure.unwrap());
+            }
+        }
     }
 }

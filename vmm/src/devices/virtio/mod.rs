@@ -17,6 +17,8 @@ pub mod net;
 #[cfg(test)]
 pub mod test_alloc;
 #[cfg(test)]
+pub mod test_fuzz;
+#[cfg(test)]
 pub mod test_ring;
 pub mod vsock;
 
