@@ -2,8 +2,8 @@
 //!
 //! The guest is untrusted, and anything it can make the VMM log it can make the VMM
 //! log a million times a second: every invalid register write, every malformed
-//! descriptor chain. Those lines go through [`guest_warn!`](crate::devices::guest_log::guest_warn)
-//! (and `guest_error!`, `guest_info!`), which give each call site its own
+//! descriptor chain. Those lines go through `guest_warn!` (and `guest_error!`,
+//! `guest_info!`; crate-internal macros), which give each call site its own
 //! [`LogLimiter`]: at most [`BURST`] lines per [`WINDOW`]. What is dropped meanwhile
 //! is counted, and the next line that gets through is preceded by one
 //! "N similar messages suppressed" line. Debug lines are not limited (they are off

@@ -1,8 +1,10 @@
 //! virtio-blk over a raw image file (virtio 1.x spec, section 5.2).
 //!
-//! Requests come from the guest and are untrusted: every descriptor is checked for
+//! Requests come from the guest and are untrusted: a request has at most SEG_MAX + 2
+//! descriptors (longer chains are dropped unread), every descriptor is checked for
 //! direction and length, every address goes through vm-memory's bounds checks, and a
 //! request that cannot be answered is completed with zero length instead of panicking.
+//! Copies go through one bounce buffer of the device's; nothing is allocated per request.
 //! No crate on crates.io parses virtio-blk requests against virtio-queue 0.18 (rust-vmm's
 //! virtio-blk crate is unpublished), so the parsing lives here.
 

@@ -1,5 +1,8 @@
 //! The virtio-net device: moves frames between the virtqueues and a [`Backend`].
 //!
+//! Chains are read and written through [`Segments`] (one walk, at most
+//! [`MAX_CHAIN_DESCS`] descriptors), never virtio-queue's Reader and Writer.
+//!
 //! TX (guest to host): each chain is copied whole into a bounce buffer, checked, and
 //! handed to the backend. When the backend cannot take a frame (passt's socket is
 //! full), that frame waits, the TX queue is left alone, and processing resumes when
