@@ -1,6 +1,7 @@
 //! Emulated hardware the guest sees, and the buses vCPUs dispatch their exits to.
 
 pub mod bus;
+pub mod guest_log;
 pub mod legacy;
 pub mod virtio;
 

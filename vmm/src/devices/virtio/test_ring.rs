@@ -1,7 +1,7 @@
 //! Test support shared by the virtio device tests: a split ring in real guest memory,
 //! driven by hand as a guest driver would.
 
-use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -98,4 +98,48 @@ impl Ring {
     pub fn avail_event(&self, mem: &GuestMemoryMmap) -> u16 {
         mem.read_obj(GuestAddress(self.used + 4 + 8 * u64::from(QSIZE))).unwrap()
     }
+}
+
+impl Ring {
+    /// Writes the avail ring's idx as a (possibly hostile) driver would, without
+    /// publishing anything.
+    pub fn set_avail_idx(&mut self, mem: &GuestMemoryMmap, idx: u16) {
+        self.avail_idx = idx;
+        mem.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();
+    }
+}
+
+/// Runs `f` on a thread of its own and returns its result, or panics when it has not
+/// returned within `limit` (the thread is left behind: a test that hit this hangs no
+/// further, but the thread may spin until the test binary exits).
+pub fn within<T: Send + 'static>(limit: std::time::Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("did not return within {limit:?}: the VMM would hang")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the servicing thread panicked"),
+    }
+}
+
+/// The most descriptors an indirect table can hold (its length field is 16 times that,
+/// and virtio-queue takes up to u16::MAX entries).
+pub const MAX_INDIRECT: u16 = u16::MAX;
+
+/// Writes an indirect table at `at` of `n` linked descriptors, each `len` bytes at
+/// `addr` with `flags`; returns the descriptor that points to it, for [`Ring::push`].
+pub fn indirect_table(mem: &GuestMemoryMmap, at: u64, n: u16, addr: u64, len: u32, flags: u16) -> (u64, u32, u16) {
+    for i in 0..n {
+        let d = at + 16 * u64::from(i);
+        let f = if i + 1 < n { flags | VRING_DESC_F_NEXT as u16 } else { flags };
+        mem.write_obj(addr, GuestAddress(d)).unwrap();
+        mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+        mem.write_obj(f, GuestAddress(d + 12)).unwrap();
+        mem.write_obj(i.wrapping_add(1), GuestAddress(d + 14)).unwrap();
+    }
+    (at, 16 * u32::from(n), VRING_DESC_F_INDIRECT as u16)
 }

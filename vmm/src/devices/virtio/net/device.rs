@@ -1,5 +1,8 @@
 //! The virtio-net device: moves frames between the virtqueues and a [`Backend`].
 //!
+//! Chains are read and written through [`Segments`] (one walk, at most
+//! [`MAX_CHAIN_DESCS`] descriptors), never virtio-queue's Reader and Writer.
+//!
 //! TX (guest to host): each chain is copied whole into a bounce buffer, checked, and
 //! handed to the backend. When the backend cannot take a frame (passt's socket is
 //! full), that frame waits, the TX queue is left alone, and processing resumes when
@@ -15,7 +18,6 @@
 //! with the interest the state above calls for, and an eventfd the device signals to
 //! itself when it stopped for fairness with work left.
 
-use std::io::{Read, Write};
 use std::os::unix::io::{AsRawFd, RawFd};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -26,16 +28,25 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP,
     VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueT, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Backend, NetError, MAX_BUFFER_LEN, MIN_FRAME_LEN, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
-use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::devices::guest_log::guest_error;
+use crate::devices::virtio::chain::{ChainError, Segments};
+use crate::devices::virtio::{
+    add_used, pop_chain, RingError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 /// Size of each of the two queues.
 pub const QUEUE_SIZE: u16 = 256;
+/// Descriptors the device takes in one chain, either direction. Linux uses at most
+/// MAX_SKB_FRAGS + 2 (45 + 2 at the largest MAX_SKB_FRAGS it can be built with); a
+/// longer chain is dropped, so that no chain costs more than this to look at.
+pub const MAX_CHAIN_DESCS: usize = 64;
 /// Frames moved per direction before the device yields to the event loop (it signals
 /// itself to come back).
 const BUDGET: usize = 256;
@@ -46,15 +57,10 @@ const TOKEN_KICK: u64 = 1;
 /// Why a TX chain was dropped.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TxError {
-    /// A descriptor of the chain is device-writable.
-    #[error("TX chain contains a device-writable descriptor")]
-    WritableInTx,
-    /// The chain is malformed or points outside guest memory.
-    #[error("descriptor chain is malformed or points outside guest memory")]
-    BadChain,
-    /// The chain ends early: a loop, a bad next index or a bad indirect table.
-    #[error("descriptor chain ends early (a loop, a bad next index or a bad indirect table)")]
-    Truncated,
+    /// The chain is malformed: a device-writable descriptor, too many descriptors, a
+    /// loop, a bad next index or indirect table, or a buffer outside guest memory.
+    #[error("TX {0}")]
+    BadChain(#[from] ChainError),
     /// The chain holds fewer bytes (given) than a header and an Ethernet header.
     #[error("chain holds {0} bytes, less than a header and an Ethernet header")]
     TooShort(usize),
@@ -74,8 +80,7 @@ pub enum TxError {
 /// Why an RX chain could not take a frame; it is returned to the guest unused.
 #[derive(Debug, PartialEq, Eq)]
 enum RxChainError {
-    ReadableInRx,
-    BadChain,
+    BadChain(ChainError),
     TooSmall(usize),
 }
 
@@ -198,7 +203,7 @@ impl Net {
         };
         match result {
             Ok(()) => self.polled = want,
-            Err(e) => tracing::error!("virtio-net: epoll: {e}"),
+            Err(e) => guest_error!("virtio-net: epoll: {e}"),
         }
     }
 
@@ -227,30 +232,18 @@ impl Net {
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
     ) -> Result<usize, TxError> {
-        // The guest may rewrite descriptors while we look; everything is checked again
-        // by the Reader's bounds checks, and the frame is validated after the copy.
-        let mut last = None;
-        for d in chain.clone() {
-            if d.is_write_only() {
-                return Err(TxError::WritableInTx);
-            }
-            last = Some(d);
-        }
-        // The iterator stops at loops (its TTL is the queue size), at next indexes
-        // beyond the queue and at malformed indirect tables: the last descriptor it
-        // yielded then still points onward.
-        if last.is_none_or(|d| d.has_next()) {
-            return Err(TxError::Truncated);
-        }
-        let mut reader = chain.reader(mem).map_err(|_| TxError::BadChain)?;
-        let len = reader.available_bytes();
+        // One walk of the chain, of at most MAX_CHAIN_DESCS descriptors; the guest may
+        // rewrite the descriptors meanwhile, but every copy is bounds-checked and the
+        // frame is validated after it.
+        let segs = Segments::new(chain, mem, false, MAX_CHAIN_DESCS)?;
+        let len = segs.len();
         if len < VNET_HDR_LEN + MIN_FRAME_LEN {
             return Err(TxError::TooShort(len));
         }
         if len > MAX_BUFFER_LEN {
             return Err(TxError::TooLong(len));
         }
-        reader.read_exact(&mut self.tx_buf[..len]).map_err(|_| TxError::BadChain)?;
+        segs.read_at(mem, 0, &mut self.tx_buf[..len])?;
         self.check_offloads()?;
         Ok(len)
     }
@@ -313,20 +306,23 @@ impl Net {
 
     /// Sends every frame the guest queued, until the backend pushes back. TX buffers
     /// are only read, so they are returned with length 0.
-    fn process_tx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let Some(queue) = queues.get_mut(TX_QUEUE).filter(|q| q.ready()) else { return false };
+    fn process_tx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, RingError> {
+        let Some(queue) = queues.get_mut(TX_QUEUE).filter(|q| q.ready()) else { return Ok(false) };
         if !self.send_pending_tx() {
             self.update_interest();
-            return false;
+            return Ok(false);
         }
+        let result = self.drain_tx(queue, mem);
+        self.update_interest();
+        result
+    }
+
+    fn drain_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, RingError> {
         let mut used_any = false;
         let mut budget = BUDGET;
         'outer: loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                tracing::warn!("virtio-net: {e}");
-                break;
-            }
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            queue.disable_notification(mem).map_err(RingError::Access)?;
+            while let Some(chain) = pop_chain(queue, mem)? {
                 let head = chain.head_index();
                 match self.read_tx_chain(chain, mem) {
                     Ok(_) if self.dead => self.stats.tx_dropped += 1,
@@ -351,10 +347,7 @@ impl Net {
                         self.stats.tx_dropped += 1;
                     }
                 }
-                if let Err(e) = queue.add_used(mem, head, 0) {
-                    tracing::warn!("virtio-net: cannot return TX descriptor {head}: {e}");
-                    break 'outer;
-                }
+                add_used(queue, mem, head, 0)?;
                 used_any = true;
                 if self.tx_pending > 0 {
                     // The backend is full: the rest waits until it is writable (the
@@ -367,30 +360,33 @@ impl Net {
                     break 'outer;
                 }
             }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue, // more buffers arrived meanwhile
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-net: {e}");
-                    break;
-                }
+            // More buffers may have arrived meanwhile; pop_chain said the ring was
+            // empty, so a true here means the guest really published more.
+            if !queue.enable_notification(mem).map_err(RingError::Access)? {
+                break;
             }
         }
-        self.update_interest();
-        used_any && queue.needs_notification(mem).unwrap_or(true)
+        Ok(used_any && queue.needs_notification(mem).unwrap_or(true))
     }
 
     /// Receives frames from the backend into guest buffers until either runs out.
-    fn process_rx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_rx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, RingError> {
         let queue = queues.get_mut(RX_QUEUE).filter(|q| q.ready());
         let Some(queue) = queue else {
-            // Not active yet: hold one frame, stop polling, deliver on activation.
+            // Not active yet (or waiting for a reset): hold one frame, stop polling,
+            // deliver on activation.
             if self.rx_len == 0 {
                 self.receive_one();
             }
             self.update_interest();
-            return false;
+            return Ok(false);
         };
+        let result = self.fill_rx(queue, mem);
+        self.update_interest();
+        result
+    }
+
+    fn fill_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, RingError> {
         let mut used_any = false;
         let mut budget = BUDGET;
         let mut rearmed = 0;
@@ -405,7 +401,7 @@ impl Net {
                     break;
                 }
             }
-            match self.deliver(queue, mem) {
+            match self.deliver(queue, mem)? {
                 Delivery::Done => {
                     self.rx_len = 0;
                     self.stats.rx_frames += 1;
@@ -428,8 +424,7 @@ impl Net {
                 }
             }
         }
-        self.update_interest();
-        used_any && queue.needs_notification(mem).unwrap_or(true)
+        Ok(used_any && queue.needs_notification(mem).unwrap_or(true))
     }
 
     /// Reads one frame from the backend into `rx_buf`; false when there was none.
@@ -458,23 +453,23 @@ impl Net {
     }
 
     /// Writes the frame in `rx_buf` into the guest's RX buffers.
-    fn deliver(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Delivery {
+    fn deliver(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Delivery, RingError> {
         let len = self.rx_len;
         let mergeable = self.acked(VIRTIO_NET_F_MRG_RXBUF);
         // Buffers that can hold (part of) the frame, and malformed ones to give back.
-        let mut good: Vec<(u16, Writer<'_>)> = Vec::new();
+        let mut good: Vec<(u16, Segments)> = Vec::new();
         let mut bad: Vec<u16> = Vec::new();
         let mut room = 0usize;
         while room < len {
             if !mergeable && !good.is_empty() {
                 break;
             }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let Some(chain) = pop_chain(queue, mem)? else { break };
             let head = chain.head_index();
-            match rx_writer(chain, mem) {
-                Ok(w) => {
-                    room += w.available_bytes();
-                    good.push((head, w));
+            match rx_segments(chain, mem) {
+                Ok(segs) => {
+                    room += segs.len();
+                    good.push((head, segs));
                 }
                 Err(why) => {
                     tracing::debug!("virtio-net: unusable RX buffer {head}: {why:?}");
@@ -487,7 +482,8 @@ impl Net {
         // the used ring (a mergeable frame is the next num_buffers used entries).
         let mut used = false;
         for &head in &bad {
-            used |= self.return_used(queue, mem, head, 0);
+            add_used(queue, mem, head, 0)?;
+            used = true;
         }
         if room < len {
             if !mergeable && !good.is_empty() {
@@ -495,7 +491,7 @@ impl Net {
                 // buffers it must post full-sized ones): it can never take it.
                 tracing::debug!("virtio-net: dropping a {len}-byte frame: RX buffer holds {room}");
                 queue.set_next_avail(queue.next_avail().wrapping_sub(good.len() as u16));
-                return Delivery::Dropped { used };
+                return Ok(Delivery::Dropped { used });
             }
             if bad.is_empty() {
                 // Not enough room yet: leave the buffers to the guest, and wait for more.
@@ -504,40 +500,24 @@ impl Net {
                 // Good buffers came after malformed ones, which are already gone: they
                 // cannot be pushed back, so they are returned empty.
                 for (head, _) in &good {
-                    used |= self.return_used(queue, mem, *head, 0);
+                    add_used(queue, mem, *head, 0)?;
+                    used = true;
                 }
             }
-            return Delivery::NoRoom { used };
+            return Ok(Delivery::NoRoom { used });
         }
         self.rx_buf[10..12].copy_from_slice(&(good.len() as u16).to_le_bytes());
         let mut offset = 0;
-        let mut lens = Vec::with_capacity(good.len());
-        for (head, w) in &mut good {
-            let n = w.available_bytes().min(len - offset);
-            if let Err(e) = w.write_all(&self.rx_buf[offset..offset + n]) {
-                // Bounds were checked when the Writer was built; only a guest racing
-                // its own descriptors could get here.
+        for (head, segs) in &good {
+            let n = segs.len().min(len - offset);
+            if let Err(e) = segs.write_at(mem, 0, &self.rx_buf[offset..offset + n]) {
+                // Bounds were checked when the segments were taken; this cannot fail.
                 tracing::debug!("virtio-net: writing RX buffer {head}: {e}");
             }
             offset += n;
-            lens.push((*head, n as u32));
+            add_used(queue, mem, *head, n as u32)?;
         }
-        drop(good);
-        for (head, n) in lens {
-            used |= self.return_used(queue, mem, head, n);
-        }
-        let _ = used;
-        Delivery::Done
-    }
-
-    fn return_used(&self, queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> bool {
-        match queue.add_used(mem, head, len) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!("virtio-net: cannot return RX descriptor {head}: {e}");
-                false
-            }
-        }
+        Ok(Delivery::Done)
     }
 }
 
@@ -573,19 +553,13 @@ fn arm_rx_notification(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
     queue.avail_idx(mem, Ordering::Acquire).is_ok_and(|now| now != seen)
 }
 
-/// Checks that an RX chain is entirely device-writable, inside guest memory, and has
-/// room for at least the header.
-fn rx_writer<'m>(
-    chain: DescriptorChain<&'m GuestMemoryMmap>,
-    mem: &'m GuestMemoryMmap,
-) -> Result<Writer<'m>, RxChainError> {
-    if chain.clone().any(|d| !d.is_write_only()) {
-        return Err(RxChainError::ReadableInRx);
-    }
-    let w = chain.writer(mem).map_err(|_| RxChainError::BadChain)?;
-    match w.available_bytes() {
+/// Checks that an RX chain is entirely device-writable, inside guest memory, of at most
+/// [`MAX_CHAIN_DESCS`] descriptors, and has room for at least the header.
+fn rx_segments(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Result<Segments, RxChainError> {
+    let segs = Segments::new(chain, mem, true, MAX_CHAIN_DESCS).map_err(RxChainError::BadChain)?;
+    match segs.len() {
         n if n < VNET_HDR_LEN => Err(RxChainError::TooSmall(n)),
-        _ => Ok(w),
+        _ => Ok(segs),
     }
 }
 
@@ -623,11 +597,11 @@ impl VirtioDevice for Net {
         tracing::debug!("virtio-net: driver ready ({}); features: {}", self.backend.describe(), on.join(" "));
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, RingError> {
         match index {
             RX_QUEUE => self.process_rx(queues, mem),
             TX_QUEUE => self.process_tx(queues, mem),
-            _ => false,
+            _ => Ok(false),
         }
     }
 
@@ -635,7 +609,7 @@ impl VirtioDevice for Net {
         Some(self.epoll.as_raw_fd())
     }
 
-    fn process_host_events(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_host_events(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, RingError> {
         // Everything is level-triggered: whatever is ready is handled below, and what
         // is not handled stays ready. (The inner epoll needs no epoll_wait: a nested
         // epoll fd only reports its fds that are ready when it is polled.)
@@ -651,14 +625,14 @@ impl VirtioDevice for Net {
                 self.backend_failed(&e);
             }
             if !queues.is_empty() {
-                notify |= self.process_tx(queues, mem);
+                notify |= self.process_tx(queues, mem)?;
             }
         }
-        notify |= self.process_rx(queues, mem);
+        notify |= self.process_rx(queues, mem)?;
         if self.backend.has_buffered_rx() && self.rx_len == 0 && !self.dead {
             self.kick();
         }
-        notify
+        Ok(notify)
     }
 
     fn reset(&mut self) {

@@ -13,10 +13,11 @@
 //! Creating the tap, giving it addresses and NAT, or starting passt happens on the host
 //! side (the `kindling` binary); this module receives the open backend.
 //!
-//! The guest is untrusted: a chain that is too short or too long, has descriptors in
-//! the wrong direction or outside memory, or asks for an offload that was not
-//! negotiated is dropped, and its buffer is returned. No guest input can panic the VMM
-//! or make it allocate beyond fixed per-device buffers.
+//! The guest is untrusted: a chain that is too short or too long, has more than
+//! [`device::MAX_CHAIN_DESCS`] descriptors or descriptors in the wrong direction or
+//! outside memory, or asks for an offload that was not negotiated is dropped, and its
+//! buffer is returned. A broken ring is reported to the transport (NEEDS_RESET). No
+//! guest input can panic the VMM or make it allocate beyond fixed per-device buffers.
 
 pub mod device;
 pub mod stream;

@@ -13,6 +13,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use super::{Backend, MAX_FRAME_LEN, MIN_FRAME_LEN, VNET_HDR_LEN};
+use crate::devices::guest_log::guest_warn;
 
 /// passt's default MTU (65535 minus the Ethernet header, rounded down to 32 bits).
 pub const PASST_MTU: u16 = 65520;
@@ -74,7 +75,7 @@ impl Backend for StreamBackend {
                 self.skip -= n;
             } else if let Some(len) = self.next_len() {
                 if !(MIN_FRAME_LEN..=MAX_FRAME_LEN).contains(&len) {
-                    tracing::warn!("virtio-net: the stream peer sent a frame of {len} bytes; skipping it");
+                    guest_warn!("virtio-net: the stream peer sent a frame of {len} bytes; skipping it");
                     self.rstart += 4;
                     self.skip = len;
                     continue;

@@ -20,6 +20,7 @@ use virtio_bindings::virtio_net::{
 };
 
 use super::{Backend, VNET_HDR_LEN};
+use crate::devices::guest_log::guest_warn;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -148,7 +149,7 @@ impl Backend for TapBackend {
             }
         }
         if let Err(e) = set_offload(self.file.as_raw_fd(), flags) {
-            tracing::warn!("tap {}: TUNSETOFFLOAD {flags:#x}: {e}", self.name);
+            guest_warn!("tap {}: TUNSETOFFLOAD {flags:#x}: {e}", self.name);
         }
     }
 

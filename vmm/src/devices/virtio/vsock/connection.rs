@@ -33,6 +33,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::packet::{Header, Op, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::HOST_CID;
+use crate::devices::guest_log::guest_warn;
 
 /// Guest-to-host bytes one connection may hold back when the host reads slower than
 /// the guest writes. Advertised as `buf_alloc`.
@@ -252,7 +253,7 @@ impl Connection {
                 }
                 let buffered = self.to_host.len() - self.to_host_own;
                 if buffered + payload.len() > CONN_BUF_SIZE as usize {
-                    tracing::warn!(
+                    guest_warn!(
                         "vsock {}: guest sent {} bytes with {buffered} of {CONN_BUF_SIZE} buffered: credit overrun, resetting",
                         self.local_port,
                         payload.len()

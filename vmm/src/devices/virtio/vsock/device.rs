@@ -16,7 +16,8 @@ use vm_memory::GuestMemoryMmap;
 use super::muxer::Muxer;
 use super::packet::{self, RxBuffer, MAX_PAYLOAD};
 use super::{VsockError, RX_QUEUE, TX_QUEUE};
-use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::guest_log::guest_warn;
+use crate::devices::virtio::{add_used, pop_chain, service_queue, RingError, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 256;
 
@@ -41,15 +42,15 @@ impl Vsock {
 
     /// Hands every packet the guest queued to the muxer. TX buffers are only read, so
     /// they are returned with length 0.
-    fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        super::super::service_queue(queue, mem, "vsock", |chain| {
+    fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, RingError> {
+        service_queue(queue, mem, |chain| {
             let head = chain.head_index();
             match packet::read_header(chain, mem) {
-                Ok((hdr, mut reader)) => match packet::read_payload(&hdr, &mut reader, &mut self.scratch) {
-                    Ok(payload) => self.muxer.send_pkt(&hdr, payload),
+                Ok(pkt) => match pkt.read_payload(&mut self.scratch) {
+                    Ok(payload) => self.muxer.send_pkt(&pkt.hdr, payload),
                     Err(e) => {
-                        tracing::debug!("vsock: refusing packet {hdr:?}: {e}");
-                        self.muxer.refuse(&hdr);
+                        tracing::debug!("vsock: refusing packet {:?}: {e}", pkt.hdr);
+                        self.muxer.refuse(&pkt.hdr);
                     }
                 },
                 Err(e) => tracing::debug!("vsock: dropping TX chain {head}: {e}"),
@@ -59,11 +60,11 @@ impl Vsock {
     }
 
     /// Fills guest RX buffers with whatever the muxer has for the guest.
-    fn fill_rx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
-        let Some(queue) = queues.get_mut(RX_QUEUE).filter(|q| q.ready()) else { return false };
+    fn fill_rx(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, RingError> {
+        let Some(queue) = queues.get_mut(RX_QUEUE).filter(|q| q.ready()) else { return Ok(false) };
         let mut used_any = false;
         while self.muxer.has_rx() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let Some(chain) = pop_chain(queue, mem)? else { break };
             let head = chain.head_index();
             let len = match RxBuffer::new(chain, mem) {
                 Ok(buf) => {
@@ -74,7 +75,7 @@ impl Vsock {
                         break;
                     };
                     buf.fill(&hdr, &self.scratch[..n]).unwrap_or_else(|e| {
-                        tracing::warn!("vsock: writing RX buffer {head}: {e}");
+                        guest_warn!("vsock: writing RX buffer {head}: {e}");
                         0
                     })
                 }
@@ -85,13 +86,10 @@ impl Vsock {
                     0
                 }
             };
-            if let Err(e) = queue.add_used(mem, head, len) {
-                tracing::warn!("vsock: cannot return RX descriptor {head}: {e}");
-                break;
-            }
+            add_used(queue, mem, head, len)?;
             used_any = true;
         }
-        used_any && queue.needs_notification(mem).unwrap_or(true)
+        Ok(used_any && queue.needs_notification(mem).unwrap_or(true))
     }
 }
 
@@ -112,16 +110,19 @@ impl VirtioDevice for Vsock {
         &self.config
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, RingError> {
         match index {
             TX_QUEUE => {
-                let tx_notify = queues.get_mut(TX_QUEUE).is_some_and(|q| self.process_tx(q, mem));
+                let tx_notify = match queues.get_mut(TX_QUEUE) {
+                    Some(q) => self.process_tx(q, mem)?,
+                    None => false,
+                };
                 // Replies (RESPONSE, RST, credit updates) go out right away.
-                self.fill_rx(queues, mem) | tx_notify
+                Ok(self.fill_rx(queues, mem)? | tx_notify)
             }
             RX_QUEUE => self.fill_rx(queues, mem),
             // The event queue (index 2) is never used, as said above.
-            _ => false,
+            _ => Ok(false),
         }
     }
 
@@ -129,7 +130,7 @@ impl VirtioDevice for Vsock {
         Some(self.muxer.epoll_fd())
     }
 
-    fn process_host_events(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+    fn process_host_events(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, RingError> {
         self.muxer.process_host_events();
         self.fill_rx(queues, mem)
     }

@@ -29,6 +29,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::connection::{Connection, Outcome, Rx};
 use super::packet::{Header, Op, TYPE_STREAM};
 use super::{VsockError, HOST_CID};
+use crate::devices::guest_log::{guest_error, guest_warn};
 
 /// Connections plus host clients still sending their CONNECT line.
 const MAX_CONNECTIONS: usize = 1024;
@@ -235,7 +236,7 @@ impl Muxer {
             Ok(n) => n,
             Err(e) => {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    tracing::warn!("vsock: epoll wait: {e}");
+                    guest_warn!("vsock: epoll wait: {e}");
                 }
                 return;
             }
@@ -306,7 +307,7 @@ impl Muxer {
             };
             if let Err(e) = result {
                 // Without epoll the connection would hang: drop it.
-                tracing::error!("vsock: epoll on a host stream: {e}");
+                guest_error!("vsock: epoll on a host stream: {e}");
                 return self.remove(key, true);
             }
             entry.polled = want;
@@ -375,7 +376,7 @@ impl Muxer {
     /// The guest asked for host port `hdr.dst_port`: connect to `P_<port>`.
     fn connect_to_host(&mut self, key: ConnKey, hdr: &Header) {
         if self.connection_count() >= MAX_CONNECTIONS {
-            tracing::warn!(
+            guest_warn!(
                 "vsock: {MAX_CONNECTIONS} connections open; refusing the guest's connection to port {}",
                 hdr.dst_port
             );
@@ -404,16 +405,16 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.connection_count() >= MAX_CONNECTIONS {
-                        tracing::warn!("vsock: {MAX_CONNECTIONS} connections open; closing a new host client");
+                        guest_warn!("vsock: {MAX_CONNECTIONS} connections open; closing a new host client");
                         continue;
                     }
                     if let Err(e) = stream.set_nonblocking(true) {
-                        tracing::warn!("vsock: host client: {e}");
+                        guest_warn!("vsock: host client: {e}");
                         continue;
                     }
                     let token = self.new_token();
                     if let Err(e) = self.watch(stream.as_raw_fd(), EventSet::IN, token) {
-                        tracing::error!("vsock: epoll on a host client: {e}");
+                        guest_error!("vsock: epoll on a host client: {e}");
                         continue;
                     }
                     self.sources.insert(token, Source::Pending(PendingConnect { stream, line: Vec::new() }));
@@ -422,10 +423,7 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::warn!(
-                        "vsock: accepting on {}: {e}; pausing for {ACCEPT_BACKOFF:?}",
-                        self.uds_path.display()
-                    );
+                    guest_warn!("vsock: accepting on {}: {e}; pausing for {ACCEPT_BACKOFF:?}", self.uds_path.display());
                     let _ = self.epoll.ctl(ControlOperation::Delete, self.listener.as_raw_fd(), EpollEvent::default());
                     self.deadlines.push(Reverse((now + ACCEPT_BACKOFF, TOKEN_LISTENER)));
                     return;
@@ -451,7 +449,7 @@ impl Muxer {
                 self.insert(ConnKey { local_port, peer_port: port }, conn);
             }
             // Dropping the stream closes it: the client sees EOF instead of "OK".
-            Err(why) => tracing::warn!("vsock: closing host client on {}: {why}", self.uds_path.display()),
+            Err(why) => guest_warn!("vsock: closing host client on {}: {why}", self.uds_path.display()),
         }
     }
 
@@ -470,7 +468,7 @@ impl Muxer {
         // Disarming resets the expiration count, which is what keeps epoll from
         // reporting the timer again; rearm_timer() sets the next deadline.
         if let Err(e) = self.timer.clear() {
-            tracing::warn!("vsock: timerfd: {e}");
+            guest_warn!("vsock: timerfd: {e}");
         }
         self.timer_at = None;
         while let Some(&Reverse((at, token))) = self.deadlines.peek() {
@@ -481,7 +479,7 @@ impl Muxer {
             if token == TOKEN_LISTENER {
                 // The accept backoff is over.
                 if let Err(e) = self.watch(self.listener.as_raw_fd(), EventSet::IN, TOKEN_LISTENER) {
-                    tracing::error!("vsock: cannot watch {} again: {e}", self.uds_path.display());
+                    guest_error!("vsock: cannot watch {} again: {e}", self.uds_path.display());
                 }
                 continue;
             }
@@ -489,7 +487,7 @@ impl Muxer {
                 Some(Source::Pending(_)) => {
                     if let Some(Source::Pending(p)) = self.sources.remove(&token) {
                         let _ = self.epoll.ctl(ControlOperation::Delete, p.stream.as_raw_fd(), EpollEvent::default());
-                        tracing::warn!(
+                        guest_warn!(
                             "vsock: host client sent no CONNECT line within {CONNECT_LINE_TIMEOUT:?}; closing it"
                         );
                     }
@@ -518,7 +516,7 @@ impl Muxer {
             None => self.timer.clear(),
         };
         if let Err(e) = result {
-            tracing::warn!("vsock: timerfd: {e}");
+            guest_warn!("vsock: timerfd: {e}");
         }
         self.timer_at = next;
     }

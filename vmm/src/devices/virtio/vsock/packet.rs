@@ -2,20 +2,23 @@
 //! that turn an untrusted descriptor chain into a header plus payload, or refuse it.
 //!
 //! TX chains (guest to host) must be entirely device-readable and RX chains (host to
-//! guest) entirely device-writable. Every range goes through vm-memory's bounds checks
-//! when the Reader/Writer is built, so a chain pointing outside guest memory is refused
-//! before a single byte is copied.
+//! guest) entirely device-writable, of at most [`MAX_CHAIN_DESCS`] descriptors, all
+//! inside guest memory: the chain is walked once, into bounded
+//! [`Segments`], before a single byte is copied.
 
-use std::io::{Read, Write};
-
-use virtio_queue::{DescriptorChain, Reader, Writer};
+use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
+
+use crate::devices::virtio::chain::{ChainError, Segments};
 
 /// Size of `struct virtio_vsock_hdr` on the wire (packed, little endian).
 pub const HDR_LEN: usize = 44;
 /// Largest payload in one packet, as in Linux (VIRTIO_VSOCK_MAX_PKT_BUF_SIZE): a bigger
 /// `len` is a malformed packet, and host-to-guest packets never carry more.
 pub const MAX_PAYLOAD: usize = 64 << 10;
+/// Descriptors the device takes in one chain. Linux uses one or two (header and
+/// payload), and at most MAX_SKB_FRAGS + 1 for a paged packet.
+pub const MAX_CHAIN_DESCS: usize = 64;
 
 /// The socket type of stream connections (VIRTIO_VSOCK_TYPE_STREAM).
 pub const TYPE_STREAM: u16 = 1;
@@ -133,15 +136,10 @@ impl Header {
 /// Why a descriptor chain was refused as a packet or an RX buffer.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PacketError {
-    /// The chain is malformed or points outside guest memory.
-    #[error("descriptor chain is malformed or points outside guest memory")]
-    BadChain,
-    /// A TX chain contains a device-writable descriptor.
-    #[error("TX chain contains a device-writable descriptor")]
-    WritableInTx,
-    /// An RX chain contains a device-readable descriptor.
-    #[error("RX chain contains a device-readable descriptor")]
-    ReadableInRx,
+    /// The chain is malformed: a descriptor in the wrong direction, too many
+    /// descriptors, a loop or bad indirect table, or a buffer outside guest memory.
+    #[error(transparent)]
+    BadChain(#[from] ChainError),
     /// The chain holds fewer bytes (given) than a header.
     #[error("chain holds {0} bytes, less than the {HDR_LEN}-byte header")]
     TooShort(usize),
@@ -160,72 +158,72 @@ pub enum PacketError {
 
 type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
 
-/// Reads the header of a guest-to-host packet; the returned reader is positioned at the
-/// payload.
-pub fn read_header<'m>(chain: Chain<'m>, mem: &'m GuestMemoryMmap) -> Result<(Header, Reader<'m>), PacketError> {
-    // The guest may rewrite descriptors while we look; the worst a race can do is make
-    // the Reader below skip a descriptor, which the length checks then catch.
-    if chain.clone().any(|d| d.is_write_only()) {
-        return Err(PacketError::WritableInTx);
-    }
-    let mut reader = chain.reader(mem).map_err(|_| PacketError::BadChain)?;
-    let avail = reader.available_bytes();
-    let mut raw = [0u8; HDR_LEN];
-    if avail < HDR_LEN {
-        return Err(PacketError::TooShort(avail));
-    }
-    reader.read_exact(&mut raw).map_err(|_| PacketError::BadChain)?;
-    Ok((Header::from_bytes(&raw), reader))
+/// A guest-to-host packet's chain, its header read.
+pub struct TxPacket<'m> {
+    /// The packet's header.
+    pub hdr: Header,
+    segs: Segments,
+    mem: &'m GuestMemoryMmap,
 }
 
-/// Copies an RW packet's payload into `scratch` and returns it; other operations carry
-/// no payload (any bytes after their header are ignored).
-pub fn read_payload<'s>(hdr: &Header, reader: &mut Reader<'_>, scratch: &'s mut [u8]) -> Result<&'s [u8], PacketError> {
-    if hdr.op() != Some(Op::Rw) {
-        return Ok(&[]);
+/// Reads the header of a guest-to-host packet.
+pub fn read_header<'m>(chain: Chain<'m>, mem: &'m GuestMemoryMmap) -> Result<TxPacket<'m>, PacketError> {
+    let segs = Segments::new(chain, mem, false, MAX_CHAIN_DESCS)?;
+    if segs.len() < HDR_LEN {
+        return Err(PacketError::TooShort(segs.len()));
     }
-    let len = hdr.len as usize;
-    if len > MAX_PAYLOAD || len > scratch.len() {
-        return Err(PacketError::PayloadTooLong(hdr.len));
+    let mut raw = [0u8; HDR_LEN];
+    segs.read_at(mem, 0, &mut raw)?;
+    Ok(TxPacket { hdr: Header::from_bytes(&raw), segs, mem })
+}
+
+impl TxPacket<'_> {
+    /// Copies an RW packet's payload into `scratch` and returns it; other operations
+    /// carry no payload (any bytes after their header are ignored).
+    pub fn read_payload<'s>(&self, scratch: &'s mut [u8]) -> Result<&'s [u8], PacketError> {
+        if self.hdr.op() != Some(Op::Rw) {
+            return Ok(&[]);
+        }
+        let len = self.hdr.len as usize;
+        if len > MAX_PAYLOAD || len > scratch.len() {
+            return Err(PacketError::PayloadTooLong(self.hdr.len));
+        }
+        let avail = self.segs.len() - HDR_LEN;
+        if len > avail {
+            return Err(PacketError::LenBeyondChain { len: self.hdr.len, avail });
+        }
+        self.segs.read_at(self.mem, HDR_LEN, &mut scratch[..len])?;
+        Ok(&scratch[..len])
     }
-    let avail = reader.available_bytes();
-    if len > avail {
-        return Err(PacketError::LenBeyondChain { len: hdr.len, avail });
-    }
-    reader.read_exact(&mut scratch[..len]).map_err(|_| PacketError::BadChain)?;
-    Ok(&scratch[..len])
 }
 
 /// A guest RX buffer, checked to be device-writable and large enough for a header.
 pub struct RxBuffer<'m> {
-    writer: Writer<'m>,
+    segs: Segments,
+    mem: &'m GuestMemoryMmap,
 }
 
 impl<'m> RxBuffer<'m> {
     /// Checks `chain` as an RX buffer: all device-writable, with room for a header.
     pub fn new(chain: Chain<'m>, mem: &'m GuestMemoryMmap) -> Result<Self, PacketError> {
-        if chain.clone().any(|d| !d.is_write_only()) {
-            return Err(PacketError::ReadableInRx);
-        }
-        let writer = chain.writer(mem).map_err(|_| PacketError::BadChain)?;
-        match writer.available_bytes() {
+        let segs = Segments::new(chain, mem, true, MAX_CHAIN_DESCS)?;
+        match segs.len() {
             n if n < HDR_LEN => Err(PacketError::TooShort(n)),
-            _ => Ok(Self { writer }),
+            _ => Ok(Self { segs, mem }),
         }
     }
 
     /// Payload bytes that fit after the header (capped at the packet limit).
     pub fn payload_capacity(&self) -> usize {
-        (self.writer.available_bytes() - HDR_LEN).min(MAX_PAYLOAD)
+        (self.segs.len() - HDR_LEN).min(MAX_PAYLOAD)
     }
 
     /// Writes the packet; returns the used length to report. `payload` must fit
-    /// [`Self::payload_capacity`], which the Writer's up-front bounds checks make
-    /// infallible.
-    pub fn fill(mut self, hdr: &Header, payload: &[u8]) -> Result<u32, PacketError> {
+    /// [`Self::payload_capacity`]; the segments were bounds-checked when taken.
+    pub fn fill(self, hdr: &Header, payload: &[u8]) -> Result<u32, PacketError> {
         debug_assert_eq!(hdr.len as usize, payload.len());
-        self.writer.write_all(&hdr.to_bytes()).map_err(|_| PacketError::BadChain)?;
-        self.writer.write_all(payload).map_err(|_| PacketError::BadChain)?;
+        self.segs.write_at(self.mem, 0, &hdr.to_bytes())?;
+        self.segs.write_at(self.mem, HDR_LEN, payload)?;
         Ok((HDR_LEN + payload.len()) as u32)
     }
 }
