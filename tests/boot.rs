@@ -163,3 +163,34 @@ fn a_killed_kindling_boot_leaves_no_vm_behind() {
         .collect();
     assert!(left.is_empty(), "processes of the killed VM still run: {left:?}");
 }
+
+/// A level-1 VM that goes silent (a stall injected on purpose at the L1 side's
+/// `vm-build` step, with a short bound) ends `kindling boot` with the stall's exit
+/// status and an error naming the last step, L1's last kernel messages and where its
+/// vCPUs were, within the bound: no silent hang. Emulated runner only.
+#[test]
+fn a_stalled_level_1_vm_is_stopped_with_an_error_that_says_where() {
+    if !matches!(kindling::runner::probe_kvm(), kindling::runner::KvmStatus::Unusable(_)) {
+        eprintln!("skipped: the emulated runner is not used here");
+        return;
+    }
+    let (kernel, initrd) = (debian_kernel(), busybox_initramfs());
+    let mut cmd = kindling();
+    cmd.env("KINDLING_TEST_L1_STALL", "vm-build").env("KINDLING_L1_STALL_SECS", "30").arg("boot").args([
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--net",
+        "none",
+    ]);
+    let t0 = std::time::Instant::now();
+    let out = run_with_timeout(cmd, std::time::Duration::from_secs(300));
+    let secs = t0.elapsed().as_secs();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(kindling_proto::exit::L1_STALLED), "{err}");
+    assert!(err.contains("made no progress for") && err.contains("last step: vm-build"), "{err}");
+    assert!(err.contains("Linux version") || err.contains("kindling-l1: step"), "L1's last messages are shown:\n{err}");
+    assert!(err.contains("vCPU 0 RIP"), "where L1's vCPUs were:\n{err}");
+    assert!(secs < 200, "stopped within the bound plus the boot ({secs} s)");
+}

@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use kindling_proto::agent::Reply;
 
 /// An initramfs: busybox, the agent as /sbin/kindling-agent, and an /init that execs it.
 fn agent_initramfs(dir: &Path) -> PathBuf {
@@ -46,6 +47,26 @@ fn agent_initramfs(dir: &Path) -> PathBuf {
 fn request(mut s: impl Read + Write, req: &str) -> Vec<String> {
     s.write_all(format!("{req}\n").as_bytes()).unwrap();
     BufReader::new(s).lines().map_while(Result::ok).collect()
+}
+
+/// One exec request: its replies (output frames removed) and its output bytes.
+fn exec(mut s: impl Read + Write, req: &str) -> (Vec<Reply>, Vec<u8>) {
+    s.write_all(format!("{req}\n").as_bytes()).unwrap();
+    let mut wire = Vec::new();
+    let _ = s.read_to_end(&mut wire);
+    let (mut replies, mut output, mut rest) = (Vec::new(), Vec::new(), &wire[..]);
+    while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+        let reply = Reply::parse(std::str::from_utf8(&rest[..nl]).unwrap()).unwrap();
+        rest = &rest[nl + 1..];
+        match reply {
+            Reply::Out(n) => {
+                output.extend_from_slice(&rest[..n as usize]);
+                rest = &rest[n as usize..];
+            }
+            r => replies.push(r),
+        }
+    }
+    (replies, output)
 }
 
 /// Connects to guest port 1024 through the vsock socket.
@@ -110,26 +131,20 @@ fn host_and_guest_agent_talk_over_vsock_and_a_forwarded_port() {
 
     let phases = request(vsock_connect(&uds).unwrap(), r#"{"op":"phases"}"#).join("");
     assert!(phases.contains(r#""name":"agent-start""#), "{phases}");
-    // Guest to host: streamed output of a command run in the guest.
-    let out = request(
+    // Guest to host: streamed output of a command run in the guest, byte for byte.
+    let (replies, output) = exec(
         vsock_connect(&uds).unwrap(),
         r#"{"op":"exec","argv":["sh","-c","head -c 300000 /dev/zero | tr '\\0' x"]}"#,
     );
-    let text: usize =
-        out.iter().filter_map(|l| l.strip_prefix(r#"{"out":""#)).map(|l| l.trim_end_matches("\"}").len()).sum();
-    assert_eq!(text, 300_000, "guest-to-host stream lost data");
-    assert_eq!(out.last().map(String::as_str), Some(r#"{"exit":0}"#));
+    assert_eq!(output, vec![b'x'; 300_000], "guest-to-host stream lost data");
+    assert_eq!(replies, [Reply::Exit(0)]);
     // Host to guest: a 100 KB request line.
     let big = "y".repeat(100_000);
-    let out = request(
+    let (replies, output) = exec(
         vsock_connect(&uds).unwrap(),
         &format!(r#"{{"op":"exec","argv":["sh","-c","echo ${{#1}}","_","{big}"]}}"#),
     );
-    assert_eq!(
-        out,
-        [r#"{"out":"100000\n"}"#.to_string(), r#"{"exit":0}"#.to_string()],
-        "host-to-guest stream lost data"
-    );
+    assert_eq!((replies, output), (vec![Reply::Exit(0)], b"100000\n".to_vec()), "host-to-guest stream lost data");
     // The forwarded TCP port reaches the same guest port.
     let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();

@@ -362,7 +362,7 @@ mod tests {
     fn bad_requests_are_refused_with_a_reason() {
         let ctx = Ctx { paths: Paths::new("/nonexistent"), reaper: Reaper::start() };
         for (req, expect) in [
-            (vec![b'{'; MAX_LINE + 1], "at most 65536 bytes"),
+            (vec![b'{'; MAX_LINE + 1], "one line of at most"),
             (b"{\"op\":\"format-disk\"}\n".to_vec(), "bad request"),
             (b"not json\n".to_vec(), "bad request"),
             (

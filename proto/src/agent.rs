@@ -27,8 +27,9 @@ use crate::phase::Phase;
 pub const VSOCK_PORT: u32 = 1024;
 /// Where the agent listens when it is a container's init (under the container's root).
 pub const UNIX_SOCKET: &str = "/run/kindling/agent.sock";
-/// The longest request or reply line, newline included.
-pub const MAX_LINE: usize = 64 * 1024;
+/// The longest request or reply line, newline included (an exec argv can carry a
+/// manifest).
+pub const MAX_LINE: usize = 1 << 20;
 /// The largest output chunk that follows an `{"out":N}` line.
 pub const MAX_CHUNK: usize = 64 * 1024;
 /// The most words an `exec` argv may have.

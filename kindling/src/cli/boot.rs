@@ -13,7 +13,7 @@ use kindling_vmm::devices::virtio::net::Backend;
 use kindling_vmm::devices::ExitReason;
 
 use crate::hostnet::{self, NetChoice, NetKind};
-use crate::runner::{self, emulated, Runner, RunnerKind};
+use crate::runner::{self, emulated, l1watch, Runner, RunnerKind};
 
 #[derive(Debug, Clone, Args)]
 pub struct BootArgs {
@@ -125,6 +125,7 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
         Runner::Kvm => {
             let mut backend = None;
             if let Some(kind) = net {
+                l1watch::step("net-setup");
                 let host = hostnet::setup(kind, args.host_loopback)?;
                 tracing::info!("net: {}", host.summary);
                 config = with_network(&config, Some(&host.guest));
@@ -150,6 +151,12 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
                     );
                     Ok(exit::GUEST_CRASHED)
                 }
+                // The level-1 VM went silent and was stopped: a distinct status, so that
+                // a supervisor (kindling start) can retry.
+                Err(emulated::EmulatedError::Stalled(stall)) => {
+                    tracing::error!("{stall}");
+                    Ok(exit::L1_STALLED)
+                }
                 r => Ok(r?),
             }
         }
@@ -159,8 +166,10 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
 fn boot_on_kvm(config: &VmConfig, net: Option<Box<dyn Backend>>) -> anyhow::Result<i32> {
     let t0 = Instant::now();
     let console = Console { output: Box::new(std::io::stdout()), input: Some(libc::STDIN_FILENO) };
+    l1watch::step("vm-build");
     let vm = MicroVm::build(config, HostResources { console, net })?;
     tracing::info!("microVM ready to run in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    l1watch::step("vm-run");
     let reason = vm.run()?;
     let secs = t0.elapsed().as_secs_f64();
     match reason {

@@ -69,6 +69,8 @@ pub const DEFAULT_DISK_GIB: u64 = 20;
 pub const DEFAULT_WAIT_SECS: u64 = 45 * 60;
 /// How often `start` restarts a guest that crashed before it was Ready.
 pub const CRASH_RESTARTS: u32 = 2;
+/// How often `start` starts again a VM whose level-1 VM stalled (emulated runner).
+pub const STALL_RETRIES: u32 = 1;
 /// How long `stop` waits for an orderly power-off before stopping the VM process.
 pub const DEFAULT_STOP_WAIT_SECS: u64 = 120;
 /// The disk's file name in the VM directory.

@@ -255,6 +255,7 @@ pub fn start(o: &StartOptions, say: &Say) -> Result<StartReport> {
     let what = if target == READY_PHASE { "the node to be Ready".to_string() } else { format!("phase {target}") };
     let wait = o.wait.unwrap_or(Duration::from_secs(DEFAULT_WAIT_SECS));
     let mut attempt = 0;
+    let mut stalls = 0;
     let phases = loop {
         let console_offset = if attempt == 0 {
             console_offset
@@ -266,18 +267,23 @@ pub fn start(o: &StartOptions, say: &Say) -> Result<StartReport> {
             "waiting for {what} (phases in seconds since the guest kernel started; console: `{}`)",
             command_for("logs", name)
         ));
-        match wait_ready(&ctx, name, &vm, console_offset, &target, wait, say) {
+        let result = wait_ready(&ctx, name, &vm, console_offset, &target, wait, say);
+        let exit_code = || ctx.vm(name).ok().flatten().and_then(|v| v.exit_code);
+        match result {
             Ok(phases) => break phases,
+            // The emulated runner stopped a level-1 VM that went silent (its error, with
+            // where L1 stopped, is in the console): retried once.
+            Err(e) if stalls < STALL_RETRIES && exit_code() == Some(kindling_proto::exit::L1_STALLED) => {
+                stalls += 1;
+                say.line(format!(
+                    "the emulated runner's level-1 VM stalled and was stopped (details in `{}`); starting it again",
+                    command_for("logs", name)
+                ));
+                tracing::debug!("stall before Ready: {e:#}");
+            }
             // A guest crash (triple fault) is restarted: the node's state is on its disk.
             // Under the emulated runner, nested virtualization does this now and then.
-            Err(e)
-                if attempt < CRASH_RESTARTS
-                    && ctx
-                        .vm(name)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|v| v.exit_code == Some(kindling_proto::exit::GUEST_CRASHED)) =>
-            {
+            Err(e) if attempt < CRASH_RESTARTS && exit_code() == Some(kindling_proto::exit::GUEST_CRASHED) => {
                 attempt += 1;
                 say.line(format!(
                     "the guest crashed (a vCPU triple-faulted; the console is in `{}`); restarting it, attempt {attempt} of {CRASH_RESTARTS}",

@@ -32,6 +32,7 @@ use std::time::Instant;
 use kindling_proto::forward::Forward;
 use kindling_vmm::config::VmConfig;
 
+use super::l1watch::{self, Watch};
 use super::relay::{self, HostRelay, Token};
 use crate::archive::Archive;
 use crate::cache;
@@ -69,16 +70,22 @@ const L1_VSOCK_PATH: &str = "/kindling/vsock.sock";
 /// The relay's token inside L1 (see [`relay`]).
 const L1_TOKEN_FILE: &str = "/kindling/relay-token";
 
+/// L1's init. Its kernel console, and so this script's output, is ttyS1: the progress
+/// channel ([`l1watch`]); steps go into the kernel log too. kindling runs with its
+/// output on ttyS0, the L2 guest's console.
 const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+step() { echo "kindling-l1: step $1" > /dev/kmsg; }
+step init
 for m in $(cat /lib/modules/order); do
   insmod /lib/modules/$m || echo "kindling-l1: loading $m failed"
 done
 [ -c /dev/kvm ] || echo "kindling-l1: no /dev/kvm after loading the KVM modules"
+step modules
 ip link set lo up
 if [ -e /sys/class/net/eth0 ]; then
   ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0
@@ -88,7 +95,8 @@ if [ -e /sys/class/net/eth0 ]; then
   echo 1 > /proc/sys/net/ipv4/conf/eth0/proxy_arp
 fi
 mkdir -p /etc && echo "nameserver 10.0.2.3" > /etc/resolv.conf
-exec /kindling/kindling __l1-guest
+step network
+exec /kindling/kindling __l1-guest </dev/ttyS0 >/dev/ttyS0 2>&1
 "#;
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +121,8 @@ pub enum EmulatedError {
     Forward(#[from] crate::forward::ForwardError),
     #[error("emulated runner: {0}")]
     Job(String),
+    #[error("emulated runner: {0}")]
+    Stalled(Box<super::l1watch::Stall>),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EmulatedError {
@@ -129,6 +139,11 @@ impl L1Kernel {
     /// Debian's stock cloud kernel (also the tests' stock guest kernel).
     pub fn vmlinuz(&self) -> PathBuf {
         self.dir.join("vmlinuz")
+    }
+    /// A real System.map beside the kernel (from linux-image-*-dbg; Debian's own is a
+    /// stub), which symbolizes where a stalled L1 was.
+    pub fn system_map(&self) -> Option<PathBuf> {
+        Some(self.dir.join("System.map")).filter(|p| p.is_file())
     }
     fn module(&self, name: &str) -> PathBuf {
         self.dir.join("modules").join(name)
@@ -301,6 +316,10 @@ fn run_archive(config: &VmConfig, job: &L1Job, token: &Token, exe: &Path, dest: 
     a.entry("kindling/mode", 0o100644, job.mode.as_bytes())?;
     a.entry(L1_TOKEN_FILE.trim_start_matches('/'), 0o100600, token.as_str().as_bytes())?;
     a.entry("kindling/args", 0o100644, job.args.join("\0").as_bytes())?;
+    // Tests: hang the L1 side at this step (see l1watch::step).
+    if let Ok(stall) = std::env::var("KINDLING_TEST_L1_STALL") {
+        a.entry("kindling/test-stall", 0o100644, stall.as_bytes())?;
+    }
     let filter = std::env::var("RUST_LOG").unwrap_or_default();
     a.entry("kindling/log-filter", 0o100644, filter.as_bytes())?;
     a.finish()?.flush()
@@ -429,6 +448,8 @@ pub fn run_job(config: &VmConfig, job: &L1Job, forwards: &[Forward]) -> Result<i
     let work =
         tempfile::Builder::new().prefix("kindling-l1-").tempdir().map_err(io("creating a temporary directory"))?;
     let initramfs = work.path().join("initramfs.cpio");
+    let l1_log = work.path().join("l1.log");
+    let qmp = work.path().join("qmp.sock");
     let per_run = work.path().join("run.cpio");
     let token = Token::generate().map_err(io("making the relay's token"))?;
     run_archive(config, job, &token, &exe, &per_run).map_err(io("packing the guest kernel and initrd for L1"))?;
@@ -484,9 +505,17 @@ pub fn run_job(config: &VmConfig, job: &L1Job, forwards: &[Forward]) -> Result<i
         .arg(l1.vmlinuz())
         .arg("-initrd")
         .arg(&initramfs)
-        // loglevel=4: L1's kernel errors (a soft lockup, a hung task, the OOM killer)
-        // reach the console; a healthy L1 prints none.
-        .args(["-append", "console=ttyS0 quiet loglevel=4 panic=-1 tsc=reliable"]);
+        // ttyS1, L1's kernel console and progress channel, goes to a file the watch
+        // follows; QMP answers where the vCPUs are when L1 stalls.
+        .args([
+            "-chardev",
+            &format!("file,id=l1log,path={},append=on", qemu_escape(&l1_log)),
+            "-serial",
+            "chardev:l1log",
+        ])
+        .args(["-qmp", &format!("unix:{},server=on,wait=off", qemu_escape(&qmp))])
+        // nokaslr: a stalled vCPU's RIP maps onto System.map.
+        .args(["-append", "console=ttyS1 loglevel=6 panic=-1 tsc=reliable nokaslr"]);
     for d in &config.disks {
         let mut spec = format!("file={},if=virtio,format=raw,cache=writeback,discard=unmap", qemu_escape(&d.path));
         if d.read_only {
@@ -506,7 +535,21 @@ pub fn run_job(config: &VmConfig, job: &L1Job, forwards: &[Forward]) -> Result<i
         });
     }
     eprintln!("kindling: emulated runner: starting the level-1 VM (QEMU TCG, {l1_cpus} vCPUs, {l1_mem} MiB)");
-    let status = cmd.status().map_err(io("starting qemu-system-x86_64"))?;
+    let watch = Watch::start(&l1_log).map_err(io("following the level-1 VM's log"))?;
+    let mut child = cmd.spawn().map_err(io("starting qemu-system-x86_64"))?;
+    let bound = l1watch::stall_bound();
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(io("waiting for qemu-system-x86_64"))? {
+            break status;
+        }
+        if watch.silent_for() > bound {
+            let stall = watch.stall(l1watch::vcpu_report(&qmp, l1.system_map().as_deref()));
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(EmulatedError::Stalled(Box::new(stall)));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     drop(relay);
     let code = status.code().ok_or(EmulatedError::Killed)?;
     tracing::debug!("level-1 VM exited with {code} after {:?}", t0.elapsed());
@@ -517,11 +560,14 @@ pub fn run_job(config: &VmConfig, job: &L1Job, forwards: &[Forward]) -> Result<i
 /// from /kindling/mode) with its arguments on L1's KVM and reports the exit status to
 /// the host through QEMU's isa-debug-exit port.
 pub fn l1_guest_main(run: impl FnOnce(&str, Vec<String>) -> i32) -> ! {
+    l1watch::step("kindling");
+    l1watch::start_heartbeat();
     let mode = std::fs::read_to_string("/kindling/mode").unwrap_or_else(|_| "boot".into());
     let status = match std::fs::read("/kindling/args") {
         Ok(raw) => {
             let args: Vec<String> = String::from_utf8_lossy(&raw).split('\0').map(str::to_owned).collect();
             wait_for_disks(&args);
+            l1watch::step("disks");
             if args.iter().any(|a| a == "--vsock") {
                 match std::fs::read_to_string(L1_TOKEN_FILE).ok().as_deref().and_then(Token::parse) {
                     Some(token) => relay::serve_in_l1(L1_RELAY_PORT, token, L1_VSOCK_PATH),

@@ -7,6 +7,7 @@
 //!   AMD SVM and nested paging), where Debian's stock KVM modules provide a real /dev/kvm.
 
 pub mod emulated;
+pub mod l1watch;
 pub mod relay;
 
 use std::path::Path;

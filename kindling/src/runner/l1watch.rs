@@ -1,0 +1,379 @@
+//! No silent stall of the emulated runner: the level-1 VM reports its progress on a
+//! channel of its own, and the host stops a level-1 VM that has gone quiet.
+//!
+//! L1's kernel console is its second serial port (ttyS1), which QEMU writes to a file
+//! in the VM's private temporary directory; L1's init and the kindling inside L1 write
+//! their steps (`kindling-l1: step <name>`) and, once the guest runs, a heartbeat
+//! (`kindling-l1: alive`) into the kernel log (/dev/kmsg), so every line there, kernel
+//! message or step, is progress, in order and timestamped. L2's console stays on
+//! ttyS0 (the user's terminal, or the console log).
+//!
+//! The host side ([`Watch`]) follows that file: it keeps the last lines, passes on what
+//! a user should see (kernel errors, L1's own complaints), and when nothing arrives for
+//! the stall bound it records the last step and the last lines, asks QEMU's monitor
+//! where L1's vCPUs are (`info cpus`: halted or running, and `info registers -a`: each
+//! RIP, symbolized when a System.map is beside the L1 kernel; Debian's is a stub, the
+//! real one comes with linux-image-*-dbg; L1 boots with `nokaslr` so the RIPs match
+//! it) and kills QEMU, so that `kindling boot` fails with an error that says where L1
+//! stopped instead of hanging.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long L1 may stay silent by default (`KINDLING_L1_STALL_SECS` overrides it). A
+/// healthy L1 writes a heartbeat every [`HEARTBEAT`], and its kernel and init print
+/// steps as they go; minutes of silence mean it is stuck.
+pub const DEFAULT_STALL_SECS: u64 = 180;
+/// How often the kindling inside L1 writes its heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// The prefix of L1's own lines.
+pub const PREFIX: &str = "kindling-l1: ";
+/// The step lines' prefix.
+pub const STEP: &str = "kindling-l1: step ";
+/// The heartbeat line.
+pub const ALIVE: &str = "kindling-l1: alive";
+/// The log file is cut back to empty past this size (QEMU appends to it).
+const MAX_LOG: u64 = 16 << 20;
+/// Lines kept for the error message.
+const KEPT: usize = 200;
+
+/// The stall bound in effect.
+pub fn stall_bound() -> Duration {
+    let secs = std::env::var("KINDLING_L1_STALL_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_STALL_SECS);
+    Duration::from_secs(secs.max(1))
+}
+
+/// Inside L1: writes a line into the kernel log, which is L1's progress channel.
+/// Elsewhere (on a host) it does nothing.
+pub fn report(line: &str) {
+    if !crate::util::inside_l1() {
+        return;
+    }
+    if let Ok(mut kmsg) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
+        let _ = kmsg.write_all(format!("{PREFIX}{line}\n").as_bytes());
+    }
+}
+
+/// Inside L1: a step reached (and, for tests, a stall injected there:
+/// `KINDLING_TEST_L1_STALL=<step>` on the host puts the step's name in
+/// /kindling/test-stall, and the L1 side then hangs at that step, silently).
+pub fn step(name: &str) {
+    if !crate::util::inside_l1() {
+        return;
+    }
+    report(&format!("step {name}"));
+    if std::fs::read_to_string("/kindling/test-stall").is_ok_and(|s| s.trim() == name) {
+        TEST_STALLED.store(true, std::sync::atomic::Ordering::SeqCst);
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+static TEST_STALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Inside L1: writes the heartbeat until the process ends.
+pub fn start_heartbeat() {
+    let _ = std::thread::Builder::new().name("l1-heartbeat".into()).spawn(|| loop {
+        std::thread::sleep(HEARTBEAT);
+        if TEST_STALLED.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        report("alive");
+    });
+}
+
+/// What the host saw of L1.
+#[derive(Default)]
+struct Seen {
+    lines: VecDeque<String>,
+    last_step: Option<String>,
+    last_progress: Option<Instant>,
+}
+
+/// The host side: follows L1's log file.
+pub struct Watch {
+    seen: Arc<Mutex<Seen>>,
+    log: PathBuf,
+}
+
+/// Why the watch stopped the level-1 VM.
+#[derive(Debug, Clone)]
+pub struct Stall {
+    /// Seconds of silence.
+    pub silent_secs: u64,
+    /// The last step L1 reported.
+    pub last_step: String,
+    /// The last lines of L1's kernel log.
+    pub last_lines: Vec<String>,
+    /// Where L1's vCPUs were, from QEMU's monitor.
+    pub vcpus: String,
+}
+
+impl std::fmt::Display for Stall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "the level-1 VM made no progress for {} s (last step: {}); it was stopped. Its kernel's last messages:",
+            self.silent_secs, self.last_step
+        )?;
+        for l in &self.last_lines {
+            writeln!(f, "  | {l}")?;
+        }
+        if !self.vcpus.is_empty() {
+            writeln!(f, "where its vCPUs were: {}", self.vcpus)?;
+        }
+        write!(f, "this is the emulation stalling, not your guest; run the command again (kindling start retries once)")
+    }
+}
+
+/// A line worth showing the user as it comes: L1's own complaints and kernel errors.
+fn noteworthy(line: &str) -> bool {
+    let body = line.split_once("] ").map_or(line, |(_, b)| b);
+    if body.starts_with(STEP) || body.starts_with(ALIVE) {
+        return false;
+    }
+    if body.starts_with(PREFIX) {
+        return true;
+    }
+    [
+        "BUG:",
+        "Oops",
+        "soft lockup",
+        "hung_task",
+        "blocked for more than",
+        "Out of memory",
+        "Kernel panic",
+        "rcu_sched",
+        "rcu: INFO",
+        "watchdog:",
+        "general protection",
+        "kvm: ",
+    ]
+    .iter()
+    .any(|k| body.contains(k))
+}
+
+impl Watch {
+    /// Follows `log` (QEMU's file for L1's ttyS1) from the start.
+    pub fn start(log: &Path) -> std::io::Result<Self> {
+        let seen = Arc::new(Mutex::new(Seen { last_progress: Some(Instant::now()), ..Default::default() }));
+        let (s, path) = (seen.clone(), log.to_path_buf());
+        std::thread::Builder::new().name("l1-watch".into()).spawn(move || follow(&path, &s))?;
+        Ok(Self { seen, log: log.to_path_buf() })
+    }
+
+    /// Seconds since the last line.
+    pub fn silent_for(&self) -> Duration {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).last_progress.map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    /// The stall report, with `vcpus` from QEMU's monitor.
+    pub fn stall(&self, vcpus: String) -> Stall {
+        let s = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let n = s.lines.len();
+        Stall {
+            silent_secs: s.last_progress.map_or(0, |t| t.elapsed().as_secs()),
+            last_step: s.last_step.clone().unwrap_or_else(|| "none: L1's kernel printed nothing".into()),
+            last_lines: s.lines.iter().skip(n.saturating_sub(30)).cloned().collect(),
+            vcpus,
+        }
+    }
+
+    /// The log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+}
+
+fn follow(path: &Path, seen: &Mutex<Seen>) {
+    let mut file = loop {
+        match std::fs::File::open(path) {
+            Ok(f) => break f,
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let mut pending = String::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            // QEMU appends; past the cap the file is cut back (QEMU keeps appending at
+            // the new end).
+            if file.stream_position().is_ok_and(|p| p > MAX_LOG) {
+                let _ = std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(0));
+                let _ = file.seek(SeekFrom::Start(0));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+        while let Some(i) = pending.find('\n') {
+            let line: String = pending.drain(..=i).collect();
+            let line = line.trim_end().to_string();
+            let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+            s.last_progress = Some(Instant::now());
+            if let Some(step) = line.split(STEP).nth(1) {
+                s.last_step = Some(step.trim().to_string());
+            }
+            if noteworthy(&line) {
+                eprintln!("kindling: level-1 VM: {}", line.split_once("] ").map_or(line.as_str(), |(_, b)| b));
+            }
+            if !line.contains(ALIVE) {
+                s.lines.push_back(line);
+                if s.lines.len() > KEPT {
+                    s.lines.pop_front();
+                }
+            }
+        }
+        if pending.len() > 64 * 1024 {
+            pending.clear();
+        }
+    }
+}
+
+/// Asks QEMU's monitor (QMP at `socket`) where the vCPUs are: each vCPU's RIP, with the
+/// L1 kernel's symbol when `system_map` is given.
+pub fn vcpu_report(socket: &Path, system_map: Option<&Path>) -> String {
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return "(QEMU's monitor did not answer)".into();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let Ok(clone) = s.try_clone() else { return String::new() };
+    let mut r = BufReader::new(clone);
+    let mut line = String::new();
+    let _ = r.read_line(&mut line); // greeting
+    let ask = |s: &mut std::os::unix::net::UnixStream, r: &mut BufReader<_>, cmd: &str| -> String {
+        let _ = s.write_all(cmd.as_bytes());
+        let mut l = String::new();
+        // Skip events until the command's answer.
+        for _ in 0..50 {
+            l.clear();
+            if r.read_line(&mut l).unwrap_or(0) == 0 || l.contains("\"return\"") || l.contains("\"error\"") {
+                break;
+            }
+        }
+        l
+    };
+    ask(&mut s, &mut r, "{\"execute\":\"qmp_capabilities\"}\n");
+    let cpus =
+        ask(&mut s, &mut r, "{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"info cpus\"}}\n");
+    let halted: Vec<bool> = cpus
+        .replace("\\r\\n", "\n")
+        .replace("\\n", "\n")
+        .lines()
+        .filter(|l| l.contains("CPU #"))
+        .map(|l| l.contains("halted"))
+        .collect();
+    let regs = ask(
+        &mut s,
+        &mut r,
+        "{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"info registers -a\"}}\n",
+    );
+    let text = regs.replace("\\r\\n", "\n").replace("\\n", "\n");
+    let map = system_map.and_then(|p| std::fs::read_to_string(p).ok()).map(|m| symbols(&m)).unwrap_or_default();
+    let rips: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split("RIP=").nth(1))
+        .map(|r| r.split_whitespace().next().unwrap_or(""))
+        .map(|hex| match u64::from_str_radix(hex, 16) {
+            Ok(rip) => match symbolize(&map, rip) {
+                Some(sym) => format!("RIP {rip:#x} ({sym})"),
+                None => format!("RIP {rip:#x}"),
+            },
+            Err(_) => format!("RIP {hex}"),
+        })
+        .collect();
+    if rips.is_empty() {
+        "(QEMU's monitor gave no registers)".into()
+    } else {
+        rips.iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let state = match halted.get(i) {
+                    Some(true) => " (halted: idle)",
+                    Some(false) => " (running)",
+                    None => "",
+                };
+                format!("vCPU {i} {r}{state}")
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// (address, name) of the text symbols of a System.map, sorted.
+fn symbols(map: &str) -> Vec<(u64, String)> {
+    let mut v: Vec<(u64, String)> = map
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+            let kind = f.next()?;
+            let name = f.next()?;
+            matches!(kind, "T" | "t").then(|| (addr, name.to_string()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn symbolize(map: &[(u64, String)], rip: u64) -> Option<String> {
+    let i = map.partition_point(|(a, _)| *a <= rip).checked_sub(1)?;
+    let (addr, name) = &map[i];
+    Some(format!("{name}+{:#x}", rip - addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watch_follows_steps_and_reports_a_stall_with_the_last_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("l1.log");
+        std::fs::write(&log, "[    0.1] Linux version 6.1\n").unwrap();
+        let w = Watch::start(&log).unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        writeln!(f, "[    1.0] {STEP}modules").unwrap();
+        writeln!(f, "[    2.0] {ALIVE}").unwrap();
+        writeln!(f, "[    3.0] {STEP}vm-build").unwrap();
+        let t0 = Instant::now();
+        while w.stall(String::new()).last_step != "vm-build" && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(w.silent_for() < Duration::from_secs(5), "the lines were progress");
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(w.silent_for() >= Duration::from_secs(1), "then silence");
+        let s = w.stall("vCPU 0 RIP 0x1".into());
+        assert_eq!(s.last_step, "vm-build");
+        assert_eq!(s.last_lines.len(), 3, "heartbeats are not kept: {:?}", s.last_lines);
+        let text = s.to_string();
+        assert!(
+            text.contains("last step: vm-build") && text.contains("Linux version") && text.contains("RIP 0x1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn kernel_errors_are_noteworthy_and_progress_is_not() {
+        assert!(noteworthy("[   12.5] watchdog: BUG: soft lockup - CPU#1 stuck for 22s!"));
+        assert!(noteworthy("[    3.0] kindling-l1: loading kvm-amd.ko failed"));
+        assert!(!noteworthy("[    3.0] kindling-l1: step modules"));
+        assert!(!noteworthy("[    3.0] kindling-l1: alive"));
+        assert!(!noteworthy("[    0.5] PCI: Using configuration type 1"));
+    }
+
+    #[test]
+    fn rips_are_symbolized() {
+        let map = symbols("ffffffff81000000 T _stext\nffffffff81001000 t do_idle\nffffffff82000000 D data\n");
+        assert_eq!(symbolize(&map, 0xffff_ffff_8100_1010).as_deref(), Some("do_idle+0x10"));
+        assert_eq!(symbolize(&map, 0x10), None);
+    }
+}
