@@ -360,7 +360,7 @@ mod tests {
     /// be is refused, and so is a request that is not one.
     #[test]
     fn bad_requests_are_refused_with_a_reason() {
-        let ctx = Ctx { paths: Paths::new("/nonexistent"), reaper: Reaper::start() };
+        let ctx = Ctx { paths: Paths::new("/nonexistent"), reaper: Reaper::idle() };
         for (req, expect) in [
             (vec![b'{'; MAX_LINE + 1], "one line of at most"),
             (b"{\"op\":\"format-disk\"}\n".to_vec(), "bad request"),

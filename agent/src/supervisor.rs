@@ -34,6 +34,13 @@ pub struct Reaper {
 }
 
 impl Reaper {
+    /// A reaper without its reaping thread, for tests that run no command through it
+    /// (a reaping thread would reap the test process's other children).
+    #[cfg(test)]
+    pub fn idle() -> Arc<Self> {
+        Arc::new(Self { waiters: Arc::default() })
+    }
+
     pub fn start() -> Arc<Self> {
         let waiters: Waiters = Arc::default();
         let w = waiters.clone();
