@@ -191,6 +191,6 @@ fn a_stalled_level_1_vm_is_stopped_with_an_error_that_says_where() {
     assert_eq!(out.status.code(), Some(kindling_proto::exit::L1_STALLED), "{err}");
     assert!(err.contains("made no progress for") && err.contains("last step: vm-build"), "{err}");
     assert!(err.contains("Linux version") || err.contains("kindling-l1: step"), "L1's last messages are shown:\n{err}");
-    assert!(err.contains("vCPU 0 RIP"), "where L1's vCPUs were:\n{err}");
+    assert!(err.contains("vCPU 0 ") && err.contains("CR2="), "where L1's vCPUs were:\n{err}");
     assert!(secs < 200, "stopped within the bound plus the boot ({secs} s)");
 }

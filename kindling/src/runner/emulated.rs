@@ -140,8 +140,8 @@ impl L1Kernel {
     pub fn vmlinuz(&self) -> PathBuf {
         self.dir.join("vmlinuz")
     }
-    /// A real System.map beside the kernel (from linux-image-*-dbg; Debian's own is a
-    /// stub), which symbolizes where a stalled L1 was.
+    /// The kernel's symbols, which scripts/setup reads from its /proc/kallsyms (Debian's
+    /// System.map is a stub); they name where a stalled L1's vCPUs were.
     pub fn system_map(&self) -> Option<PathBuf> {
         Some(self.dir.join("System.map")).filter(|p| p.is_file())
     }

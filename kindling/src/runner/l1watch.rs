@@ -12,9 +12,9 @@
 //! a user should see (kernel errors, L1's own complaints), and when nothing arrives for
 //! the stall bound it records the last step and the last lines, asks QEMU's monitor
 //! where L1's vCPUs are (`info cpus`: halted or running, and `info registers -a`: each
-//! RIP, symbolized when a System.map is beside the L1 kernel; Debian's is a stub, the
-//! real one comes with linux-image-*-dbg; L1 boots with `nokaslr` so the RIPs match
-//! it) and kills QEMU, so that `kindling boot` fails with an error that says where L1
+//! RIP, CPL and CR2 over a few samples, symbolized with the System.map scripts/setup
+//! reads from the L1 kernel's /proc/kallsyms; L1 boots with `nokaslr` so the RIPs
+//! match it) and kills QEMU, so that `kindling boot` fails with an error that says where L1
 //! stopped instead of hanging.
 
 use std::collections::VecDeque;
@@ -238,8 +238,13 @@ fn follow(path: &Path, seen: &Mutex<Seen>) {
     }
 }
 
-/// Asks QEMU's monitor (QMP at `socket`) where the vCPUs are: each vCPU's RIP, with the
-/// L1 kernel's symbol when `system_map` is given.
+/// Samples of the vCPUs' registers QEMU's monitor gives.
+const SAMPLES: usize = 5;
+
+/// Asks QEMU's monitor (QMP at `socket`) where the vCPUs are, [`SAMPLES`] times 200 ms
+/// apart: for each vCPU whether it is halted, and each sample's RIP (with the L1
+/// kernel's symbol when `system_map` is given), CPL and CR2 (the last page-fault
+/// address: a vCPU faulting on one address again and again shows there).
 pub fn vcpu_report(socket: &Path, system_map: Option<&Path>) -> String {
     let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
         return "(QEMU's monitor did not answer)".into();
@@ -249,7 +254,7 @@ pub fn vcpu_report(socket: &Path, system_map: Option<&Path>) -> String {
     let mut r = BufReader::new(clone);
     let mut line = String::new();
     let _ = r.read_line(&mut line); // greeting
-    let ask = |s: &mut std::os::unix::net::UnixStream, r: &mut BufReader<_>, cmd: &str| -> String {
+    let mut ask = |cmd: &str| -> String {
         let _ = s.write_all(cmd.as_bytes());
         let mut l = String::new();
         // Skip events until the command's answer.
@@ -259,53 +264,53 @@ pub fn vcpu_report(socket: &Path, system_map: Option<&Path>) -> String {
                 break;
             }
         }
-        l
+        l.replace("\\r\\n", "\n").replace("\\n", "\n")
     };
-    ask(&mut s, &mut r, "{\"execute\":\"qmp_capabilities\"}\n");
-    let cpus =
-        ask(&mut s, &mut r, "{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"info cpus\"}}\n");
-    let halted: Vec<bool> = cpus
-        .replace("\\r\\n", "\n")
-        .replace("\\n", "\n")
-        .lines()
-        .filter(|l| l.contains("CPU #"))
-        .map(|l| l.contains("halted"))
-        .collect();
-    let regs = ask(
-        &mut s,
-        &mut r,
-        "{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"info registers -a\"}}\n",
-    );
-    let text = regs.replace("\\r\\n", "\n").replace("\\n", "\n");
+    let hmp =
+        |cmd: &str| format!("{{\"execute\":\"human-monitor-command\",\"arguments\":{{\"command-line\":\"{cmd}\"}}}}\n");
+    ask("{\"execute\":\"qmp_capabilities\"}\n");
+    let halted: Vec<bool> =
+        ask(&hmp("info cpus")).lines().filter(|l| l.contains("CPU #")).map(|l| l.contains("halted")).collect();
     let map = system_map.and_then(|p| std::fs::read_to_string(p).ok()).map(|m| symbols(&m)).unwrap_or_default();
-    let rips: Vec<String> = text
-        .lines()
-        .filter_map(|l| l.split("RIP=").nth(1))
-        .map(|r| r.split_whitespace().next().unwrap_or(""))
-        .map(|hex| match u64::from_str_radix(hex, 16) {
-            Ok(rip) => match symbolize(&map, rip) {
-                Some(sym) => format!("RIP {rip:#x} ({sym})"),
-                None => format!("RIP {rip:#x}"),
-            },
-            Err(_) => format!("RIP {hex}"),
-        })
-        .collect();
-    if rips.is_empty() {
-        "(QEMU's monitor gave no registers)".into()
-    } else {
-        rips.iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let state = match halted.get(i) {
-                    Some(true) => " (halted: idle)",
-                    Some(false) => " (running)",
-                    None => "",
-                };
-                format!("vCPU {i} {r}{state}")
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
+    let mut per_cpu: Vec<Vec<String>> = Vec::new();
+    for i in 0..SAMPLES {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for (cpu, regs) in ask(&hmp("info registers -a")).split("CPU#").skip(1).enumerate() {
+            let field = |name: &str| {
+                regs.split(name).nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or("?").to_string()
+            };
+            let rip = field("RIP=");
+            let sym = u64::from_str_radix(&rip, 16)
+                .ok()
+                .and_then(|a| symbolize(&map, a))
+                .map(|s| format!(" {s}"))
+                .unwrap_or_default();
+            let cpl = regs.split("CPL=").nth(1).and_then(|r| r.chars().next()).unwrap_or('?');
+            let sample = format!("{rip}{sym} CPL{cpl} CR2={}", field("CR2="));
+            if per_cpu.len() <= cpu {
+                per_cpu.resize(cpu + 1, Vec::new());
+            }
+            per_cpu[cpu].push(sample);
+        }
     }
+    if per_cpu.is_empty() {
+        return "(QEMU's monitor gave no registers)".into();
+    }
+    per_cpu
+        .iter()
+        .enumerate()
+        .map(|(i, samples)| {
+            let state = match halted.get(i) {
+                Some(true) => "halted (idle)",
+                Some(false) => "running",
+                None => "state unknown",
+            };
+            format!("vCPU {i} {state}: {}", samples.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// (address, name) of the text symbols of a System.map, sorted.
