@@ -38,3 +38,25 @@ pub fn sync_dir(dir: &Path) {
         let _ = d.sync_all();
     }
 }
+
+/// Writes `data` to `path` so that a reader sees the old file or the new one, never a
+/// part, and the new one survives a crash once this returns: a temporary file `tmp`
+/// (created with `mode`), fsync, rename over `path`, fsync of the directory.
+pub fn write_atomic(path: &Path, tmp: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        sync_dir(dir);
+    }
+    Ok(())
+}

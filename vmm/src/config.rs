@@ -404,14 +404,19 @@ mod tests {
         assert!(c.full_cmdline_len() > without);
     }
 
+    /// A file that passes for an ELF vmlinux (its magic), in `dir`.
+    fn fake_elf(dir: &Path) -> PathBuf {
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        let k = dir.join("vmlinux");
+        std::fs::write(&k, &elf).unwrap();
+        k
+    }
+
     #[test]
     fn a_net_device_counts_towards_the_command_line() {
         let dir = tempfile::tempdir().unwrap();
-        let mut elf = vec![0u8; 64];
-        elf[..4].copy_from_slice(b"\x7fELF");
-        let k = dir.path().join("vmlinux");
-        std::fs::write(&k, &elf).unwrap();
-        let mut c = base(k);
+        let mut c = base(fake_elf(dir.path()));
         let without = c.full_cmdline_len();
         c.net = Some(NetConfig { mac: [6, 0, 0, 0, 0, 1] });
         assert!(c.full_cmdline_len() > without, "a device entry");
@@ -426,11 +431,7 @@ mod tests {
     #[test]
     fn limits_are_named_with_their_range() {
         let dir = tempfile::tempdir().unwrap();
-        let mut elf = vec![0u8; 64];
-        elf[..4].copy_from_slice(b"\x7fELF");
-        let k = dir.path().join("vmlinux");
-        std::fs::write(&k, &elf).unwrap();
-        let mut c = base(k);
+        let mut c = base(fake_elf(dir.path()));
         c.cpus = MAX_VCPUS + 1;
         assert!(c.validate().unwrap_err().to_string().contains("1 to 32"));
         c.cpus = 1;

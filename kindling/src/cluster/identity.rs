@@ -144,19 +144,10 @@ fn ca_params() -> CertificateParams {
     p
 }
 
-/// Writes a file atomically (temporary file, fsync, rename) with `mode`.
+/// Writes one of the identity's files atomically with `mode`.
 fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    crate::util::write_atomic(path, &path.with_extension("tmp"), data, mode)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]

@@ -2,7 +2,6 @@
 //! restarts: the host ports of its API server and NodePort range, its disk size), the
 //! paths beside it, and the locks that serialize commands on one cluster.
 
-use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
@@ -81,17 +80,9 @@ pub(super) fn save_record(paths: &Paths, r: &ClusterRecord) -> Result<()> {
         .create(&dir)
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let p = record_path(paths, &r.name);
-    let tmp = p.with_extension("json.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?)?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &p)?;
-        crate::util::sync_dir(&dir);
-        Ok(())
-    };
-    write().map_err(|e| match e.raw_os_error() {
+    let mut text = serde_json::to_vec_pretty(r)?;
+    text.push(b'\n');
+    crate::util::write_atomic(&p, &p.with_extension("json.tmp"), &text, 0o600).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOSPC) => disk::disk_full("writing the cluster record", &dir, None),
         _ => anyhow::Error::new(e).context(format!("cannot write {}", p.display())),
     })

@@ -1,7 +1,6 @@
 //! The daemon's persisted state: where it lives, VM name rules, spec validation and the
 //! per-VM record (`<state>/vms/<name>/vm.json`).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -258,14 +257,9 @@ impl VmRecord {
     /// Writes `<vm dir>/vm.json` atomically (temporary file, fsync, rename).
     pub fn save(&self, paths: &Paths) -> std::io::Result<()> {
         let dir = paths.vm_dir(self.name());
-        let tmp = dir.join(VM_JSON_TMP);
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(VM_JSON))?;
-        crate::util::sync_dir(&dir);
-        Ok(())
+        let mut text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        text.push(b'\n');
+        crate::util::write_atomic(&dir.join(VM_JSON), &dir.join(VM_JSON_TMP), &text, 0o600)
     }
 
     pub fn load(path: &Path) -> Result<Self, String> {
