@@ -93,25 +93,27 @@ fn host_and_guest_agent_talk_over_vsock_and_a_forwarded_port() {
     let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (port, web) = (free(), free());
     let log = std::fs::File::create(dir.path().join("console.log")).unwrap();
-    let mut vm = kindling()
-        .args([
-            "boot",
-            "--kernel",
-            our_kernel().to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--memory",
-            "512",
-        ])
-        .args(["--cmdline", "console=ttyS0 panic=1 kindling.until=agent-start kindling.expose=8080"])
-        .arg("--vsock")
-        .arg(&uds)
-        .args(["--forward", &format!("{port}:1024"), "--forward", &format!("{web}:8080")])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut vm = KillOnDrop(
+        kindling()
+            .args([
+                "boot",
+                "--kernel",
+                our_kernel().to_str().unwrap(),
+                "--initrd",
+                initrd.to_str().unwrap(),
+                "--memory",
+                "512",
+            ])
+            .args(["--cmdline", "console=ttyS0 panic=1 kindling.until=agent-start kindling.expose=8080"])
+            .arg("--vsock")
+            .arg(&uds)
+            .args(["--forward", &format!("{port}:1024"), "--forward", &format!("{web}:8080")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let console =
         || String::from_utf8_lossy(&std::fs::read(dir.path().join("console.log")).unwrap_or_default()).into_owned();
 
@@ -123,7 +125,7 @@ fn host_and_guest_agent_talk_over_vsock_and_a_forwarded_port() {
                 break;
             }
         }
-        assert!(vm.try_wait().unwrap().is_none(), "the VM exited early:\n{}", console());
+        assert!(vm.0.try_wait().unwrap().is_none(), "the VM exited early:\n{}", console());
         assert!(t0.elapsed() < Duration::from_secs(300), "no answer on vsock port 1024 after 5 min:\n{}", console());
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -174,7 +176,7 @@ fn host_and_guest_agent_talk_over_vsock_and_a_forwarded_port() {
     assert_eq!(request(vsock_connect(&uds).unwrap(), r#"{"op":"poweroff"}"#), [r#"{"ok":true}"#]);
     let t0 = Instant::now();
     let status = loop {
-        if let Some(st) = vm.try_wait().unwrap() {
+        if let Some(st) = vm.0.try_wait().unwrap() {
             break st;
         }
         assert!(t0.elapsed() < Duration::from_secs(120), "VM still running after poweroff:\n{}", console());

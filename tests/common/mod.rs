@@ -150,3 +150,16 @@ pub fn boot(args: &[&str]) -> (Output, String) {
     );
     (out, text)
 }
+
+/// A child process killed (and reaped) when the guard is dropped, so that a failing
+/// assertion does not leave a VM running on the machine's CPUs.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
