@@ -19,4 +19,5 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod snapshot;
 pub mod vstate;

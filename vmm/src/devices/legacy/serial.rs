@@ -13,6 +13,16 @@ pub const COM1_PORT: u64 = 0x3f8;
 /// Number of UART registers (I/O ports).
 pub const COM_PORT_LEN: u64 = 8;
 
+/// The UART's state in a snapshot (vm-superio's `SerialState`, which has no serde
+/// support): DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR, and the receive FIFO.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// The registers, in the order above.
+    pub registers: [u8; 9],
+    /// Received bytes the guest has not read.
+    pub in_buffer: Vec<u8>,
+}
+
 /// The guest console: an 8250 UART whose output goes to a host writer and whose input the host queues.
 pub struct SerialConsole {
     uart: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
@@ -22,6 +32,45 @@ impl SerialConsole {
     /// A UART that interrupts through `irq` and writes guest output to `out`.
     pub fn new(irq: IrqTrigger, out: Box<dyn Write + Send>) -> Self {
         Self { uart: Serial::new(irq, out) }
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in a snapshot's `state`, interrupting through `irq`, writing to `out`.
+    pub fn restore(state: &SerialSnapshot, irq: IrqTrigger, out: Box<dyn Write + Send>) -> Result<Self, String> {
+        let r = state.registers;
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: state.in_buffer.clone(),
+        };
+        Serial::from_state(&s, irq, NoEvents, out)
+            .map(|uart| Self { uart })
+            .map_err(|e| format!("the serial port: {e:?}"))
     }
 
     /// Free space in the receive FIFO.

@@ -57,6 +57,51 @@ const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
 const REG_CONFIG: u64 = 0x100;
 
+/// One virtqueue's place and progress, as a snapshot keeps it (virtio-queue's
+/// `QueueState`, which has no serde support).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// The device's maximum size.
+    pub max_size: u16,
+    /// The next available-ring entry the device reads.
+    pub next_avail: u16,
+    /// The next used-ring entry the device writes.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX is in use.
+    pub event_idx_enabled: bool,
+    /// The size the driver chose.
+    pub size: u16,
+    /// The driver made it ready.
+    pub ready: bool,
+    /// The descriptor table's guest address.
+    pub desc_table: u64,
+    /// The available ring's guest address.
+    pub avail_ring: u64,
+    /// The used ring's guest address.
+    pub used_ring: u64,
+}
+
+/// A transport's registers and queues, as a snapshot keeps them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// The device's type (checked on restore).
+    pub device_type: u32,
+    /// Its queues.
+    pub queues: Vec<QueueSnapshot>,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted.
+    pub driver_features: u64,
+    /// The device status.
+    pub status: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+}
+
 /// One device's virtio-mmio register window; it owns the queues, features, status and interrupt.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -91,6 +136,91 @@ impl MmioTransport {
             status: 0,
             interrupt_status: 0,
         }
+    }
+
+    /// The transport's registers and queues, for a snapshot (the device is quiescent:
+    /// the event loop is not running it).
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueSnapshot {
+                        max_size: s.max_size,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx_enabled: s.event_idx_enabled,
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                    }
+                })
+                .collect(),
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+        }
+    }
+
+    /// Puts a snapshot's registers and queues back, for a device of the same type: an
+    /// active device is activated again with the features the driver had accepted,
+    /// then told it was restored (vsock resets its connections), and a pending
+    /// interrupt is raised again. The state comes from a snapshot file, so it is
+    /// checked like a driver's writes: a queue that does not fit is an error.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        if state.device_type != self.device.device_type() || state.queues.len() != self.queues.len() {
+            return Err(format!(
+                "a device of type {} with {} queues cannot take the state of type {} with {} queues",
+                self.device.device_type(),
+                self.queues.len(),
+                state.device_type,
+                state.queues.len()
+            ));
+        }
+        for (q, s) in self.queues.iter_mut().zip(&state.queues) {
+            let qs = virtio_queue::QueueState {
+                max_size: s.max_size,
+                next_avail: s.next_avail,
+                next_used: s.next_used,
+                event_idx_enabled: s.event_idx_enabled,
+                size: s.size,
+                ready: s.ready,
+                desc_table: s.desc_table,
+                avail_ring: s.avail_ring,
+                used_ring: s.used_ring,
+            };
+            *q = Queue::try_from(qs).map_err(|e| format!("a queue of the snapshot: {e}"))?;
+            if q.max_size() != s.max_size {
+                return Err("a queue's maximum size differs from the device's".into());
+            }
+        }
+        self.queue_sel = state.queue_sel;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features & self.device.features();
+        self.status = state.status;
+        self.interrupt_status = state.interrupt_status;
+        if self.is_active() {
+            for i in 0..self.queues.len() {
+                check_queue(&self.queues[i], &self.mem).map_err(|why| format!("queue {i}: {why}"))?;
+            }
+            self.device.activate(self.driver_features);
+            let mem = self.mem.clone();
+            let notify = self.device.restored(&mut self.queues, &mem);
+            self.after_processing(notify);
+        }
+        if self.interrupt_status != 0 {
+            let _ = self.irq.write(1);
+        }
+        Ok(())
     }
 
     /// Number of virtqueues the device has.

@@ -67,6 +67,12 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: forget everything tied to the driver's state.
     fn reset(&mut self) {}
+    /// The VM was restored from a snapshot and the device activated again: tell the
+    /// driver what did not survive (vsock: every connection, with a transport reset
+    /// event). Returns as [`Self::process_queue`] does.
+    fn restored(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> Result<bool, RingError> {
+        Ok(false)
+    }
 }
 
 /// The driver broke a virtqueue's rules in a way the device cannot answer on the ring

@@ -3,8 +3,10 @@
 //! TX (guest to host) is drained whenever the guest notifies it. RX (host to guest) is
 //! filled whenever there is something to send and the guest left buffers. That happens
 //! after TX processing (replies), when the guest adds buffers, and on host socket
-//! events. The event queue is never used: it only carries transport resets after live
-//! migration, which kindling does not do.
+//! events. The event queue carries one event only: a transport reset after the VM was
+//! restored from a snapshot, when every connection of the snapshot is gone (the host
+//! sockets of the saved VM are not there any more); the guest then drops them, and its
+//! listeners accept new ones.
 
 use std::os::unix::io::RawFd;
 use std::path::Path;
@@ -17,6 +19,7 @@ use super::muxer::Muxer;
 use super::packet::{self, RxBuffer, MAX_PAYLOAD};
 use super::{VsockError, RX_QUEUE, TX_QUEUE};
 use crate::devices::guest_log::guest_warn;
+use crate::devices::virtio::chain::Segments;
 use crate::devices::virtio::{add_used, pop_chain, service_queue, RingError, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZE: u16 = 256;
@@ -121,7 +124,7 @@ impl VirtioDevice for Vsock {
                 Ok(self.fill_rx(queues, mem)? | tx_notify)
             }
             RX_QUEUE => self.fill_rx(queues, mem),
-            // The event queue (index 2) is never used, as said above.
+            // The event queue (index 2) only carries the restore's reset, sent then.
             _ => Ok(false),
         }
     }
@@ -138,4 +141,26 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.muxer.reset();
     }
+
+    fn restored(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, RingError> {
+        self.muxer.reset();
+        let Some(queue) = queues.get_mut(EVENT_QUEUE).filter(|q| q.ready()) else { return Ok(false) };
+        let Some(chain) = pop_chain(queue, mem)? else {
+            guest_warn!("vsock: no event buffer for the transport reset after a restore");
+            return Ok(false);
+        };
+        let head = chain.head_index();
+        // struct virtio_vsock_event { le32 id; }, id VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
+        let len = match Segments::new(chain, mem, true, 4) {
+            Ok(segs) if segs.len() >= 4 => segs.write_at(mem, 0, &TRANSPORT_RESET.to_le_bytes()).map_or(0, |_| 4),
+            _ => 0,
+        };
+        add_used(queue, mem, head, len)?;
+        Ok(queue.needs_notification(mem).unwrap_or(true))
+    }
 }
+
+/// The event queue's index.
+const EVENT_QUEUE: usize = 2;
+/// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
+const TRANSPORT_RESET: u32 = 0;
