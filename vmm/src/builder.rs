@@ -17,7 +17,7 @@ use crate::arch::{acpi, kernel, layout, regs};
 use crate::config::{ConfigError, VmConfig, CMDLINE_MAX};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::acpi_pm::{AcpiPm, ACPI_PM_LEN, ACPI_PM_PORT};
-use crate::devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::legacy::i8042::{I8042, I8042_KBD_IRQ, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::legacy::serial::{SerialConsole, COM1_PORT, COM_PORT_LEN};
 use crate::devices::legacy::IrqTrigger;
 use crate::devices::virtio::block::{Block, DiskError};
@@ -146,8 +146,10 @@ impl MicroVm {
         vm.fd.register_irqfd(&serial_irq, layout::SERIAL_IRQ).map_err(setup("serial irqfd"))?;
         let serial = Arc::new(Mutex::new(SerialConsole::new(IrqTrigger(serial_irq), console.output)));
         pio.insert(serial.clone(), COM1_PORT, COM_PORT_LEN).map_err(setup("serial port"))?;
-        pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), I8042_PORT, I8042_PORT_LEN)
-            .map_err(setup("i8042 port"))?;
+        let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(setup("i8042 irq"))?;
+        vm.fd.register_irqfd(&kbd_irq, I8042_KBD_IRQ).map_err(setup("i8042 irqfd"))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), kbd_irq)));
+        pio.insert(i8042, I8042_PORT, I8042_PORT_LEN).map_err(setup("i8042 port"))?;
         pio.insert(Arc::new(Mutex::new(AcpiPm::new(exit.clone()))), ACPI_PM_PORT, ACPI_PM_LEN)
             .map_err(setup("ACPI PM ports"))?;
 
