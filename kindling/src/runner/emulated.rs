@@ -588,6 +588,12 @@ pub fn run_job(config: &VmConfig, job: &L1Job, forwards: &[Forward]) -> Result<i
 /// from /kindling/mode) with its arguments on L1's KVM and reports the exit status to
 /// the host through QEMU's isa-debug-exit port.
 pub fn l1_guest_main(run: impl FnOnce(&str, Vec<String>) -> i32) -> ! {
+    // Before any thread starts: `kindling boot` takes SIGTERM (its orderly stop) with
+    // sigwait, and here it is PID 1, for which the kernel discards a signal that a
+    // thread leaves unblocked with its default action.
+    let mut term = nix::sys::signal::SigSet::empty();
+    term.add(nix::sys::signal::Signal::SIGTERM);
+    let _ = term.thread_block();
     let mode = std::fs::read_to_string("/kindling/mode").unwrap_or_else(|_| "boot".into());
     let status = match std::fs::read("/kindling/args") {
         Ok(raw) => {
