@@ -47,6 +47,10 @@ pub enum VcpuError {
     Vm(#[from] VmError),
 }
 
+/// What vCPU 0 logs (at info level) just before its first KVM_RUN: the moment the
+/// guest's first instruction runs, which benchmarks time from outside the process.
+pub const FIRST_ENTRY_LOG: &str = "vCPU 0: entering the guest (first KVM_RUN)";
+
 /// Signal used to kick a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
     SIGRTMIN()
@@ -92,6 +96,9 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
             .spawn(move || {
+                if self.index == 0 {
+                    tracing::info!("{FIRST_ENTRY_LOG}");
+                }
                 while !stop.load(Ordering::Acquire) {
                     if let Some(reason) = self.run_once(&pio, &mmio) {
                         exit.request(reason);
