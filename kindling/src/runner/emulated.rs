@@ -296,6 +296,9 @@ pub struct L1Job {
     pub extra_memory_mib: u64,
     /// Give L1 outbound networking (QEMU user networking without `restrict`).
     pub network: bool,
+    /// More files to ship in: (host path, path inside L1 under /kindling/, e.g.
+    /// `firecracker` for /kindling/firecracker), made executable.
+    pub files: Vec<(PathBuf, &'static str)>,
 }
 
 impl L1Job {
@@ -308,6 +311,7 @@ impl L1Job {
             with_passt: net == Some(NetKind::Passt),
             extra_memory_mib: 0,
             network: net.is_some(),
+            files: Vec::new(),
         }
     }
 }
@@ -327,6 +331,9 @@ fn run_archive(config: &VmConfig, job: &L1Job, exe: &Path, dest: &Path) -> std::
     }
     if job.with_qemu {
         add_qemu_bundle(&mut a)?;
+    }
+    for (src, name) in &job.files {
+        a.file(&format!("kindling/{name}"), 0o755, src)?;
     }
     a.entry("kindling/mode", 0o100644, job.mode.as_bytes())?;
     a.entry("kindling/args", 0o100644, job.args.join("\0").as_bytes())?;
@@ -385,7 +392,8 @@ fn add_qemu_bundle<W: Write>(a: &mut Archive<W>) -> std::io::Result<()> {
         let name = lib.file_name().and_then(|n| n.to_str()).unwrap_or("lib");
         a.file(&format!("{root}/lib/{name}"), 0o755, &lib)?;
     }
-    for fw in ["bios-microvm.bin", "linuxboot_dma.bin", "kvmvapic.bin"] {
+    // pvh.bin: the option ROM that boots an ELF vmlinux (PVH entry).
+    for fw in ["bios-microvm.bin", "linuxboot_dma.bin", "kvmvapic.bin", "pvh.bin"] {
         let p = Path::new("/usr/share/qemu").join(fw);
         if p.exists() {
             a.file(&format!("{root}/share/{fw}"), 0o644, &p)?;
