@@ -3,7 +3,7 @@ use kindling::cli::{boot, Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_argv(std::env::args_os());
     init_logging();
     let code = match cli.command {
         Command::L1Guest => kindling::runner::emulated::l1_guest_main(l1_run),

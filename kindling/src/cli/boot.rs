@@ -322,6 +322,21 @@ mod tests {
         }
     }
 
+    /// The boot subcommand's own parser (the VMM's fast start) reads what the full one
+    /// does.
+    #[test]
+    fn the_boot_fast_path_parses_as_the_full_parser() {
+        let argv: Vec<OsString> = ["kindling", "boot", "--kernel", "/k", "--disk", "/d,ro", "--memory", "64"]
+            .into_iter()
+            .chain(["--forward", "8080:80", "--net", "none", "--shutdown-timeout", "5", "--cpus", "2"])
+            .map(OsString::from)
+            .collect();
+        let Command::Boot(fast) = Cli::parse_argv(argv.clone()).command else { panic!("not boot") };
+        let Command::Boot(full) = Cli::try_parse_from(argv).unwrap().command else { panic!("not boot") };
+        assert_eq!(format!("{fast:?}"), format!("{full:?}"));
+        assert_eq!(fast.shutdown_timeout, 5);
+    }
+
     /// The daemon's boot arguments are `kindling boot` arguments, and a comma in a disk
     /// path survives.
     #[test]
