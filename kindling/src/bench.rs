@@ -221,6 +221,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
         _prepared = dir;
     }
     let args = &args;
+    anyhow::ensure!(args.runs >= 1, "--runs {}: at least one counted run is needed for the figures", args.runs);
     let config = args.config();
     config.validate()?;
     let (runner, why) = runner::choose(args.runner);

@@ -287,7 +287,9 @@ impl MicroVm {
         let mut shutdown = ShutdownRequest::default();
         'event_loop: loop {
             // A pending Ctrl-Alt-Del is retried on every wakeup (at least every 100 ms).
-            shutdown.try_deliver(&mut i8042.lock().unwrap(), started);
+            if shutdown.pending {
+                shutdown.try_deliver(&mut i8042.lock().unwrap(), started);
+            }
             let n = match epoll.wait(100, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
