@@ -72,6 +72,11 @@ pub struct BenchArgs {
     /// it is an ELF file, else `vmlinux` beside it (kindling's kernel build leaves one).
     #[arg(long, value_name = "PATH")]
     pub firecracker_kernel: Option<PathBuf>,
+    /// Boot workload: benchmark this kindling executable instead of the running one
+    /// (e.g. a build of another commit, for a before/after comparison in one run; it
+    /// must be static to run inside the level-1 VM, as release builds here are).
+    #[arg(long, value_name = "PATH")]
+    pub kindling_exe: Option<PathBuf>,
     /// Boot workload: print each VMM's console output of its last run after the figures.
     #[arg(long)]
     pub show_console: bool,
@@ -103,8 +108,10 @@ fn parse_compare(s: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// Where the Firecracker binary and its vmlinux land inside the level-1 VM.
+/// Where the Firecracker binary and its vmlinux, and a kindling executable under test,
+/// land inside the level-1 VM.
 const L1_FIRECRACKER: &str = "/kindling/firecracker";
+const L1_KINDLING_EXE: &str = "/kindling/kindling-under-test";
 const L1_VMLINUX: &str = "/kindling/vmlinux";
 
 /// What Linux prints (at emergency level, so even with `quiet`) as it powers off, or
@@ -186,6 +193,9 @@ impl BenchArgs {
                 kernel.into(),
             ]);
         }
+        if self.kindling_exe.is_some() {
+            args.extend(["--kindling-exe".into(), L1_KINDLING_EXE.into()]);
+        }
         if self.show_console {
             args.push("--show-console".into());
         }
@@ -197,11 +207,15 @@ impl BenchArgs {
         let mut files = Vec::new();
         if let Some(fc) = &self.compare {
             anyhow::ensure!(fc.is_file(), "--compare firecracker={}: no such file", fc.display());
-            files.push((fc.clone(), "firecracker"));
+            files.push((fc.clone(), L1_FIRECRACKER.trim_start_matches("/kindling/")));
             let kernel = self.firecracker_kernel()?;
             if kernel != self.kernel {
-                files.push((kernel, "vmlinux"));
+                files.push((kernel, L1_VMLINUX.trim_start_matches("/kindling/")));
             }
+        }
+        if let Some(exe) = &self.kindling_exe {
+            anyhow::ensure!(exe.is_file(), "--kindling-exe {}: no such file", exe.display());
+            files.push((exe.clone(), L1_KINDLING_EXE.trim_start_matches("/kindling/")));
         }
         Ok(files)
     }
@@ -282,7 +296,11 @@ struct Sample {
 fn measure_and_report(args: &BenchArgs) -> anyhow::Result<()> {
     let cmdline = args.cmdline.clone();
     let (cpus, memory) = (args.cpus.to_string(), args.memory.to_string());
-    let mut kindling = Command::new(std::env::current_exe()?);
+    let exe = match &args.kindling_exe {
+        Some(exe) => exe.clone(),
+        None => std::env::current_exe()?,
+    };
+    let mut kindling = Command::new(&exe);
     // --net none: the others get no network device either.
     kindling.args(["boot", "--runner", "kvm", "--net", "none", "--kernel"]).arg(&args.kernel);
     kindling.arg("--initrd").arg(&args.initrd);
@@ -502,6 +520,9 @@ fn report(args: &BenchArgs, cmdline: &str, vmms: &[Vmm], samples: &[Vec<Sample>]
         args.initrd.display()
     );
     println!("guest command line: {cmdline}");
+    if let Some(exe) = &args.kindling_exe {
+        println!("kindling executable: {}", exe.display());
+    }
     for v in vmms {
         println!("  {:<14} boots {}", v.name, v.kernel.display());
     }
