@@ -77,6 +77,10 @@ pub struct BenchArgs {
     /// must be static to run inside the level-1 VM, as release builds here are).
     #[arg(long, value_name = "PATH")]
     pub kindling_exe: Option<PathBuf>,
+    /// Boot workload: leave QEMU's microvm out (it is slow to boot an ELF vmlinux, and
+    /// its nested guest now and then hangs under the emulated runner).
+    #[arg(long)]
+    pub without_qemu: bool,
     /// Boot workload: print each VMM's console output of its last run after the figures.
     #[arg(long)]
     pub show_console: bool,
@@ -200,6 +204,9 @@ impl BenchArgs {
         if self.show_console {
             args.push("--show-console".into());
         }
+        if self.without_qemu {
+            args.push("--without-qemu".into());
+        }
         Ok(args)
     }
 
@@ -248,7 +255,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
             let job = emulated::L1Job {
                 mode: "bench",
                 args: args.l1_args()?,
-                with_qemu: true,
+                with_qemu: !args.without_qemu,
                 with_passt: false,
                 extra_memory_mib: config.memory_mib + 256,
                 network: false,
@@ -314,7 +321,7 @@ fn measure_and_report(args: &BenchArgs) -> anyhow::Result<()> {
         kernel: args.kernel.clone(),
         _dir: None,
     }];
-    match qemu_command() {
+    match qemu_command().filter(|_| !args.without_qemu) {
         Some(mut qemu) => {
             qemu.args(["-M", "microvm,accel=kvm,rtc=off", "-cpu", "host"])
                 .args(["-smp", &cpus, "-m", &format!("{memory}M")])
@@ -333,6 +340,7 @@ fn measure_and_report(args: &BenchArgs) -> anyhow::Result<()> {
                 _dir: None,
             });
         }
+        None if args.without_qemu => {}
         None => eprintln!("kindling bench: qemu-system-x86_64 not found; reporting without QEMU"),
     }
     if let Some(fc) = &args.compare {
