@@ -1,5 +1,10 @@
 //! PID 1 duties: filesystems, hostname, network, sysctls, signals, power-off.
 //!
+//! Ctrl-Alt-Del is how `kindling boot` asks the node to stop (on SIGTERM it types it on
+//! the VM's keyboard). The agent turns the kernel's immediate Ctrl-Alt-Del reboot off at
+//! start, so the kernel sends init SIGINT instead, and SIGINT is an orderly shutdown
+//! like SIGTERM (ending in a reboot, which ends the VM just as a power-off does).
+//!
 //! The agent also runs as the init of a container on a host (fresh mount, UTS, IPC,
 //! network and PID namespaces; the `container` environment variable set, as systemd
 //! expects of container managers), which is how its bring-up is tested at native speed.
@@ -135,7 +140,9 @@ pub fn network(cfg: &NodeConfig) -> Result<()> {
     Ok(())
 }
 
-/// Signals PID 1 acts on: SIGTERM/SIGUSR2/SIGPWR power off, SIGINT (Ctrl-Alt-Del) reboots.
+/// Signals PID 1 acts on, each an orderly shutdown: SIGTERM/SIGUSR2/SIGPWR power off,
+/// SIGINT (Ctrl-Alt-Del, see [`disable_ctrl_alt_del`]) reboots. Blocked here and taken
+/// with sigwait; call this before anything else.
 pub fn power_signals() -> Result<nix::sys::signal::SigSet> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
@@ -144,6 +151,19 @@ pub fn power_signals() -> Result<nix::sys::signal::SigSet> {
     }
     set.thread_block().context("blocking power signals")?;
     Ok(set)
+}
+
+/// Turns the kernel's Ctrl-Alt-Del reboot off (reboot(LINUX_REBOOT_CMD_CAD_OFF)): the
+/// kernel then signals init with SIGINT, which [`power_signals`] blocked for sigwait,
+/// instead of rebooting at once with unwritten data lost. Not in a container, where the
+/// setting is the host's (and the call is refused).
+pub fn disable_ctrl_alt_del() {
+    if in_container() {
+        return;
+    }
+    if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+        phase::log(format!("turning the Ctrl-Alt-Del reboot off: {e}; Ctrl-Alt-Del will reboot without a shutdown"));
+    }
 }
 
 /// Final step of an orderly shutdown: sync, unmount, power off (or reboot).

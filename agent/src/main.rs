@@ -27,6 +27,9 @@ fn main() {
         Ok(s) => s,
         Err(e) => fatal(e),
     };
+    // With SIGINT blocked above: from here Ctrl-Alt-Del (an orderly stop of
+    // `kindling boot`) reaches us as SIGINT instead of rebooting the node on the spot.
+    init::disable_ctrl_alt_del();
     if let Err(e) = init::mount_filesystems() {
         fatal(e);
     }
@@ -67,7 +70,7 @@ fn main() {
             Err(e) => phase::log(format!("bring-up failed: {e:#}")),
         });
     }
-    // Wait for a power request; bring-up continues meanwhile.
+    // Wait for a power request (SIGINT: Ctrl-Alt-Del); bring-up continues meanwhile.
     let reboot = matches!(signals.wait(), Ok(nix::sys::signal::Signal::SIGINT));
     phase::log("shutting down: kubelet, control plane, etcd, containerd");
     node.stop();

@@ -1,7 +1,22 @@
 //! `kindling bench`: boot-time benchmark. Times, over several runs, the launch of a VM
-//! until the guest prints its init marker and until it powers off, for kindling and for
-//! QEMU's `microvm` machine booting the same kernel and initrd on the same KVM. Under
-//! the emulated runner, both run inside the level-1 VM, so both are nested the same way.
+//! until the guest prints its init marker and until the VMM exits, for kindling and for
+//! QEMU's `microvm` machine booting the same kernel and initrd on the same KVM, and with
+//! `--compare firecracker=PATH` for Firecracker too. Firecracker boots the ELF vmlinux,
+//! and it does not exit when its guest powers off (only on a reboot, which QEMU's microvm
+//! in turn cannot do without a keyboard controller), so every guest does the same thing,
+//! power off, and Firecracker's "exit" is the guest's `reboot: Power down` (or `System
+//! halted`) console line, printed even with `quiet`, after which the benchmark kills it. The VMMs take turns, one run each per
+//! round, so load on the machine spreads over all of them. Under the emulated runner all
+//! of them run inside the same level-1 VM, so all are nested the same way; QEMU is
+//! shipped in with its libraries, Firecracker (a static binary) as it is.
+//!
+//! Besides boot time, the VMM's own costs: the time from launch to the guest's first
+//! instruction (the line the VMM logs as its first vCPU enters the guest:
+//! `vstate::vcpu::FIRST_ENTRY_LOG` for kindling, the vCPU resume for Firecracker; QEMU
+//! logs none), and the VMM's resident memory beyond guest RAM, from
+//! `/proc/<pid>/smaps` when the init marker appears: the Rss of every mapping except
+//! the guest RAM's (the one mapping of the guest's size, give or take 4 MiB of
+//! alignment).
 //!
 //! `kindling bench --workload net`: host<->guest I/O. The guest (the busybox initramfs
 //! with this very executable added, running `kindling bench --guest-server`) serves
@@ -12,14 +27,16 @@
 //! virtio-net and vsock built in (kindling's own: `kindling images path kernel`) and
 //! root (TAP), which the emulated runner's level-1 VM provides.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 
 use kindling_vmm::config::VmConfig;
+use kindling_vmm::vstate::vcpu::FIRST_ENTRY_LOG;
 
 use crate::runner::{self, emulated, Runner, RunnerKind};
 use crate::util::{inside_l1, which};
@@ -47,6 +64,26 @@ pub struct BenchArgs {
     pub marker: String,
     #[arg(long, value_parser = runner::runner_arg(), default_value = "auto")]
     pub runner: RunnerKind,
+    /// Boot workload: also boot the guest under another VMM, `firecracker=PATH` (a
+    /// Firecracker binary; it boots --firecracker-kernel).
+    #[arg(long, value_name = "firecracker=PATH", value_parser = parse_compare)]
+    pub compare: Option<PathBuf>,
+    /// The ELF vmlinux Firecracker boots (it takes no bzImage). Default: --kernel when
+    /// it is an ELF file, else `vmlinux` beside it (kindling's kernel build leaves one).
+    #[arg(long, value_name = "PATH")]
+    pub firecracker_kernel: Option<PathBuf>,
+    /// Boot workload: benchmark this kindling executable instead of the running one
+    /// (e.g. a build of another commit, for a before/after comparison in one run; it
+    /// must be static to run inside the level-1 VM, as release builds here are).
+    #[arg(long, value_name = "PATH")]
+    pub kindling_exe: Option<PathBuf>,
+    /// Boot workload: leave QEMU's microvm out (it is slow to boot an ELF vmlinux, and
+    /// its nested guest now and then hangs under the emulated runner).
+    #[arg(long)]
+    pub without_qemu: bool,
+    /// Boot workload: print each VMM's console output of its last run after the figures.
+    #[arg(long)]
+    pub show_console: bool,
     /// What to measure: boot time, or host<->guest network and vsock I/O.
     #[arg(long, value_enum, default_value_t = Workload::Boot)]
     pub workload: Workload,
@@ -67,6 +104,34 @@ pub enum Workload {
     Net,
 }
 
+/// `--compare firecracker=PATH`: the Firecracker binary.
+fn parse_compare(s: &str) -> Result<PathBuf, String> {
+    match s.split_once('=') {
+        Some(("firecracker", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => Err(format!("{s:?}: expected firecracker=PATH (the only VMM --compare knows besides QEMU)")),
+    }
+}
+
+/// Where the Firecracker binary and its vmlinux, and a kindling executable under test,
+/// land inside the level-1 VM.
+const L1_FIRECRACKER: &str = "/kindling/firecracker";
+const L1_KINDLING_EXE: &str = "/kindling/kindling-under-test";
+const L1_VMLINUX: &str = "/kindling/vmlinux";
+
+/// What Linux prints (at emergency level, so even with `quiet`) as it powers off, or
+/// halts when it finds no way to power off.
+const GUEST_POWER_DOWN: &[&str] = &["reboot: Power down", "reboot: System halted"];
+/// Most a single launch may take before it is killed and not counted (a boot here takes
+/// well under 30 s; now and then a nested guest hangs under the emulated runner).
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+/// Console lines kept per run (for --show-console and error messages).
+const KEEP_LINES: usize = 5000;
+
+fn is_elf(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == *b"\x7fELF"
+}
+
 impl BenchArgs {
     fn config(&self) -> VmConfig {
         VmConfig {
@@ -81,9 +146,26 @@ impl BenchArgs {
         }
     }
 
+    /// The vmlinux Firecracker boots (see `--firecracker-kernel`).
+    fn firecracker_kernel(&self) -> anyhow::Result<PathBuf> {
+        if let Some(k) = &self.firecracker_kernel {
+            return Ok(k.clone());
+        }
+        if is_elf(&self.kernel) {
+            return Ok(self.kernel.clone());
+        }
+        let beside = self.kernel.with_file_name("vmlinux");
+        anyhow::ensure!(
+            is_elf(&beside),
+            "Firecracker boots an ELF vmlinux, and {} is not one, nor is there one beside it; pass --firecracker-kernel PATH (or --kernel with the vmlinux, for every VMM)",
+            self.kernel.display()
+        );
+        Ok(beside)
+    }
+
     /// The same benchmark as seen from inside the level-1 VM.
-    pub fn l1_args(&self) -> Vec<String> {
-        vec![
+    pub fn l1_args(&self) -> anyhow::Result<Vec<String>> {
+        let mut args: Vec<String> = vec![
             "--kernel".into(),
             "/kindling/kernel".into(),
             "--initrd".into(),
@@ -106,15 +188,45 @@ impl BenchArgs {
             self.net_mib.to_string(),
             "--round-trips".into(),
             self.round_trips.to_string(),
-        ]
+        ];
+        if self.compare.is_some() {
+            let kernel = if self.firecracker_kernel()? == self.kernel { "/kindling/kernel" } else { L1_VMLINUX };
+            args.extend([
+                "--compare".into(),
+                format!("firecracker={L1_FIRECRACKER}"),
+                "--firecracker-kernel".into(),
+                kernel.into(),
+            ]);
+        }
+        if self.kindling_exe.is_some() {
+            args.extend(["--kindling-exe".into(), L1_KINDLING_EXE.into()]);
+        }
+        if self.show_console {
+            args.push("--show-console".into());
+        }
+        if self.without_qemu {
+            args.push("--without-qemu".into());
+        }
+        Ok(args)
     }
-}
 
-/// One timed launch.
-#[derive(Clone, Copy, Debug)]
-struct Sample {
-    marker: Duration,
-    exit: Duration,
+    /// Files the level-1 VM needs besides the kernel and initrd: Firecracker and its vmlinux.
+    fn l1_files(&self) -> anyhow::Result<Vec<(PathBuf, &'static str)>> {
+        let mut files = Vec::new();
+        if let Some(fc) = &self.compare {
+            anyhow::ensure!(fc.is_file(), "--compare firecracker={}: no such file", fc.display());
+            files.push((fc.clone(), L1_FIRECRACKER.trim_start_matches("/kindling/")));
+            let kernel = self.firecracker_kernel()?;
+            if kernel != self.kernel {
+                files.push((kernel, L1_VMLINUX.trim_start_matches("/kindling/")));
+            }
+        }
+        if let Some(exe) = &self.kindling_exe {
+            anyhow::ensure!(exe.is_file(), "--kindling-exe {}: no such file", exe.display());
+            files.push((exe.clone(), L1_KINDLING_EXE.trim_start_matches("/kindling/")));
+        }
+        Ok(files)
+    }
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
@@ -131,21 +243,23 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
         _prepared = dir;
     }
     let args = &args;
+    anyhow::ensure!(args.runs >= 1, "--runs {}: at least one counted run is needed for the figures", args.runs);
     let config = args.config();
     config.validate()?;
     let (runner, why) = runner::choose(args.runner);
     match runner {
         Runner::Emulated => {
-            eprintln!("kindling: runner emulated ({why}); both VMMs run inside the level-1 VM");
-            // QEMU and its libraries go into L1's initramfs, and L1 holds a second
-            // VMM's guest.
+            eprintln!("kindling: runner emulated ({why}); all VMMs run inside the level-1 VM");
+            // QEMU and its libraries (and Firecracker) go into L1's initramfs, and L1
+            // holds a second VMM's guest.
             let job = emulated::L1Job {
                 mode: "bench",
-                args: args.l1_args(),
-                with_qemu: true,
+                args: args.l1_args()?,
+                with_qemu: !args.without_qemu,
                 with_passt: false,
                 extra_memory_mib: config.memory_mib + 256,
                 network: false,
+                files: args.l1_files()?,
             };
             Ok(emulated::run_job(&config, &job, &[])?)
         }
@@ -160,28 +274,127 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
     }
 }
 
+/// One VMM under test.
+struct Vmm {
+    name: &'static str,
+    cmd: Command,
+    /// Log lines (stdout or stderr) any of which marks the guest's first instruction;
+    /// empty when the VMM logs none.
+    first_entry: &'static [&'static str],
+    /// A console line that ends the run (the process is killed then), for a VMM that
+    /// does not exit when its guest powers off.
+    end_line: &'static [&'static str],
+    /// The kernel image it boots, for the report.
+    kernel: PathBuf,
+    /// Its configuration files, kept for the benchmark's length.
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// One timed launch.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    marker: Duration,
+    exit: Duration,
+    first_entry: Option<Duration>,
+    /// Resident KiB beyond guest RAM, at the marker.
+    overhead_kib: Option<u64>,
+    console: Vec<String>,
+}
+
 fn measure_and_report(args: &BenchArgs) -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
+    let cmdline = args.cmdline.clone();
+    let (cpus, memory) = (args.cpus.to_string(), args.memory.to_string());
+    let exe = match &args.kindling_exe {
+        Some(exe) => exe.clone(),
+        None => std::env::current_exe()?,
+    };
     let mut kindling = Command::new(&exe);
-    kindling.args(["boot", "--runner", "kvm", "--kernel"]).arg(&args.kernel).arg("--initrd").arg(&args.initrd);
-    kindling.args(["--cmdline", &args.cmdline, "--cpus", &args.cpus.to_string(), "--memory", &args.memory.to_string()]);
-    let mut rows = vec![("kindling", measure(&mut kindling, args)?)];
-    match qemu_command() {
+    // --net none: the others get no network device either.
+    kindling.args(["boot", "--runner", "kvm", "--net", "none", "--kernel"]).arg(&args.kernel);
+    kindling.arg("--initrd").arg(&args.initrd);
+    kindling.args(["--cmdline", &cmdline, "--cpus", &cpus, "--memory", &memory]);
+    let mut vmms = vec![Vmm {
+        name: "kindling",
+        cmd: kindling,
+        first_entry: &[FIRST_ENTRY_LOG],
+        end_line: &[],
+        kernel: args.kernel.clone(),
+        _dir: None,
+    }];
+    match qemu_command().filter(|_| !args.without_qemu) {
         Some(mut qemu) => {
             qemu.args(["-M", "microvm,accel=kvm,rtc=off", "-cpu", "host"])
-                .args(["-smp", &args.cpus.to_string(), "-m", &format!("{}M", args.memory)])
+                .args(["-smp", &cpus, "-m", &format!("{memory}M")])
                 .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio"])
                 .arg("-kernel")
                 .arg(&args.kernel)
                 .arg("-initrd")
                 .arg(&args.initrd)
-                .args(["-append", &args.cmdline]);
-            rows.push(("qemu microvm", measure(&mut qemu, args)?));
+                .args(["-append", &cmdline]);
+            vmms.push(Vmm {
+                name: "qemu microvm",
+                cmd: qemu,
+                first_entry: &[],
+                end_line: &[],
+                kernel: args.kernel.clone(),
+                _dir: None,
+            });
         }
-        None => eprintln!("kindling bench: qemu-system-x86_64 not found; reporting kindling alone"),
+        None if args.without_qemu => {}
+        None => eprintln!("kindling bench: qemu-system-x86_64 not found; reporting without QEMU"),
     }
-    report(args, &rows);
+    if let Some(fc) = &args.compare {
+        vmms.push(firecracker(fc, &args.firecracker_kernel()?, args, &cmdline)?);
+    }
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); vmms.len()];
+    let mut failed = vec![0usize; vmms.len()];
+    // Round 0 warms the page cache; the VMMs take turns in every round. A run that
+    // fails (a crash, a hang) is reported and not counted.
+    for round in 0..=args.runs {
+        for ((vmm, taken), failures) in vmms.iter_mut().zip(&mut samples).zip(&mut failed) {
+            match once(vmm, &args.marker, args.memory) {
+                Ok(s) if round > 0 => taken.push(s),
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("kindling bench: {} run {round} failed, not counted: {e:#}", vmm.name);
+                    *failures += 1;
+                }
+            }
+        }
+    }
+    for (v, taken) in vmms.iter().zip(&samples) {
+        anyhow::ensure!(!taken.is_empty(), "{}: no run succeeded (see the errors above)", v.name);
+    }
+    report(args, &cmdline, &vmms, &samples, &failed);
     Ok(())
+}
+
+/// Firecracker with a configuration file for the same guest (no API socket).
+fn firecracker(bin: &Path, vmlinux: &Path, args: &BenchArgs, cmdline: &str) -> anyhow::Result<Vmm> {
+    let dir = tempfile::Builder::new().prefix("kindling-bench-fc-").tempdir()?;
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": vmlinux,
+            "initrd_path": &args.initrd,
+            "boot_args": cmdline,
+        },
+        "drives": [],
+        "machine-config": { "vcpu_count": args.cpus, "mem_size_mib": args.memory },
+    });
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["--no-api", "--no-seccomp", "--level", "Info", "--config-file"]).arg(&path);
+    Ok(Vmm {
+        name: "firecracker",
+        cmd,
+        // Its vCPU thread logs the resume; the main thread's line follows right after
+        // (whichever comes first).
+        first_entry: &["VcpuEvent::Resume", "Successfully started microvm"],
+        end_line: GUEST_POWER_DOWN,
+        kernel: vmlinux.to_path_buf(),
+        _dir: Some(dir),
+    })
 }
 
 /// QEMU as shipped into the level-1 VM (with its own loader and libraries), or the host's.
@@ -196,43 +409,116 @@ pub(crate) fn qemu_command() -> Option<Command> {
     which("qemu-system-x86_64").map(Command::new)
 }
 
-fn measure(cmd: &mut Command, args: &BenchArgs) -> anyhow::Result<Vec<Sample>> {
-    let mut samples = Vec::new();
-    for i in 0..=args.runs {
-        let s = once(cmd, &args.marker)?;
-        if i > 0 {
-            samples.push(s); // run 0 warms the page cache
-        }
+/// Launches `vmm` once and times it; its output lines are timestamped as they arrive.
+fn once(vmm: &mut Vmm, marker: &str, guest_mib: u64) -> anyhow::Result<Sample> {
+    let t0 = Instant::now();
+    let mut child = vmm.cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let (tx, rx) = mpsc::channel::<(Instant, String)>();
+    let streams: [Box<dyn Read + Send>; 2] =
+        [Box::new(child.stdout.take().expect("piped")), Box::new(child.stderr.take().expect("piped"))];
+    for stream in streams {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let line = line.unwrap_or_default();
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
     }
-    Ok(samples)
+    drop(tx);
+    let mut s = Sample::default();
+    let mut marker_at = None;
+    let pid = child.id();
+    let mut ended = None;
+    let take = |s: &mut Sample, marker_at: &mut Option<Duration>, at: Instant, line: String| {
+        if s.first_entry.is_none() && vmm.first_entry.iter().any(|p| line.contains(p)) {
+            s.first_entry = Some(at - t0);
+        }
+        if marker_at.is_none() && line.contains(marker) {
+            *marker_at = Some(at - t0);
+            s.overhead_kib = vmm_overhead_kib(pid, guest_mib);
+        }
+        let end = vmm.end_line.iter().any(|e| line.contains(e));
+        if s.console.len() < KEEP_LINES {
+            s.console.push(line);
+        }
+        end.then(|| at - t0)
+    };
+    let mut streams_open = true;
+    let status = loop {
+        if streams_open {
+            match rx.recv_timeout(Duration::from_millis(2)) {
+                Ok((at, line)) => {
+                    if let Some(end) = take(&mut s, &mut marker_at, at, line) {
+                        ended = Some(end);
+                        let _ = child.kill();
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => streams_open = false,
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if t0.elapsed() > RUN_TIMEOUT {
+            let _ = child.kill();
+            // Bounded: a process stuck in the kernel (in a KVM ioctl) may not die.
+            let killed = Instant::now();
+            while child.try_wait()?.is_none() && killed.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            anyhow::bail!("{} did not exit within {RUN_TIMEOUT:?}; last lines:\n{}", vmm.name, tail(&s.console));
+        }
+    };
+    s.exit = ended.unwrap_or_else(|| t0.elapsed());
+    // What was still in the pipes when the process ended.
+    for (at, line) in rx.iter() {
+        take(&mut s, &mut marker_at, at, line);
+    }
+    let Some(marker_at) = marker_at else {
+        anyhow::bail!("{} never printed {marker:?} (exit {status}); last lines:\n{}", vmm.name, tail(&s.console));
+    };
+    s.marker = marker_at;
+    Ok(s)
 }
 
-fn once(cmd: &mut Command, marker: &str) -> anyhow::Result<Sample> {
-    let t0 = Instant::now();
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    let stdout = child.stdout.take().expect("piped");
-    let mut seen = None;
-    let mut tail = Vec::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap_or_default();
-        if seen.is_none() && line.contains(marker) {
-            seen = Some(t0.elapsed());
+fn tail(lines: &[String]) -> String {
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// The process's resident memory beyond guest RAM, in KiB: the Rss of all its mappings
+/// but the guest RAM's, which is the one mapping of the guest's size (up to 4 MiB more
+/// for alignment). None when that mapping is not found exactly once, or the process is
+/// gone.
+fn vmm_overhead_kib(pid: u32, guest_mib: u64) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    overhead_from_smaps(&smaps, guest_mib)
+}
+
+fn overhead_from_smaps(smaps: &str, guest_mib: u64) -> Option<u64> {
+    let (guest, slack) = (guest_mib << 20, 4u64 << 20);
+    let (mut total, mut guest_mappings, mut in_guest) = (0u64, 0, false);
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if let Some((start, end)) = first.split_once('-') {
+            if let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) {
+                let size = end.saturating_sub(start);
+                in_guest = (guest..=guest + slack).contains(&size);
+                guest_mappings += usize::from(in_guest);
+                continue;
+            }
         }
-        tail.push(line);
-        if tail.len() > 20 {
-            tail.remove(0);
+        if first == "Rss:" && !in_guest {
+            total += fields.next().and_then(|kb| kb.parse::<u64>().ok()).unwrap_or(0);
         }
     }
-    let status = child.wait()?;
-    let exit = t0.elapsed();
-    let Some(marker_at) = seen else {
-        anyhow::bail!(
-            "{:?} never printed {marker:?} (exit {status}); last lines:\n{}",
-            cmd.get_program(),
-            tail.join("\n")
-        );
-    };
-    Ok(Sample { marker: marker_at, exit })
+    (guest_mappings == 1).then_some(total)
 }
 
 pub(crate) fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -241,26 +527,69 @@ pub(crate) fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     (median, v[0], v[v.len() - 1])
 }
 
-fn report(args: &BenchArgs, rows: &[(&str, Vec<Sample>)]) {
+/// Median, min and max of the values that are there, or None if any is missing.
+fn stats_of(v: impl Iterator<Item = Option<f64>>) -> Option<(f64, f64, f64)> {
+    let v: Option<Vec<f64>> = v.collect();
+    v.filter(|v| !v.is_empty()).map(stats)
+}
+
+fn report(args: &BenchArgs, cmdline: &str, vmms: &[Vmm], samples: &[Vec<Sample>], failed: &[usize]) {
     println!(
-        "boot benchmark: {} runs each after 1 warm-up, {} vCPU, {} MiB, kernel {}, initrd {}",
+        "boot benchmark: {} runs each after 1 warm-up, VMMs taking turns; {} vCPU, {} MiB, initrd {}",
         args.runs,
         args.cpus,
         args.memory,
-        args.kernel.display(),
         args.initrd.display()
     );
+    for ((v, taken), &f) in vmms.iter().zip(samples).zip(failed) {
+        if f > 0 {
+            println!("  {}: {} run(s) failed and are not counted; the figures are of {}", v.name, f, taken.len());
+        }
+    }
+    println!("guest command line: {cmdline}");
+    if let Some(exe) = &args.kindling_exe {
+        println!("kindling executable: {}", exe.display());
+    }
+    for v in vmms {
+        println!("  {:<14} boots {}", v.name, v.kernel.display());
+    }
     println!("{:<14} {:>28} {:>28}", "", "launch -> init marker (s)", "launch -> exit (s)");
     println!("{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "", "median", "min", "max", "median", "min", "max");
     let mut medians = Vec::new();
-    for (name, samples) in rows {
+    for (v, samples) in vmms.iter().zip(samples) {
         let m = stats(samples.iter().map(|s| s.marker.as_secs_f64()).collect());
         let e = stats(samples.iter().map(|s| s.exit.as_secs_f64()).collect());
-        println!("{name:<14} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}", m.0, m.1, m.2, e.0, e.1, e.2);
-        medians.push((m.0, e.0));
+        println!("{:<14} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}", v.name, m.0, m.1, m.2, e.0, e.1, e.2);
+        medians.push((v.name, m.0, e.0));
     }
-    if let [(km, ke), (qm, qe)] = medians[..] {
-        println!("{:<14} {:>9.2} {:>29.2}", "ratio k/q", km / qm, ke / qe);
+    let (_, km, ke) = medians[0];
+    for &(name, m, e) in &medians[1..] {
+        let short = if name == "firecracker" { "fc" } else { "q" };
+        println!("{:<14} {:>9.2} {:>29.2}", format!("ratio k/{short}"), km / m, ke / e);
+    }
+    println!();
+    println!("{:<14} {:>28} {:>28}", "VMM costs", "launch -> guest entry (ms)", "RSS beyond guest RAM (MiB)");
+    println!("{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "", "median", "min", "max", "median", "min", "max");
+    let cell = |st: Option<(f64, f64, f64)>, prec: usize| match st {
+        Some((a, b, c)) => format!("{a:>9.prec$} {b:>9.prec$} {c:>9.prec$}"),
+        None => format!("{:>9} {:>9} {:>9}", "-", "-", "-"),
+    };
+    for (v, samples) in vmms.iter().zip(samples) {
+        let entry = stats_of(samples.iter().map(|s| s.first_entry.map(|d| d.as_secs_f64() * 1e3)));
+        let rss = stats_of(samples.iter().map(|s| s.overhead_kib.map(|k| k as f64 / 1024.0)));
+        println!("{:<14} {} {}", v.name, cell(entry, 1), cell(rss, 2));
+    }
+    println!("(guest entry: when the VMM logs its first vCPU entering the guest; QEMU logs none)");
+    if vmms.iter().any(|v| !v.end_line.is_empty()) {
+        println!("(firecracker's exit: the guest's {GUEST_POWER_DOWN:?} line; it does not exit on a power-off and is killed then)");
+    }
+    if args.show_console {
+        for (v, samples) in vmms.iter().zip(samples) {
+            println!("\n--- {} console, last run ---", v.name);
+            for line in samples.last().map(|s| s.console.as_slice()).unwrap_or_default() {
+                println!("[{}] {line}", v.name);
+            }
+        }
     }
 }
 
@@ -701,5 +1030,30 @@ mod tests {
     fn median_of_odd_and_even() {
         assert_eq!(stats(vec![3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
         assert_eq!(stats(vec![4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+        assert_eq!(stats_of([Some(1.0), None].into_iter()), None, "a missing figure is not averaged away");
+    }
+
+    #[test]
+    fn overhead_leaves_out_the_guest_ram_mapping() {
+        let smaps = "\
+55d0c0000000-55d0c0200000 r-xp 00000000 fd:00 123 /usr/bin/vmm
+Size:               2048 kB
+Rss:                1500 kB
+7f0000000000-7f0010000000 rw-p 00000000 00:00 0
+Size:             262144 kB
+Rss:              120000 kB
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+Size:                132 kB
+Rss:                  20 kB
+";
+        assert_eq!(overhead_from_smaps(smaps, 256), Some(1520));
+        assert_eq!(overhead_from_smaps(smaps, 512), None, "no mapping of the guest's size: unknown");
+    }
+
+    #[test]
+    fn compare_takes_firecracker_only() {
+        assert_eq!(parse_compare("firecracker=/x/fc"), Ok(PathBuf::from("/x/fc")));
+        assert!(parse_compare("cloud-hypervisor=/x").is_err());
+        assert!(parse_compare("firecracker=").is_err());
     }
 }

@@ -1,7 +1,9 @@
 //! Exit statuses of `kindling boot`, which the daemon records and the cluster manager
 //! acts on.
 
-/// The guest powered off, or asked to reboot (a reboot ends the VM).
+/// The guest powered off, or asked to reboot (a reboot ends the VM), or the VM was
+/// stopped on SIGTERM: after the guest shut down when asked, or, when it did not within
+/// the timeout, stopped anyway (its disks flushed, what it had not written lost).
 pub const OK: i32 = 0;
 /// The VMM failed (bad input, a host resource it could not set up, a fatal vCPU error).
 pub const VMM_ERROR: i32 = 1;

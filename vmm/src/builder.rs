@@ -1,10 +1,19 @@
 //! Builds a microVM from a [`VmConfig`] and runs it: memory, ACPI, kernel, devices,
 //! vCPUs, then the event loop (console input, virtio queue notifications, device host
-//! events, guest exit).
+//! events, host requests, guest exit).
+//!
+//! The host talks to a running VM through a [`VmControl`]: any thread (kindling's
+//! signal thread) sets a flag and writes its eventfd, which the event loop watches, so
+//! a request made before or while the loop runs is never lost. A shutdown request
+//! types Ctrl-Alt-Del on the guest's i8042 keyboard, retried on every wakeup of the
+//! loop until the guest's driver has enabled the keyboard; a stop request ends the VM
+//! at once ([`ExitReason::Stopped`]). Either way the disks are flushed and the vsock
+//! socket removed on the way out. How long to wait between the two is the caller's
+//! policy.
 
 use std::io::Write;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -17,7 +26,7 @@ use crate::arch::{acpi, kernel, layout, regs};
 use crate::config::{ConfigError, VmConfig, CMDLINE_MAX};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::acpi_pm::{AcpiPm, ACPI_PM_LEN, ACPI_PM_PORT};
-use crate::devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::legacy::i8042::{CtrlAltDelError, I8042, I8042_KBD_IRQ, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::legacy::serial::{SerialConsole, COM1_PORT, COM_PORT_LEN};
 use crate::devices::legacy::IrqTrigger;
 use crate::devices::virtio::block::{Block, DiskError};
@@ -98,9 +107,43 @@ pub struct HostResources {
     pub net: Option<Box<dyn net::Backend>>,
 }
 
+/// Requests the host makes of a running VM, safe to make from any thread (each sets a
+/// flag, then wakes the event loop through an eventfd: async-signal-safe, and a
+/// request made before [`MicroVm::run_with_control`] starts is seen when it does).
+pub struct VmControl {
+    evt: EventFd,
+    shutdown: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl VmControl {
+    /// A control with nothing requested.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { evt: EventFd::new(EFD_NONBLOCK)?, shutdown: AtomicBool::new(false), stop: AtomicBool::new(false) })
+    }
+
+    /// Asks the guest to shut down: Ctrl-Alt-Del on its keyboard, typed as soon as the
+    /// guest's driver has enabled the keyboard. Linux reboots at once on Ctrl-Alt-Del
+    /// unless init disabled that (kindling's agent does); then init gets SIGINT and
+    /// shuts down in order. The VM runs until the guest powers off or resets, or until
+    /// [`stop`](Self::stop).
+    pub fn request_shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        let _ = self.evt.write(1);
+    }
+
+    /// Stops the VM now, whatever the guest is doing: the run ends with
+    /// [`ExitReason::Stopped`] (after flushing the disks, as every run does).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.evt.write(1);
+    }
+}
+
 /// Epoll tokens.
 const TOKEN_EXIT: u64 = 0;
 const TOKEN_INPUT: u64 = 1;
+const TOKEN_CONTROL: u64 = 2;
 const TOKEN_QUEUE_BASE: u64 = 16;
 /// Above every queue token: a device's host events fd (see `VirtioDevices::host_events`).
 const TOKEN_HOST_EVENTS_BASE: u64 = 1 << 32;
@@ -115,6 +158,7 @@ pub struct MicroVm {
     mem: Arc<vm_memory::GuestMemoryMmap>,
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialConsole>>,
+    i8042: Arc<Mutex<I8042>>,
     virtio: VirtioDevices,
     vcpus: Vec<Vcpu>,
     pio: Arc<Bus>,
@@ -146,8 +190,10 @@ impl MicroVm {
         vm.fd.register_irqfd(&serial_irq, layout::SERIAL_IRQ).map_err(setup("serial irqfd"))?;
         let serial = Arc::new(Mutex::new(SerialConsole::new(IrqTrigger(serial_irq), console.output)));
         pio.insert(serial.clone(), COM1_PORT, COM_PORT_LEN).map_err(setup("serial port"))?;
-        pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), I8042_PORT, I8042_PORT_LEN)
-            .map_err(setup("i8042 port"))?;
+        let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(setup("i8042 irq"))?;
+        vm.fd.register_irqfd(&kbd_irq, I8042_KBD_IRQ).map_err(setup("i8042 irqfd"))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), kbd_irq)));
+        pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN).map_err(setup("i8042 port"))?;
         pio.insert(Arc::new(Mutex::new(AcpiPm::new(exit.clone()))), ACPI_PM_PORT, ACPI_PM_LEN)
             .map_err(setup("ACPI PM ports"))?;
 
@@ -190,6 +236,7 @@ impl MicroVm {
             mem,
             exit,
             serial,
+            i8042,
             virtio,
             vcpus,
             pio: Arc::new(pio),
@@ -201,10 +248,18 @@ impl MicroVm {
 
     /// Runs the guest until it powers off, resets or fails.
     pub fn run(self) -> Result<ExitReason, BuildError> {
-        let MicroVm { vm, mem, exit, serial, virtio, vcpus, pio, mmio, input, started } = self;
+        let control = VmControl::new().map_err(setup("control eventfd"))?;
+        self.run_with_control(&control)
+    }
+
+    /// Runs the guest until it powers off, resets or fails, or until `control` stops
+    /// it; a shutdown request on `control` asks the guest to shut down.
+    pub fn run_with_control(self, control: &VmControl) -> Result<ExitReason, BuildError> {
+        let MicroVm { vm, mem, exit, serial, i8042, virtio, vcpus, pio, mmio, input, started } = self;
         let epoll = Epoll::new().map_err(setup("epoll"))?;
         let add = |fd: RawFd, token: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
         add(exit.evt.as_raw_fd(), TOKEN_EXIT).map_err(setup("epoll"))?;
+        add(control.evt.as_raw_fd(), TOKEN_CONTROL).map_err(setup("epoll"))?;
         for (i, (_, _, evt)) in virtio.queues.iter().enumerate() {
             add(evt.as_raw_fd(), TOKEN_QUEUE_BASE + i as u64).map_err(setup("epoll"))?;
         }
@@ -229,7 +284,12 @@ impl MicroVm {
         let mut events = vec![EpollEvent::default(); 32];
         let mut saw_escape = false;
         let mut input_paused = false;
+        let mut shutdown = ShutdownRequest::default();
         'event_loop: loop {
+            // A pending Ctrl-Alt-Del is retried on every wakeup (at least every 100 ms).
+            if shutdown.pending {
+                shutdown.try_deliver(&mut i8042.lock().unwrap(), started);
+            }
             let n = match epoll.wait(100, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -244,6 +304,11 @@ impl MicroVm {
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_EXIT => break 'event_loop,
+                    TOKEN_CONTROL => {
+                        if shutdown.on_control(control, &mut i8042.lock().unwrap(), &exit, started) {
+                            break 'event_loop;
+                        }
+                    }
                     TOKEN_INPUT => {
                         let fd = input.expect("input token only registered with input");
                         let mut console = serial.lock().unwrap();
@@ -299,6 +364,54 @@ impl MicroVm {
         drop(vm);
         drop(mem);
         Ok(reason)
+    }
+}
+
+/// A shutdown request on its way to the guest's keyboard.
+#[derive(Default)]
+struct ShutdownRequest {
+    pending: bool,
+    /// What was last said about a refusal, so the log says it once.
+    reported: Option<CtrlAltDelError>,
+}
+
+impl ShutdownRequest {
+    /// The control eventfd fired: takes the requests. Returns true when the VM is to
+    /// stop now (the exit reason is then recorded).
+    fn on_control(&mut self, control: &VmControl, i8042: &mut I8042, exit: &ExitSignal, started: Instant) -> bool {
+        let _ = control.evt.read();
+        if control.stop.load(Ordering::SeqCst) {
+            tracing::info!("stopping the VM, as the host asked");
+            exit.request(ExitReason::Stopped);
+            return true;
+        }
+        if control.shutdown.swap(false, Ordering::SeqCst) {
+            self.pending = true;
+            self.try_deliver(i8042, started);
+        }
+        false
+    }
+
+    fn try_deliver(&mut self, i8042: &mut I8042, started: Instant) {
+        if !self.pending {
+            return;
+        }
+        match i8042.send_ctrl_alt_del() {
+            Ok(()) => {
+                tracing::info!(
+                    "asked the guest to shut down (Ctrl-Alt-Del on its keyboard) {:.1?} after start",
+                    started.elapsed()
+                );
+                self.pending = false;
+                self.reported = None;
+            }
+            Err(e) => {
+                if self.reported.as_ref() != Some(&e) {
+                    tracing::info!("shutdown request: {e}; Ctrl-Alt-Del is retried until the guest takes it");
+                    self.reported = Some(e);
+                }
+            }
+        }
     }
 }
 
@@ -380,5 +493,82 @@ impl Drop for RawTerminal {
         // SAFETY: as in enter().
         let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
         let _ = tcsetattr(borrowed, SetArg::TCSANOW, &self.saved);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::bus::BusDevice;
+
+    fn i8042() -> (I8042, EventFd, Arc<ExitSignal>) {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        (I8042::new(exit.clone(), irq.try_clone().unwrap()), irq, exit)
+    }
+
+    /// Reads what the guest's keyboard driver would, until the output buffer is empty.
+    fn drain(dev: &mut I8042) -> Vec<u8> {
+        let mut v = Vec::new();
+        let mut b = [0u8];
+        loop {
+            dev.read(4, &mut b);
+            if b[0] & 1 == 0 || v.len() > 32 {
+                return v;
+            }
+            dev.read(0, &mut b);
+            v.push(b[0]);
+        }
+    }
+
+    /// What Linux's i8042 and atkbd drivers leave behind: keyboard interface and
+    /// interrupt on in the command byte, scanning enabled.
+    fn guest_enables_keyboard(dev: &mut I8042) {
+        dev.write(4, &[0x60]);
+        dev.write(0, &[0x25]); // keyboard interrupt, system flag, aux off; no translation
+        dev.write(0, &[0xf4]);
+        assert_eq!(drain(dev), [0xfa]);
+    }
+
+    #[test]
+    fn a_shutdown_request_before_the_guest_driver_is_typed_once_it_is_there() {
+        let control = VmControl::new().unwrap();
+        let (mut dev, irq, exit) = i8042();
+        let mut shutdown = ShutdownRequest::default();
+        // Requested from another thread, before the loop looks: the eventfd keeps it.
+        std::thread::scope(|s| {
+            s.spawn(|| control.request_shutdown());
+        });
+        assert!(
+            !shutdown.on_control(&control, &mut dev, &exit, Instant::now()),
+            "a shutdown request does not stop the VM"
+        );
+        assert!(shutdown.pending, "the guest has no keyboard driver yet: the request waits");
+        assert_eq!(shutdown.reported, Some(CtrlAltDelError::KeyboardNotEnabled));
+        assert!(irq.read().is_err(), "nothing typed, no interrupt");
+        guest_enables_keyboard(&mut dev);
+        let _ = irq.read();
+        // The loop's next wakeup delivers it.
+        shutdown.try_deliver(&mut dev, Instant::now());
+        assert!(!shutdown.pending);
+        assert_eq!(irq.read().unwrap(), 1, "IRQ 1 raised");
+        let keys = drain(&mut dev);
+        assert_eq!(keys[..4], [0x14, 0x11, 0xe0, 0x71], "Ctrl, Alt, Delete pressed (set 2)");
+        // Delivered once: later wakeups type nothing more.
+        shutdown.try_deliver(&mut dev, Instant::now());
+        assert!(drain(&mut dev).is_empty());
+        assert_eq!(exit.reason(), ExitReason::Running);
+    }
+
+    #[test]
+    fn a_stop_request_ends_the_run_with_stopped() {
+        let control = VmControl::new().unwrap();
+        let (mut dev, _irq, exit) = i8042();
+        let mut shutdown = ShutdownRequest::default();
+        control.request_shutdown();
+        control.stop();
+        assert!(shutdown.on_control(&control, &mut dev, &exit, Instant::now()));
+        assert_eq!(exit.reason(), ExitReason::Stopped);
+        assert_eq!(exit.evt.read().unwrap(), 1, "the loop's exit eventfd is written too");
     }
 }

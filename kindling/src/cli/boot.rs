@@ -1,16 +1,31 @@
 //! `kindling boot`: one microVM in the foreground.
+//!
+//! An orderly stop on the KVM runner: SIGTERM (and SIGINT when stdin is not a
+//! terminal; on a terminal the console is raw and Ctrl-C belongs to the guest) asks the
+//! guest to shut down with Ctrl-Alt-Del, then waits up to `--shutdown-timeout` seconds
+//! for it to power off or reboot before stopping the VM anyway (a second signal stops
+//! it at once). Either way the disks are flushed, the vsock socket removed, and the exit
+//! status is 0. The signals are blocked in every thread before any is started and taken
+//! by one thread with sigwait, which only sets a flag and writes an eventfd the VMM's
+//! event loop watches: no code runs in a signal handler, and a signal that arrives
+//! before the VM runs is acted on when it does. Inside the emulated runner's level-1 VM
+//! this is the code that runs (there kindling is PID 1, which is why the signals must be
+//! blocked rather than left to a default action that init never gets).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use kindling_proto::cmdline::NetParams;
 use kindling_proto::exit;
 use kindling_proto::forward::Forward;
-use kindling_vmm::builder::{Console, HostResources, MicroVm};
+use kindling_vmm::builder::{Console, HostResources, MicroVm, VmControl};
 use kindling_vmm::config::{DiskConfig, NetConfig, VmConfig, VsockConfig};
 use kindling_vmm::devices::virtio::net::Backend;
 use kindling_vmm::devices::ExitReason;
+use nix::sys::signal::{SigSet, Signal};
 
 use crate::hostnet::{self, NetChoice, NetKind};
 use crate::runner::{self, emulated, l1watch, Runner, RunnerKind};
@@ -69,7 +84,18 @@ pub struct BootArgs {
     /// Where the VM runs: auto picks KVM when it can boot a stock kernel here.
     #[arg(long, value_parser = runner::runner_arg(), default_value = "auto")]
     pub runner: RunnerKind,
+    /// On SIGTERM (or SIGINT when stdin is not a terminal) the guest is asked to shut
+    /// down (Ctrl-Alt-Del) and given this many seconds before the VM is stopped anyway;
+    /// either way the disks are flushed and kindling exits with 0. At most a day.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_TIMEOUT_SECS))]
+    pub shutdown_timeout: u64,
 }
+
+/// How long an orderly stop waits for the guest by default.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 60;
+/// The longest `--shutdown-timeout` (a day), which keeps the deadline arithmetic in range.
+pub const MAX_SHUTDOWN_TIMEOUT_SECS: u64 = 86_400;
 
 impl BootArgs {
     /// The VM these arguments describe, validated; without its network device, which
@@ -123,6 +149,17 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
     eprintln!("kindling: net {} ({net_why})", net.map_or("none", NetKind::as_str));
     match runner {
         Runner::Kvm => {
+            // First, before any thread exists: every later thread inherits the mask.
+            let control = Arc::new(VmControl::new()?);
+            let signals = stop_signals(std::io::stdin().is_terminal());
+            signals.thread_block()?;
+            let (ask, stop) = (control.clone(), control.clone());
+            start_signal_thread(
+                signals,
+                Duration::from_secs(args.shutdown_timeout),
+                move || ask.request_shutdown(),
+                move || stop.stop(),
+            )?;
             let mut backend = None;
             if let Some(kind) = net {
                 l1watch::step("net-setup");
@@ -134,7 +171,7 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
             if let Some(v) = &config.vsock {
                 crate::forward::start(&args.forwards, &v.uds_path)?;
             }
-            boot_on_kvm(&config, backend)
+            boot_on_kvm(&config, backend, &control)
         }
         Runner::Emulated => {
             let (cpus, clamped) = emulated::guest_cpus(config.cpus);
@@ -142,7 +179,10 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
                 eprintln!("kindling: {warning}");
                 config.cpus = cpus;
             }
-            match emulated::run(&config, net, args.host_loopback, &args.forwards) {
+            // The VMM inside the level-1 VM does the orderly stop: it gets the timeout.
+            let mut job = emulated::L1Job::boot(&config, net, args.host_loopback);
+            job.args.extend(["--shutdown-timeout".to_string(), args.shutdown_timeout.to_string()]);
+            match emulated::run_job(&config, &job, &args.forwards) {
                 // QEMU ended with the level-1 VM reset and no status reported: L1 itself
                 // crashed (its emulated nested virtualization), which ends the guest too.
                 Err(emulated::EmulatedError::NoStatus(0)) => {
@@ -163,14 +203,69 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
     }
 }
 
-fn boot_on_kvm(config: &VmConfig, net: Option<Box<dyn Backend>>) -> anyhow::Result<i32> {
+/// The signals that ask for an orderly stop: SIGTERM, and SIGINT unless stdin is a
+/// terminal.
+fn stop_signals(stdin_is_terminal: bool) -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    if !stdin_is_terminal {
+        set.add(Signal::SIGINT);
+    }
+    set
+}
+
+/// Starts the thread that takes `signals` (blocked by the caller, so in every thread it
+/// starts from then on): the first calls `ask` (ask the guest to shut down); `timeout`
+/// later, or at the next signal, it calls `stop` (stop the VM).
+fn start_signal_thread(
+    signals: SigSet,
+    timeout: Duration,
+    ask: impl FnOnce() + Send + 'static,
+    stop: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("stop-signals".into()).spawn(move || {
+        let Ok(first) = signals.wait() else { return };
+        eprintln!(
+            "kindling: {}: asking the guest to shut down (Ctrl-Alt-Del); the VM is stopped in {}s if it has not",
+            first.as_str(),
+            timeout.as_secs()
+        );
+        ask();
+        match wait_timeout(&signals, timeout) {
+            Some(again) => eprintln!("kindling: {} again: stopping the VM now", again.as_str()),
+            None => eprintln!("kindling: the guest did not shut down within {}s: stopping the VM", timeout.as_secs()),
+        }
+        stop();
+    })
+}
+
+/// sigtimedwait: the next of `signals` (blocked in this thread), or None after `timeout`.
+fn wait_timeout(signals: &SigSet, timeout: Duration) -> Option<Signal> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ts = libc::timespec { tv_sec: left.as_secs() as libc::time_t, tv_nsec: left.subsec_nanos().into() };
+        // SAFETY: sigtimedwait reads the signal set and the timespec, both alive for the
+        // call, and writes no siginfo (null).
+        let n = unsafe { libc::sigtimedwait(signals.as_ref(), std::ptr::null_mut(), &ts) };
+        if n > 0 {
+            return Signal::try_from(n).ok();
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) || left.is_zero() {
+            return None; // EAGAIN: the timeout passed
+        }
+    }
+}
+
+fn boot_on_kvm(config: &VmConfig, net: Option<Box<dyn Backend>>, control: &VmControl) -> anyhow::Result<i32> {
     let t0 = Instant::now();
     let console = Console { output: Box::new(std::io::stdout()), input: Some(libc::STDIN_FILENO) };
     l1watch::step("vm-build");
     let vm = MicroVm::build(config, HostResources { console, net })?;
     tracing::info!("microVM ready to run in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
     l1watch::step("vm-run");
-    let reason = vm.run()?;
+    let reason = vm.run_with_control(control)?;
     let secs = t0.elapsed().as_secs_f64();
     match reason {
         ExitReason::PowerOff | ExitReason::Running => {
@@ -179,6 +274,10 @@ fn boot_on_kvm(config: &VmConfig, net: Option<Box<dyn Backend>>) -> anyhow::Resu
         }
         ExitReason::Reset => {
             eprintln!("kindling: guest rebooted after {secs:.2}s; stopping (reboot ends the VM)");
+            Ok(exit::OK)
+        }
+        ExitReason::Stopped => {
+            eprintln!("kindling: VM stopped after {secs:.2}s; its disks are flushed");
             Ok(exit::OK)
         }
         ExitReason::TripleFault => {
@@ -194,7 +293,10 @@ fn boot_on_kvm(config: &VmConfig, net: Option<Box<dyn Backend>>) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use std::ffi::OsString;
+    use std::os::unix::thread::JoinHandleExt;
     use std::path::Path;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
 
     use clap::Parser;
 
@@ -202,6 +304,63 @@ mod tests {
     use crate::daemon::api::{DiskSpec, VmSpec};
     use crate::daemon::state::Paths;
     use crate::daemon::vm_process::boot_args;
+
+    use super::{start_signal_thread, stop_signals};
+
+    /// The stop-signal thread with real signals, sent to that thread alone (so the rest
+    /// of the test process never sees them): the first asks, the timeout or a second
+    /// signal stops.
+    #[test]
+    fn a_stop_signal_asks_the_guest_then_the_timeout_or_a_second_signal_stops() {
+        let signals = stop_signals(false);
+        assert!(signals.contains(nix::sys::signal::SIGTERM) && signals.contains(nix::sys::signal::SIGINT));
+        assert!(!stop_signals(true).contains(nix::sys::signal::SIGINT), "on a terminal Ctrl-C goes to the guest");
+        // Blocked in this test's thread, so in the signal thread it starts.
+        signals.thread_block().unwrap();
+        for (second, timeout) in [(None, Duration::from_millis(300)), (Some(libc::SIGTERM), Duration::from_secs(60))] {
+            let (tx, rx) = mpsc::channel();
+            let (ask, stop) = (tx.clone(), tx);
+            let thread = start_signal_thread(
+                signals,
+                timeout,
+                move || ask.send("ask").unwrap(),
+                move || stop.send("stop").unwrap(),
+            )
+            .unwrap();
+            let kill = |sig| {
+                // SAFETY: the thread is alive until joined below (it ends only after
+                // `stop`, which the test waits for first).
+                assert_eq!(unsafe { libc::pthread_kill(thread.as_pthread_t(), sig) }, 0);
+            };
+            kill(libc::SIGINT);
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok("ask"));
+            let asked = Instant::now();
+            if let Some(sig) = second {
+                kill(sig);
+            }
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok("stop"));
+            match second {
+                None => assert!(asked.elapsed() >= Duration::from_millis(250), "stopped before the timeout"),
+                Some(_) => assert!(asked.elapsed() < Duration::from_secs(10), "a second signal stops at once"),
+            }
+            thread.join().unwrap();
+        }
+    }
+
+    /// The boot subcommand's own parser (the VMM's fast start) reads what the full one
+    /// does.
+    #[test]
+    fn the_boot_fast_path_parses_as_the_full_parser() {
+        let argv: Vec<OsString> = ["kindling", "boot", "--kernel", "/k", "--disk", "/d,ro", "--memory", "64"]
+            .into_iter()
+            .chain(["--forward", "8080:80", "--net", "none", "--shutdown-timeout", "5", "--cpus", "2"])
+            .map(OsString::from)
+            .collect();
+        let Command::Boot(fast) = Cli::parse_argv(argv.clone()).command else { panic!("not boot") };
+        let Command::Boot(full) = Cli::try_parse_from(argv).unwrap().command else { panic!("not boot") };
+        assert_eq!(format!("{fast:?}"), format!("{full:?}"));
+        assert_eq!(fast.shutdown_timeout, 5);
+    }
 
     /// The daemon's boot arguments are `kindling boot` arguments, and a comma in a disk
     /// path survives.

@@ -281,6 +281,9 @@ pub struct L1Job {
     pub extra_memory_mib: u64,
     /// Give L1 outbound networking (QEMU user networking without `restrict`).
     pub network: bool,
+    /// More files to ship in: (host path, path inside L1 under /kindling/, e.g.
+    /// `firecracker` for /kindling/firecracker), made executable.
+    pub files: Vec<(PathBuf, &'static str)>,
 }
 
 impl L1Job {
@@ -293,6 +296,7 @@ impl L1Job {
             with_passt: net == Some(NetKind::Passt),
             extra_memory_mib: 0,
             network: net.is_some(),
+            files: Vec::new(),
         }
     }
 }
@@ -312,6 +316,9 @@ fn run_archive(config: &VmConfig, job: &L1Job, token: &Token, exe: &Path, dest: 
     }
     if job.with_qemu {
         add_qemu_bundle(&mut a)?;
+    }
+    for (src, name) in &job.files {
+        a.file(&format!("kindling/{name}"), 0o755, src)?;
     }
     a.entry("kindling/mode", 0o100644, job.mode.as_bytes())?;
     a.entry(L1_TOKEN_FILE.trim_start_matches('/'), 0o100600, token.as_str().as_bytes())?;
@@ -375,7 +382,8 @@ fn add_qemu_bundle<W: Write>(a: &mut Archive<W>) -> std::io::Result<()> {
         let name = lib.file_name().and_then(|n| n.to_str()).unwrap_or("lib");
         a.file(&format!("{root}/lib/{name}"), 0o755, &lib)?;
     }
-    for fw in ["bios-microvm.bin", "linuxboot_dma.bin", "kvmvapic.bin"] {
+    // pvh.bin: the option ROM that boots an ELF vmlinux (PVH entry).
+    for fw in ["bios-microvm.bin", "linuxboot_dma.bin", "kvmvapic.bin", "pvh.bin"] {
         let p = Path::new("/usr/share/qemu").join(fw);
         if p.exists() {
             a.file(&format!("{root}/share/{fw}"), 0o644, &p)?;
@@ -560,6 +568,12 @@ pub fn run_job(config: &VmConfig, job: &L1Job, forwards: &[Forward]) -> Result<i
 /// from /kindling/mode) with its arguments on L1's KVM and reports the exit status to
 /// the host through QEMU's isa-debug-exit port.
 pub fn l1_guest_main(run: impl FnOnce(&str, Vec<String>) -> i32) -> ! {
+    // Before any thread starts: `kindling boot` takes SIGTERM (its orderly stop) with
+    // sigwait, and here it is PID 1, for which the kernel discards a signal that a
+    // thread leaves unblocked with its default action.
+    let mut term = nix::sys::signal::SigSet::empty();
+    term.add(nix::sys::signal::Signal::SIGTERM);
+    let _ = term.thread_block();
     l1watch::step("kindling");
     l1watch::start_heartbeat();
     let mode = std::fs::read_to_string("/kindling/mode").unwrap_or_else(|_| "boot".into());

@@ -2,6 +2,13 @@
 //! powers off and resets (FADT with a PM1a control block and a reset register, and a
 //! DSDT carrying `\_S5`). Built with rust-vmm's `acpi_tables`.
 //!
+//! The DSDT also describes the legacy devices, COM1 (PNP0501) and the i8042 keyboard
+//! controller (PNP0303, no mouse), with their ports and IRQs, as PC firmware,
+//! Firecracker and QEMU do. Linux then takes them from ACPI instead of probing: without
+//! them its 8250 driver (with CONFIG_SERIAL_8250_DETECT_IRQ, as in defconfig) probes
+//! COM1's IRQ, two 120 ms sleeps and a stray 0xff byte on the console, and its i8042
+//! driver probes for a mouse port.
+//!
 //! Deliberately *not* hardware-reduced ACPI: in that mode Linux drops the legacy PIC
 //! and with it the fixed ISA IRQ numbers that COM1 (IRQ 4) and the command-line
 //! `virtio_mmio.device=...:IRQ` devices rely on.
@@ -9,7 +16,7 @@
 //! The guest kernel finds the RSDP both through boot_params.acpi_rsdp_addr and by its
 //! scan of the BIOS area, where it is placed.
 
-use acpi_tables::aml::{Name, Package, ZERO};
+use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, ResourceTemplate, IO, ZERO};
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -21,6 +28,8 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout;
+use crate::devices::legacy::i8042::{I8042_COMMAND_PORT, I8042_KBD_IRQ, I8042_PORT};
+use crate::devices::legacy::serial::{COM1_PORT, COM_PORT_LEN};
 
 const OEM_ID: [u8; 6] = *b"KINDLG";
 const OEM_TABLE_ID: [u8; 8] = *b"KINDLING";
@@ -68,12 +77,12 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, Ac
         at
     };
 
-    // DSDT: just \_S5 so the kernel registers ACPI power-off.
-
+    // DSDT: \_S5 so the kernel registers ACPI power-off, and the legacy devices.
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let s5_type = S5_SLEEP_TYPE as u8;
     let s5 = Name::new("_S5_".into(), &Package::new(vec![&s5_type, &ZERO]));
     dsdt.append_slice(&bytes(&s5));
+    dsdt.append_slice(&legacy_devices());
     let dsdt_bytes = dsdt.as_slice().to_vec();
     let dsdt_addr = place(dsdt_bytes.len());
 
@@ -136,6 +145,33 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, Ac
         mem.write_slice(data, GuestAddress(addr)).map_err(AcpiError::Memory)?;
     }
     Ok(GuestAddress(rsdp_addr))
+}
+
+/// COM1 and the keyboard controller as ACPI devices (edge-triggered, active-high ISA
+/// interrupts, as the irqfds deliver them).
+fn legacy_devices() -> Vec<u8> {
+    let port = |p: u64| u16::try_from(p).expect("legacy ports are 16-bit");
+    let com1_port = port(COM1_PORT);
+    let com1_len = u8::try_from(COM_PORT_LEN).expect("8 registers");
+    let com1_irq = Interrupt::new(true, true, false, false, layout::SERIAL_IRQ);
+    let com1_io = IO::new(com1_port, com1_port, 1, com1_len);
+    let com1_crs = ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let (hid, uid) = (EISAName::new("PNP0501"), ZERO);
+    let mut v = bytes(&Device::new(
+        "_SB_.COM1".into(),
+        vec![&Name::new("_HID".into(), &hid), &Name::new("_UID".into(), &uid), &Name::new("_CRS".into(), &com1_crs)],
+    ));
+    let (data, command) = (port(I8042_PORT), port(I8042_COMMAND_PORT));
+    let kbd_data = IO::new(data, data, 1, 1);
+    let kbd_command = IO::new(command, command, 1, 1);
+    let kbd_irq = Interrupt::new(true, true, false, false, I8042_KBD_IRQ);
+    let kbd_crs = ResourceTemplate::new(vec![&kbd_data, &kbd_command, &kbd_irq]);
+    let hid = EISAName::new("PNP0303");
+    v.extend(bytes(&Device::new(
+        "_SB_.PS2K".into(),
+        vec![&Name::new("_HID".into(), &hid), &Name::new("_CRS".into(), &kbd_crs)],
+    )));
+    v
 }
 
 /// MADT flags bit 0, PCAT_COMPAT: the guest also has (KVM's in-kernel) 8259 PICs. Without
@@ -203,5 +239,18 @@ mod tests {
         assert!(checksum_ok(&mem, madt, madt_len as usize));
         let flags: u32 = mem.read_obj(GuestAddress(madt + 40)).unwrap();
         assert_eq!(flags & 1, 1, "PCAT_COMPAT");
+        // The FADT (first XSDT entry) points at the DSDT, which names the legacy devices.
+        let fadt: u64 = mem.read_obj(GuestAddress(xsdt + 36)).unwrap();
+        let dsdt: u64 = mem.read_obj(GuestAddress(fadt + 140)).unwrap();
+        let dsdt_len: u32 = mem.read_obj(GuestAddress(dsdt + 4)).unwrap();
+        assert!(checksum_ok(&mem, dsdt, dsdt_len as usize));
+        let mut aml = vec![0u8; dsdt_len as usize];
+        mem.read_slice(&mut aml, GuestAddress(dsdt)).unwrap();
+        let has = |needle: &[u8]| aml.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"DSDT") && has(b"_S5_") && has(b"COM1") && has(b"PS2K"));
+        // PNP0501 and PNP0303, EISA-compressed.
+        assert!(has(&[0x41, 0xd0, 0x05, 0x01]) && has(&[0x41, 0xd0, 0x03, 0x03]));
+        // COM1's I/O descriptor: 0x3f8-0x3f8, alignment 1, 8 ports.
+        assert!(has(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]));
     }
 }

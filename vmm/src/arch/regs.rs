@@ -1,5 +1,11 @@
 //! Initial vCPU state for the 64-bit Linux boot protocol: a flat GDT, identity-mapped
 //! page tables for the first 4 GiB, long mode enabled, FPU/MSR/LAPIC defaults.
+//!
+//! The MTRRs are left as firmware leaves them on a VM: enabled, default type
+//! write-back, no ranges (as Firecracker does). With them disabled, which is the reset
+//! state, all memory is uncacheable by the letter of the architecture, and Linux
+//! turns PAT off ("MTRRs disabled, skipping PAT initialization too"), losing
+//! write-combining mappings.
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
@@ -21,6 +27,9 @@ const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_IA32_MISC_ENABLE_FAST_STRING: u64 = 0x1;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+/// IA32_MTRR_DEF_TYPE: MTRRs enabled (bit 11), default memory type write-back (6).
+const MTRR_ENABLED_DEFAULT_WB: u64 = (1 << 11) | 6;
 const MSR_STAR: u32 = 0xc000_0081;
 const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
@@ -164,11 +173,12 @@ pub fn setup_common(vcpu: &VcpuFd) -> Result<(), RegsError> {
         (MSR_LSTAR, 0),
         (MSR_IA32_TSC, 0),
         (MSR_IA32_MISC_ENABLE, MSR_IA32_MISC_ENABLE_FAST_STRING),
+        (MSR_MTRR_DEF_TYPE, MTRR_ENABLED_DEFAULT_WB),
     ]
     .iter()
     .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
     .collect();
-    let msrs = Msrs::from_entries(&entries).expect("10 entries fit KVM_MAX_MSR_ENTRIES");
+    let msrs = Msrs::from_entries(&entries).expect("11 entries fit KVM_MAX_MSR_ENTRIES");
     let set = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
     if set != entries.len() {
         return Err(RegsError::Msrs { set, wanted: entries.len() });

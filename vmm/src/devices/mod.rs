@@ -23,6 +23,9 @@ pub enum ExitReason {
     Error = 3,
     /// A vCPU shut down (a triple fault) without the guest asking for a reset: a crash.
     TripleFault = 4,
+    /// The host stopped the VM ([`crate::builder::VmControl::stop`]), whatever the
+    /// guest was doing.
+    Stopped = 5,
 }
 
 /// Signalled by devices and vCPUs when the guest stops; the event loop waits on it.
@@ -53,6 +56,7 @@ impl ExitSignal {
             2 => ExitReason::Reset,
             3 => ExitReason::Error,
             4 => ExitReason::TripleFault,
+            5 => ExitReason::Stopped,
             _ => ExitReason::Running,
         }
     }

@@ -1,4 +1,5 @@
-//! Legacy PC devices: 8250 UART (console), i8042 (reset line), ACPI power management.
+//! Legacy PC devices: 8250 UART (console), i8042 (keyboard controller: reset line and
+//! Ctrl-Alt-Del), ACPI power management.
 
 pub mod acpi_pm;
 pub mod i8042;
