@@ -201,15 +201,10 @@ fn a_stalled_level_1_vm_is_stopped_with_an_error_that_says_where() {
 /// the guest wrote before without syncing is on the disk too. Before the orderly stop
 /// existed, SIGTERM killed the VMM outright and took the guest's page cache with it.
 ///
-/// Only on the KVM runner: under the emulated runner SIGTERM reaches the outer kindling,
-/// which does not relay it into the level-1 VM (yet). The same code path is tested
-/// without a guest by the VMM's and the boot command's unit tests.
+/// Under the emulated runner SIGTERM reaches the outer kindling, which relays the
+/// request to the VMM inside the level-1 VM (the relay's `shutdown`).
 #[test]
 fn sigterm_shuts_the_guest_down_in_order_and_exits_zero() {
-    if !matches!(kindling::runner::probe_kvm(), kindling::runner::KvmStatus::Usable) {
-        eprintln!("skipped: needs the KVM runner (SIGTERM is not relayed into the emulated runner's level-1 VM)");
-        return;
-    }
     let kernel = our_kernel();
     let dir = tempfile::tempdir().unwrap();
     let img = ext4_root(

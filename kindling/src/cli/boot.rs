@@ -128,6 +128,10 @@ pub fn with_network(config: &VmConfig, guest: Option<&NetParams>) -> VmConfig {
 
 /// Runs the boot; returns the process exit status.
 pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
+    // First, before any thread exists (the console log's is the first): one thread
+    // takes the stop signals, and every later thread inherits the mask.
+    let signals = stop_signals(std::io::stdin().is_terminal());
+    signals.thread_block()?;
     if let Some(path) = &args.console_log {
         crate::logfile::capture_output(path, args.console_log_max << 20)
             .map_err(|e| anyhow::anyhow!("--console-log {}: {e}", path.display()))?;
@@ -149,10 +153,7 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
     eprintln!("kindling: net {} ({net_why})", net.map_or("none", NetKind::as_str));
     match runner {
         Runner::Kvm => {
-            // First, before any thread exists: every later thread inherits the mask.
             let control = Arc::new(VmControl::new()?);
-            let signals = stop_signals(std::io::stdin().is_terminal());
-            signals.thread_block()?;
             let (ask, stop) = (control.clone(), control.clone());
             start_signal_thread(
                 signals,
@@ -179,10 +180,20 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
                 eprintln!("kindling: {warning}");
                 config.cpus = cpus;
             }
-            // The VMM inside the level-1 VM does the orderly stop: it gets the timeout.
+            // The VMM inside the level-1 VM does the orderly stop: it gets the timeout,
+            // and the request through the relay; this side stops QEMU only when that
+            // VMM has not ended the level-1 VM a while after its own timeout.
             let mut job = emulated::L1Job::boot(&config, net, args.host_loopback);
             job.args.extend(["--shutdown-timeout".to_string(), args.shutdown_timeout.to_string()]);
-            match emulated::run_job(&config, &job, &args.forwards) {
+            let l1 = Arc::new(emulated::L1Control::default());
+            let (ask, stop) = (l1.clone(), l1.clone());
+            start_signal_thread(
+                signals,
+                Duration::from_secs(args.shutdown_timeout) + emulated::L1_STOP_GRACE,
+                move || ask.request_shutdown(),
+                move || stop.stop(),
+            )?;
+            match emulated::run_job_with(&config, &job, &args.forwards, &l1) {
                 // QEMU ended with the level-1 VM reset and no status reported: L1 itself
                 // crashed (its emulated nested virtualization), which ends the guest too.
                 Err(emulated::EmulatedError::NoStatus(0)) => {

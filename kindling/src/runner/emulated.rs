@@ -437,6 +437,62 @@ pub fn run(
     run_job(config, &L1Job::boot(config, net, host_loopback), forwards)
 }
 
+/// How long after its own shutdown timeout the VMM in L1 has to end the level-1 VM
+/// before this side stops QEMU.
+pub const L1_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The host's requests to a running level-1 VM, from any thread: an orderly stop (the
+/// VMM in L1 asks its guest to shut down, through the relay), or a stop (QEMU gets
+/// SIGTERM, flushes its disks and exits). A request made before the level-1 VM runs
+/// is carried out once it does.
+#[derive(Default)]
+pub struct L1Control {
+    /// The relay port and token, once the level-1 VM is starting.
+    relay: std::sync::Mutex<Option<(u16, Token)>>,
+    /// QEMU's pid once it runs.
+    qemu: std::sync::Mutex<Option<u32>>,
+    shutdown: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl L1Control {
+    /// Asks the VMM in L1 for its orderly stop (its guest shuts down in order).
+    pub fn request_shutdown(&self) {
+        self.shutdown.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.send_shutdown();
+    }
+
+    fn send_shutdown(&self) {
+        let relay = self.relay.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((port, token)) = relay {
+            let _ = std::thread::Builder::new().name("l1-shutdown".into()).spawn(move || {
+                if let Err(e) = relay::ask_shutdown(port, &token, std::time::Duration::from_secs(120)) {
+                    tracing::warn!("asking the level-1 VM for an orderly stop: {e}");
+                }
+            });
+        }
+    }
+
+    /// Stops the level-1 VM now.
+    pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(pid) = *self.qemu.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+
+    fn started(&self, relay_port: u16, token: Token, qemu: u32) {
+        *self.relay.lock().unwrap_or_else(|e| e.into_inner()) = Some((relay_port, token));
+        *self.qemu.lock().unwrap_or_else(|e| e.into_inner()) = Some(qemu);
+        if self.shutdown.load(std::sync::atomic::Ordering::SeqCst) {
+            self.send_shutdown();
+        }
+        if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            self.stop();
+        }
+    }
+}
+
 /// A free TCP port on the host's loopback (for QEMU's hostfwd).
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -445,6 +501,16 @@ fn free_port() -> std::io::Result<u16> {
 /// Runs `job` for the guest `config` (its kernel, initrd, disks, vsock) in an L1 VM;
 /// returns kindling's exit status from inside it.
 pub fn run_job(config: &VmConfig, job: &L1Job, forwards: &[Forward]) -> Result<i32, EmulatedError> {
+    run_job_with(config, job, forwards, &L1Control::default())
+}
+
+/// [`run_job`], taking the host's requests through `control`.
+pub fn run_job_with(
+    config: &VmConfig,
+    job: &L1Job,
+    forwards: &[Forward],
+    control: &L1Control,
+) -> Result<i32, EmulatedError> {
     let t0 = Instant::now();
     let qemu = which("qemu-system-x86_64").ok_or(EmulatedError::NoQemu)?;
     let l1 = find_l1_kernel()?;
@@ -469,26 +535,24 @@ pub fn run_job(config: &VmConfig, job: &L1Job, forwards: &[Forward]) -> Result<i
     );
 
     let l1_mem = config.memory_mib + L1_OVERHEAD_MIB + job.extra_memory_mib;
-    // The vsock relay: QEMU forwards a free host port to L1's relay port. With a guest
-    // network, L1 needs outbound networking as well.
+    // The relay: QEMU forwards a free host port to L1's relay port, which carries the
+    // guest's vsock (when it has one) and the host's requests. With a guest network, L1
+    // needs outbound networking as well.
     let mut relay = None;
-    let mut netdev = None;
     let restrict = if job.network { "off" } else { "on" };
+    let port = free_port().map_err(io("picking a port for the relay"))?;
     if let Some(vsock) = &config.vsock {
-        let port = free_port().map_err(io("picking a port for the vsock relay"))?;
         if std::os::unix::net::UnixStream::connect(&vsock.uds_path).is_ok() {
             return Err(EmulatedError::VsockInUse(vsock.uds_path.clone()));
         }
         relay = Some(
-            HostRelay::start(&vsock.uds_path, port, token)
+            HostRelay::start(&vsock.uds_path, port, token.clone())
                 .map_err(io(format!("serving {}", vsock.uds_path.display())))?,
         );
         crate::forward::start(forwards, &vsock.uds_path)?;
-        netdev =
-            Some(format!("user,id=relay,restrict={restrict},hostfwd=tcp:127.0.0.1:{port}-10.0.2.15:{L1_RELAY_PORT}"));
-    } else if job.network {
-        netdev = Some("user,id=relay,restrict=off".to_string());
     }
+    let netdev =
+        Some(format!("user,id=relay,restrict={restrict},hostfwd=tcp:127.0.0.1:{port}-10.0.2.15:{L1_RELAY_PORT}"));
     if job.network {
         eprintln!(
             "kindling: emulated runner: the guest's network is set up inside the level-1 VM; its outside is QEMU user networking, where 10.0.2.2 is this host's loopback{}",
@@ -545,6 +609,7 @@ pub fn run_job(config: &VmConfig, job: &L1Job, forwards: &[Forward]) -> Result<i
     eprintln!("kindling: emulated runner: starting the level-1 VM (QEMU TCG, {l1_cpus} vCPUs, {l1_mem} MiB)");
     let watch = Watch::start(&l1_log).map_err(io("following the level-1 VM's log"))?;
     let mut child = cmd.spawn().map_err(io("starting qemu-system-x86_64"))?;
+    control.started(port, token, child.id());
     let bound = l1watch::stall_bound();
     let status = loop {
         if let Some(status) = child.try_wait().map_err(io("waiting for qemu-system-x86_64"))? {
@@ -582,13 +647,13 @@ pub fn l1_guest_main(run: impl FnOnce(&str, Vec<String>) -> i32) -> ! {
             let args: Vec<String> = String::from_utf8_lossy(&raw).split('\0').map(str::to_owned).collect();
             wait_for_disks(&args);
             l1watch::step("disks");
-            if args.iter().any(|a| a == "--vsock") {
-                match std::fs::read_to_string(L1_TOKEN_FILE).ok().as_deref().and_then(Token::parse) {
-                    Some(token) => relay::serve_in_l1(L1_RELAY_PORT, token, L1_VSOCK_PATH),
-                    None => eprintln!(
-                        "kindling-l1: vsock relay: no token in {L1_TOKEN_FILE}; the guest's vsock is not relayed"
-                    ),
-                }
+            let vsock = args.iter().any(|a| a == "--vsock").then_some(L1_VSOCK_PATH);
+            match std::fs::read_to_string(L1_TOKEN_FILE).ok().as_deref().and_then(Token::parse) {
+                // An orderly stop asked for through the relay is this VMM's SIGTERM.
+                Some(token) => relay::serve_in_l1(L1_RELAY_PORT, token, vsock, || {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM);
+                }),
+                None => eprintln!("kindling-l1: relay: no token in {L1_TOKEN_FILE}; the host cannot reach this VM"),
             }
             run(mode.trim(), args)
         }

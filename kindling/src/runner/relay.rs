@@ -7,9 +7,11 @@
 //! QEMU's forwarded port listens on the host's loopback, where every local user can
 //! connect. So the relay authenticates: the host makes a random 256-bit token per VM
 //! and hands it to L1 in its initramfs (a file only the VM's owner can read); each
-//! relayed connection starts with the token's line, and L1 drops a connection whose
-//! first line is not the token (compared in constant time), within a deadline.
-//! Relayed connections are bounded in number on both sides.
+//! relayed connection starts with a line `<token> <verb>`, and L1 drops a connection
+//! whose token is wrong (compared in constant time) or late. The verbs: `vsock` (the
+//! rest of the connection goes to the L2 VMM's vsock socket) and `shutdown` (the
+//! kindling in L1 gets SIGTERM, its orderly stop, and answers `ok`). Relayed
+//! connections are bounded in number on both sides.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -69,7 +71,7 @@ pub struct HostRelay {
 }
 
 impl HostRelay {
-    /// Serves `uds`, passing each connection, after the token line, to
+    /// Serves `uds`, passing each connection, after the token's line, to
     /// `127.0.0.1:relay_port`.
     pub fn start(uds: &Path, relay_port: u16, token: Token) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(uds);
@@ -94,7 +96,7 @@ impl HostRelay {
                     let _slot = slot;
                     match TcpStream::connect(("127.0.0.1", relay_port)) {
                         Ok(mut l1) => {
-                            if l1.write_all(format!("{}\n", token.as_str()).as_bytes()).is_ok() {
+                            if l1.write_all(format!("{} {VSOCK}\n", token.as_str()).as_bytes()).is_ok() {
                                 splice(conn, l1);
                             }
                         }
@@ -116,27 +118,63 @@ impl Drop for HostRelay {
     }
 }
 
-/// Reads the first line of `conn` (at most the token's length plus a newline) within
-/// the deadline; true when it is `token`.
-fn authenticated(conn: &mut TcpStream, token: &Token) -> bool {
-    if conn.set_read_timeout(Some(TOKEN_DEADLINE)).is_err() {
-        return false;
-    }
-    let mut line = Vec::with_capacity(2 * TOKEN_BYTES + 1);
+/// The verb of a connection to the guest's vsock.
+const VSOCK: &str = "vsock";
+/// The verb asking the VMM in L1 to stop in order.
+const SHUTDOWN: &str = "shutdown";
+/// The longest verb.
+const MAX_VERB: usize = 16;
+
+/// Reads the first line of `conn` (at most the token, a space and a verb) within the
+/// deadline; the verb when the token is `token`.
+fn authenticated(conn: &mut TcpStream, token: &Token) -> Option<String> {
+    conn.set_read_timeout(Some(TOKEN_DEADLINE)).ok()?;
+    let mut line = Vec::with_capacity(2 * TOKEN_BYTES + 1 + MAX_VERB);
     let mut byte = [0u8];
-    while line.len() <= 2 * TOKEN_BYTES {
+    loop {
         match conn.read(&mut byte) {
             Ok(1) if byte[0] == b'\n' => break,
-            Ok(1) => line.push(byte[0]),
-            _ => return false,
+            Ok(1) if line.len() < 2 * TOKEN_BYTES + 1 + MAX_VERB => line.push(byte[0]),
+            _ => return None,
         }
     }
-    token.matches(&line) && conn.set_read_timeout(None).is_ok()
+    let (given, verb) = line.split_at(line.iter().position(|&b| b == b' ').unwrap_or(line.len()));
+    if !token.matches(given) {
+        return None;
+    }
+    conn.set_read_timeout(None).ok()?;
+    Some(String::from_utf8_lossy(verb).trim().to_string())
 }
 
-/// Inside L1: serves `port`, passing each authenticated connection to the L2 VMM's
-/// vsock socket `vsock`.
-pub fn serve_in_l1(port: u16, token: Token, vsock: &'static str) {
+/// Host side: asks the kindling in L1 for its orderly stop, through the relay port;
+/// retries until L1 answers (it may not be listening yet) or `patience` runs out.
+pub fn ask_shutdown(relay_port: u16, token: &Token, patience: Duration) -> std::io::Result<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let attempt = (|| -> std::io::Result<()> {
+            let mut s = TcpStream::connect(("127.0.0.1", relay_port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(format!("{} {SHUTDOWN}\n", token.as_str()).as_bytes())?;
+            let mut answer = [0u8; 3];
+            s.read_exact(&mut answer)?;
+            if &answer == b"ok\n" {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("the level-1 VM did not acknowledge"))
+            }
+        })();
+        match attempt {
+            Ok(()) => return Ok(()),
+            Err(e) if t0.elapsed() >= patience => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// Inside L1: serves `port`, passing each authenticated `vsock` connection to the L2
+/// VMM's vsock socket `vsock` (when the VM has one), and calling `on_shutdown` for an
+/// authenticated `shutdown` request.
+pub fn serve_in_l1(port: u16, token: Token, vsock: Option<&'static str>, on_shutdown: fn()) {
     let listener = match std::net::TcpListener::bind(("0.0.0.0", port)) {
         Ok(l) => l,
         Err(e) => {
@@ -155,12 +193,18 @@ pub fn serve_in_l1(port: u16, token: Token, vsock: &'static str) {
             let token = token.clone();
             let _ = std::thread::Builder::new().name("l1-relay-conn".into()).spawn(move || {
                 let _slot = slot;
-                if !authenticated(&mut conn, &token) {
-                    return; // dropped: not the VM's owner
-                }
-                match UnixStream::connect(vsock) {
-                    Ok(v) => splice(conn, v),
-                    Err(e) => eprintln!("kindling-l1: vsock relay: {vsock}: {e}"),
+                // Dropped unless it knows the token: not the VM's owner.
+                match authenticated(&mut conn, &token).as_deref() {
+                    Some(VSOCK) => match vsock.map(UnixStream::connect) {
+                        Some(Ok(v)) => splice(conn, v),
+                        Some(Err(e)) => eprintln!("kindling-l1: vsock relay: {}: {e}", vsock.unwrap_or("")),
+                        None => {}
+                    },
+                    Some(SHUTDOWN) => {
+                        on_shutdown();
+                        let _ = conn.write_all(b"ok\n");
+                    }
+                    _ => {}
                 }
             });
         }
@@ -206,7 +250,9 @@ mod tests {
         });
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let token = Token::generate().unwrap();
-        serve_in_l1(port, token.clone(), vmm);
+        let token2 = token.clone();
+        static SHUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        serve_in_l1(port, token.clone(), Some(vmm), || SHUT.store(true, std::sync::atomic::Ordering::SeqCst));
         let uds = d.path().join("vsock.sock");
         let _relay = HostRelay::start(&uds, port, token).unwrap();
 
@@ -216,7 +262,12 @@ mod tests {
         owner.read_exact(&mut back).unwrap();
         assert_eq!(&back, b"HELLO\n");
 
-        for attempt in [b"CONNECT 1024\n".to_vec(), format!("{}\n", "0".repeat(64)).into_bytes(), vec![b'a'; 4096]] {
+        for attempt in [
+            b"CONNECT 1024\n".to_vec(),
+            format!("{} vsock\n", "0".repeat(64)).into_bytes(),
+            format!("{} shutdown\n", "0".repeat(64)).into_bytes(),
+            vec![b'a'; 4096],
+        ] {
             let mut intruder = TcpStream::connect(("127.0.0.1", port)).unwrap();
             let _ = intruder.write_all(&attempt);
             intruder.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -224,5 +275,9 @@ mod tests {
             assert!(matches!(intruder.read(&mut buf), Ok(0) | Err(_)), "an intruder got an answer");
         }
         assert_eq!(reached.load(std::sync::atomic::Ordering::SeqCst), 1, "only the owner's connection reached the VMM");
+        assert!(!SHUT.load(std::sync::atomic::Ordering::SeqCst), "an intruder cannot stop the VM");
+        // The owner can: the request is acknowledged once L1 took it.
+        ask_shutdown(port, &token2, Duration::from_secs(10)).unwrap();
+        assert!(SHUT.load(std::sync::atomic::Ordering::SeqCst));
     }
 }
