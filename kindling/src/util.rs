@@ -60,3 +60,21 @@ pub fn write_atomic(path: &Path, tmp: &Path, data: &[u8], mode: u32) -> std::io:
     }
     Ok(())
 }
+
+/// For a child's `pre_exec`: unblock every signal. `kindling boot` blocks SIGTERM and
+/// SIGINT in all its threads (one thread takes them with sigwait) and a child inherits
+/// that mask across exec: QEMU would then never see the SIGTERM its parent-death
+/// signal sends, and would outlive a killed `kindling boot`. Only async-signal-safe
+/// calls on a local set.
+pub fn unblock_all_signals() -> std::io::Result<()> {
+    // SAFETY: sigemptyset and pthread_sigmask on a set on this stack; both are
+    // async-signal-safe.
+    unsafe {
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(set.as_mut_ptr());
+        match libc::pthread_sigmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) {
+            0 => Ok(()),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+}

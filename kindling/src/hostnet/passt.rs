@@ -92,6 +92,7 @@ impl Passt {
             cmd.pre_exec(move || {
                 let check = |r: libc::c_int| if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
                 check(libc::fcntl(fd, libc::F_SETFD, 0))?;
+                crate::util::unblock_all_signals()?;
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 if on_rootfs {
                     let root = c"/".as_ptr();

@@ -597,11 +597,13 @@ pub fn run_job_with(
     }
     // The level-1 VM ends with this process, however it ends: killed, QEMU (and the
     // guest in it) would otherwise run on, unseen, taking the machine's CPUs. SIGTERM
-    // lets QEMU flush its disks. The thread that forks waits for QEMU here, so the
-    // parent-death signal cannot fire early.
+    // lets QEMU flush its disks, and QEMU must not inherit this process's blocked
+    // SIGTERM. The thread that forks waits for QEMU here, so the parent-death signal
+    // cannot fire early.
     // SAFETY: prctl is a plain system call, async-signal-safe between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
+            crate::util::unblock_all_signals()?;
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             Ok(())
         });
