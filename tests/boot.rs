@@ -254,3 +254,60 @@ fn sigterm_shuts_the_guest_down_in_order_and_exits_zero() {
     assert_eq!(ext4_cat(&img, "/stopped-in-order").as_deref(), Some("stopped in order\n"), "{log}");
     assert_eq!(ext4_cat(&img, "/unsynced").as_deref(), Some("written before, never synced\n"), "{log}");
 }
+
+/// The process that faces the guest runs under seccomp with no_new_privs: `kindling
+/// boot` itself on KVM; under the emulated runner its host side (the relay) on the host
+/// and the VMM inside the level-1 VM. A system call outside the filter kills it with
+/// SIGSYS, on either side, and the boot fails instead of going on.
+#[test]
+fn the_vmm_runs_under_seccomp_and_a_forbidden_call_kills_it() {
+    use std::os::unix::process::ExitStatusExt;
+    let initrd = busybox_initramfs();
+    let boot = |violation: Option<&str>| {
+        let mut cmd = kindling();
+        cmd.args(["boot", "--kernel", debian_kernel().to_str().unwrap(), "--initrd", initrd.to_str().unwrap()])
+            .args(["--memory", "256", "--net", "none", "--cmdline", "console=ttyS0 panic=1 kindling.run=sleep+600"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .env_remove("KINDLING_SECCOMP");
+        if let Some(side) = violation {
+            cmd.env("KINDLING_TEST_SECCOMP_VIOLATION", side);
+        }
+        cmd
+    };
+    let emulated = !matches!(kindling::runner::probe_kvm(), kindling::runner::KvmStatus::Usable);
+
+    // A running VM: the filter is in place (Seccomp: 2 is filter mode).
+    let mut child = boot(None).spawn().unwrap();
+    let status = |field: &str| -> Option<String> {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+        text.lines().find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
+    };
+    let t0 = std::time::Instant::now();
+    while status("Seccomp:").as_deref() != Some("2") && t0.elapsed() < std::time::Duration::from_secs(90) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (seccomp, nnp) = (status("Seccomp:"), status("NoNewPrivs:"));
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(seccomp.as_deref(), Some("2"), "no seccomp filter on kindling boot\n{log}");
+    assert_eq!(nnp.as_deref(), Some("1"), "no no_new_privs on kindling boot\n{log}");
+
+    // A forbidden call on the host side: the process dies of SIGSYS.
+    let host_side = if emulated { "relay" } else { "VMM" };
+    let out = boot(Some(host_side)).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{log}");
+    assert!(log.contains("calling mount(2)"), "{log}");
+
+    // Inside the level-1 VM: the VMM is L1's init, so its death by SIGSYS (31) panics
+    // L1's kernel, and kindling boot fails saying so.
+    if emulated {
+        let out = boot(Some("VMM")).output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{log}");
+        assert!(log.contains("Attempted to kill init! exitcode=0x0000001f"), "{log}");
+    }
+}

@@ -383,6 +383,73 @@ mod tests {
         }
     }
 
+    mod request_fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Request lines: random bytes, and JSON objects close to real requests.
+        fn request() -> impl Strategy<Value = Vec<u8>> {
+            let op = prop_oneof![
+                Just("ping".to_string()),
+                Just("phases".to_string()),
+                Just("logs".to_string()),
+                "[a-z-]{0,12}"
+            ];
+            let value = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                ".{0,300}".prop_map(serde_json::Value::from),
+                Just(serde_json::Value::from("../../../../etc/shadow")),
+                Just(serde_json::Value::from("etcd")),
+            ];
+            let key = prop_oneof![Just("component".to_string()), Just("follow".to_string()), "[a-z]{1,8}"];
+            let object = (op, proptest::collection::btree_map(key, value, 0..4)).prop_map(|(op, fields)| {
+                let mut m: serde_json::Map<String, serde_json::Value> = fields.into_iter().collect();
+                m.insert("op".into(), op.into());
+                let mut line = serde_json::Value::Object(m).to_string().into_bytes();
+                line.push(b'\n');
+                line
+            });
+            prop_oneof![object, proptest::collection::vec(any::<u8>(), 0..600)]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { max_shrink_iters: 256, ..ProptestConfig::default() })]
+            /// Whatever arrives on a control connection, the agent answers with well
+            /// formed reply lines (or nothing) and returns; no panic, no hang, and no
+            /// file outside its log directory is read.
+            #[test]
+            fn any_request_gets_well_formed_replies(req in request()) {
+                // Never fuzz the requests that act on the machine running the test, nor
+                // a followed log (it streams until the client hangs up, by design).
+                if let Ok(Request::Exec { .. } | Request::Poweroff | Request::Import { .. } | Request::Logs { follow: true, .. }) =
+                    std::str::from_utf8(&req).map_err(|_| String::new()).and_then(Request::parse)
+                {
+                    return Ok(());
+                }
+                let d = tempfile::tempdir().unwrap();
+                let paths = Paths::new(d.path());
+                std::fs::create_dir_all(paths.logs()).unwrap();
+                std::fs::write(paths.logs().join("etcd.log"), "etcd says hello\n").unwrap();
+                let ctx = Ctx { paths, reaper: Reaper::idle() };
+                let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+                let writer = std::thread::spawn(move || {
+                    let _ = b.write_all(&req);
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                    let mut reply = Vec::new();
+                    let _ = b.read_to_end(&mut reply);
+                    reply
+                });
+                handle(&ctx, a);
+                let wire = writer.join().unwrap();
+                let (replies, output) = decode(&wire);
+                prop_assert!(replies.len() <= 2, "{replies:?}");
+                prop_assert!(output.is_empty() || output == b"etcd says hello\n", "{:?}", String::from_utf8_lossy(&output));
+            }
+        }
+    }
+
     #[test]
     fn log_names_cannot_escape_the_log_directory() {
         let d = tempfile::tempdir().unwrap();

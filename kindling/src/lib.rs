@@ -28,4 +28,5 @@ pub mod hostnet;
 pub mod images;
 pub mod logfile;
 pub mod runner;
+pub mod sandbox;
 pub mod util;

@@ -164,6 +164,8 @@ pub struct MicroVm {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     input: Option<RawFd>,
+    /// The seccomp filter each vCPU thread installs before it first enters the guest.
+    vcpu_filter: Option<Arc<seccompiler::BpfProgram>>,
     /// When [`Self::build`] began; the logs time boot steps from it.
     pub started: Instant,
 }
@@ -242,8 +244,16 @@ impl MicroVm {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             input: console.input,
+            vcpu_filter: None,
             started,
         })
+    }
+
+    /// Has every vCPU thread install `filter` (a seccomp BPF program, on top of what the
+    /// process already has) before it first enters the guest; a thread that cannot
+    /// install it stops the VM with [`ExitReason::Error`] instead of running unfiltered.
+    pub fn set_vcpu_filter(&mut self, filter: seccompiler::BpfProgram) {
+        self.vcpu_filter = Some(Arc::new(filter));
     }
 
     /// Runs the guest until it powers off, resets or fails.
@@ -255,7 +265,7 @@ impl MicroVm {
     /// Runs the guest until it powers off, resets or fails, or until `control` stops
     /// it; a shutdown request on `control` asks the guest to shut down.
     pub fn run_with_control(self, control: &VmControl) -> Result<ExitReason, BuildError> {
-        let MicroVm { vm, mem, exit, serial, i8042, virtio, vcpus, pio, mmio, input, started } = self;
+        let MicroVm { vm, mem, exit, serial, i8042, virtio, vcpus, pio, mmio, input, vcpu_filter, started } = self;
         let epoll = Epoll::new().map_err(setup("epoll"))?;
         let add = |fd: RawFd, token: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
         add(exit.evt.as_raw_fd(), TOKEN_EXIT).map_err(setup("epoll"))?;
@@ -277,7 +287,7 @@ impl MicroVm {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for v in vcpus {
-            threads.push(v.spawn(pio.clone(), mmio.clone(), exit.clone(), stop.clone())?);
+            threads.push(v.spawn(pio.clone(), mmio.clone(), exit.clone(), stop.clone(), vcpu_filter.clone())?);
         }
         tracing::debug!("vCPUs running {:?} after start", started.elapsed());
 

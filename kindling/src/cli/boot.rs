@@ -27,6 +27,8 @@ use kindling_vmm::devices::virtio::net::Backend;
 use kindling_vmm::devices::ExitReason;
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::sandbox;
+
 use crate::hostnet::{self, NetChoice, NetKind};
 use crate::runner::{self, emulated, l1watch, Runner, RunnerKind};
 
@@ -185,7 +187,13 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
             // VMM has not ended the level-1 VM a while after its own timeout.
             let mut job = emulated::L1Job::boot(&config, net, args.host_loopback);
             job.args.extend(["--shutdown-timeout".to_string(), args.shutdown_timeout.to_string()]);
-            let l1 = Arc::new(emulated::L1Control::default());
+            let l1 = Arc::new(match sandbox::enabled() {
+                true => emulated::L1Control::with_seccomp(sandbox::process_filter(
+                    sandbox::Process::Relay,
+                    sandbox::mode(),
+                )?),
+                false => emulated::L1Control::default(),
+            });
             let (ask, stop) = (l1.clone(), l1.clone());
             start_signal_thread(
                 signals,
@@ -273,7 +281,18 @@ fn boot_on_kvm(config: &VmConfig, net: Option<Box<dyn Backend>>, control: &VmCon
     let t0 = Instant::now();
     let console = Console { output: Box::new(std::io::stdout()), input: Some(libc::STDIN_FILENO) };
     l1watch::step("vm-build");
-    let vm = MicroVm::build(config, HostResources { console, net })?;
+    let mut vm = MicroVm::build(config, HostResources { console, net })?;
+    // Everything is open and every helper thread runs: from here on the process only
+    // serves the guest, under its seccomp filters.
+    if sandbox::enabled() {
+        let process = if crate::util::inside_l1() {
+            sandbox::Process::VmmInL1 { exit_port: emulated::DEBUG_EXIT_PORT }
+        } else {
+            sandbox::Process::Vmm
+        };
+        sandbox::install_all_threads(&sandbox::process_filter(process, sandbox::mode())?, "VMM")?;
+        vm.set_vcpu_filter(sandbox::vcpu_filter(sandbox::mode())?);
+    }
     tracing::info!("microVM ready to run in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
     l1watch::step("vm-run");
     let reason = vm.run_with_control(control)?;

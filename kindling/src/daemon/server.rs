@@ -731,6 +731,129 @@ mod tests {
         assert!(!route_matches("/v1/vms", "/v1/vms/x"));
     }
 
+    /// Randomized request bodies and names against the real router, in process: every
+    /// answer is one of the documented statuses (never a 500), with a JSON error body;
+    /// a VM is recorded only for a valid spec, and the daemon still answers after.
+    mod api_fuzz {
+        use super::*;
+        use proptest::prelude::*;
+        use tower::ServiceExt;
+
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<u64>().prop_map(serde_json::Value::from),
+                any::<f64>().prop_map(serde_json::Value::from),
+                ".{0,40}".prop_map(serde_json::Value::from),
+                Just(serde_json::Value::from("/dev/null")),
+                Just(serde_json::Value::from("../../etc/passwd")),
+            ];
+            leaf.prop_recursive(3, 24, 6, |inner| {
+                let keys = prop_oneof![
+                    Just("name".to_string()),
+                    Just("kernel".to_string()),
+                    Just("cpus".to_string()),
+                    Just("memory_mib".to_string()),
+                    Just("disks".to_string()),
+                    Just("path".to_string()),
+                    Just("read_only".to_string()),
+                    Just("forwards".to_string()),
+                    Just("cmdline".to_string()),
+                    Just("net".to_string()),
+                    "[a-z_]{1,10}",
+                ];
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                    proptest::collection::btree_map(keys, inner, 0..8)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn body() -> impl Strategy<Value = Vec<u8>> {
+            // Near-valid specs too, so that creation, conflicts and limits are reached.
+            let kernel = std::env::current_exe().unwrap();
+            let spec = ("[a-z0-9-]{0,70}", any::<u32>(), any::<u64>()).prop_map(move |(name, cpus, mem)| {
+                serde_json::json!({"name": name, "kernel": kernel, "cpus": cpus % 80, "memory_mib": mem % 70000})
+                    .to_string()
+                    .into_bytes()
+            });
+            prop_oneof![
+                json_value().prop_map(|v| v.to_string().into_bytes()),
+                proptest::collection::vec(any::<u8>(), 0..256),
+                spec,
+            ]
+        }
+
+        fn call(app: &Router, rt: &tokio::runtime::Runtime, method: &str, uri: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+            let Ok(req) = axum::http::Request::builder().method(method).uri(uri).body(axum::body::Body::from(body))
+            else {
+                return (0, Vec::new());
+            };
+            rt.block_on(async {
+                let res = app.clone().oneshot(req).await.unwrap();
+                let status = res.status().as_u16();
+                let bytes = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
+                (status, bytes.to_vec())
+            })
+        }
+
+        static CREATED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+        #[test]
+        fn the_fuzz_reaches_creation() {
+            random_bodies_and_names_get_documented_answers();
+            assert!(CREATED.load(std::sync::atomic::Ordering::Relaxed) > 10, "the bodies never made a VM");
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { max_shrink_iters: 256, ..ProptestConfig::default() })]
+            #[test]
+            fn random_bodies_and_names_get_documented_answers(
+                bodies in proptest::collection::vec(body(), 1..4),
+                names in proptest::collection::vec("[a-zA-Z0-9._%-]{0,70}", 1..4),
+            ) {
+                let d = tempfile::tempdir().unwrap();
+                let paths = Paths::new(d.path().join("state"));
+                let daemon = Arc::new(Daemon::load(paths.clone(), d.path().join("sock"), "/nonexistent/kindling".into()));
+                let app = router(daemon);
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let mut created = 0;
+                for b in bodies {
+                    let (status, reply) = call(&app, &rt, "POST", "/v1/vms", b);
+                    prop_assert!([201, 400, 409, 413, 415].contains(&status), "POST /v1/vms: {status}");
+                    let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+                    if status == 201 {
+                        created += 1;
+                        let name = reply["name"].as_str().unwrap().to_string();
+                        prop_assert!(state::check_name(&name).is_ok(), "{name:?}");
+                        prop_assert!(paths.vm_json(&name).exists());
+                    } else {
+                        prop_assert!(reply["error"].is_string(), "{reply}");
+                    }
+                }
+                for n in names {
+                    for (method, uri) in [
+                        ("GET", format!("/v1/vms/{n}")),
+                        ("GET", format!("/v1/vms/{n}/console?tail={n}")),
+                        ("POST", format!("/v1/vms/{n}/stop")),
+                        ("DELETE", format!("/v1/vms/{n}")),
+                    ] {
+                        let (status, _) = call(&app, &rt, method, &uri, Vec::new());
+                        prop_assert!(status == 0 || [200, 400, 404, 409].contains(&status), "{method} {uri}: {status}");
+                    }
+                }
+                let (status, list) = call(&app, &rt, "GET", "/v1/vms", Vec::new());
+                prop_assert_eq!(status, 200);
+                let list: serde_json::Value = serde_json::from_slice(&list).unwrap();
+                prop_assert!(list.as_array().unwrap().len() <= created);
+                CREATED.fetch_add(created, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
     #[test]
     fn delete_removes_only_known_files_and_never_outside_disks() {
         let d = tempfile::tempdir().unwrap();

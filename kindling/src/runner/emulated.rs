@@ -52,7 +52,8 @@ pub fn l1_modules() -> impl Iterator<Item = &'static str> {
 }
 /// Where scripts/setup installs the L1 kernel for every user (root installs).
 pub const SYSTEM_L1_DIR: &str = "/usr/local/lib/kindling/l1-kernel";
-const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// QEMU's isa-debug-exit port, where kindling in L1 writes the guest's exit status.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// AMD EPYC with SVM and nested paging, minus the features TCG cannot emulate (which
 /// QEMU would otherwise warn about at every start).
 const L1_CPU: &str =
@@ -301,6 +302,10 @@ impl L1Job {
     }
 }
 
+/// The environment variables the kindling inside L1 takes from this side (the
+/// seccomp mode, and the test that checks the filter kills).
+const L1_ENV: &[&str] = &["KINDLING_SECCOMP", "KINDLING_TEST_SECCOMP_VIOLATION"];
+
 /// The per-run part of L1's initramfs: kindling itself, the guest kernel/initrd, the
 /// job and its arguments (and for a benchmark, QEMU with everything it loads).
 fn run_archive(config: &VmConfig, job: &L1Job, token: &Token, exe: &Path, dest: &Path) -> std::io::Result<()> {
@@ -329,6 +334,9 @@ fn run_archive(config: &VmConfig, job: &L1Job, token: &Token, exe: &Path, dest: 
     }
     let filter = std::env::var("RUST_LOG").unwrap_or_default();
     a.entry("kindling/log-filter", 0o100644, filter.as_bytes())?;
+    let env: String =
+        L1_ENV.iter().filter_map(|name| Some(format!("{name}={}\n", std::env::var(name).ok()?))).collect();
+    a.entry("kindling/env", 0o100644, env.as_bytes())?;
     a.finish()?.flush()
 }
 
@@ -453,9 +461,17 @@ pub struct L1Control {
     qemu: std::sync::Mutex<Option<u32>>,
     shutdown: std::sync::atomic::AtomicBool,
     stop: std::sync::atomic::AtomicBool,
+    /// The seccomp filter this process takes once QEMU runs.
+    seccomp: Option<crate::sandbox::Programs>,
 }
 
 impl L1Control {
+    /// A control whose process installs `programs` (on all its threads) once QEMU runs:
+    /// from then on it only relays.
+    pub fn with_seccomp(programs: crate::sandbox::Programs) -> Self {
+        Self { seccomp: Some(programs), ..Self::default() }
+    }
+
     /// Asks the VMM in L1 for its orderly stop (its guest shuts down in order).
     pub fn request_shutdown(&self) {
         self.shutdown.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -571,6 +587,10 @@ pub fn run_job_with(
     cmd.args(["-M", "q35,accel=tcg", "-cpu", &cpu])
         .args(["-smp", &l1_cpus.to_string(), "-m", &format!("{l1_mem}M")])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        // QEMU's own seccomp sandbox: no exec or fork, no privilege changes, no
+        // obsolete system calls, no scheduler or resource changes. The guest (and the
+        // level-1 VM) reach QEMU's device emulation; this bounds what a hole there gets.
+        .args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"])
         .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
         .args(["-device", &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04")])
         .arg("-kernel")
@@ -612,6 +632,16 @@ pub fn run_job_with(
     let watch = Watch::start(&l1_log).map_err(io("following the level-1 VM's log"))?;
     let mut child = cmd.spawn().map_err(io("starting qemu-system-x86_64"))?;
     control.started(port, token, child.id());
+    if let Some(programs) = &control.seccomp {
+        if let Err(e) = crate::sandbox::install_all_threads(programs, "relay") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(EmulatedError::Io {
+                what: "installing the seccomp filter".into(),
+                err: std::io::Error::other(e),
+            });
+        }
+    }
     let bound = l1watch::stall_bound();
     let status = loop {
         if let Some(status) = child.try_wait().map_err(io("waiting for qemu-system-x86_64"))? {
@@ -625,6 +655,7 @@ pub fn run_job_with(
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
+    watch.settle();
     drop(relay);
     let code = status.code().ok_or(EmulatedError::Killed)?;
     tracing::debug!("level-1 VM exited with {code} after {:?}", t0.elapsed());
@@ -641,6 +672,11 @@ pub fn l1_guest_main(run: impl FnOnce(&str, Vec<String>) -> i32) -> ! {
     let mut term = nix::sys::signal::SigSet::empty();
     term.add(nix::sys::signal::Signal::SIGTERM);
     let _ = term.thread_block();
+    for line in std::fs::read_to_string("/kindling/env").unwrap_or_default().lines() {
+        if let Some((name, value)) = line.split_once('=').filter(|(name, _)| L1_ENV.contains(name)) {
+            std::env::set_var(name, value);
+        }
+    }
     l1watch::step("kindling");
     l1watch::start_heartbeat();
     let mode = std::fs::read_to_string("/kindling/mode").unwrap_or_else(|_| "boot".into());

@@ -92,6 +92,8 @@ struct Seen {
     lines: VecDeque<String>,
     last_step: Option<String>,
     last_progress: Option<Instant>,
+    /// How far into the file the lines above go.
+    read_to: u64,
 }
 
 /// The host side: follows L1's log file.
@@ -152,6 +154,8 @@ fn noteworthy(line: &str) -> bool {
         "watchdog:",
         "general protection",
         "kvm: ",
+        // A seccomp violation of the VMM in L1 (logged, with KINDLING_SECCOMP=log).
+        "type=1326",
     ]
     .iter()
     .any(|k| body.contains(k))
@@ -183,6 +187,18 @@ impl Watch {
         }
     }
 
+    /// Once QEMU has exited: waits (at most a second) until every line QEMU wrote has
+    /// been read, so that L1's last words (a panic, say) are shown before kindling
+    /// reports how the VM ended.
+    pub fn settle(&self) {
+        let t0 = Instant::now();
+        let len = std::fs::metadata(&self.log).map_or(0, |m| m.len());
+        while self.seen.lock().unwrap_or_else(|e| e.into_inner()).read_to < len && t0.elapsed() < Duration::from_secs(1)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The log file.
     pub fn log(&self) -> &Path {
         &self.log
@@ -209,6 +225,7 @@ fn follow(path: &Path, seen: &Mutex<Seen>) {
             if file.stream_position().is_ok_and(|p| p > MAX_LOG) {
                 let _ = std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(0));
                 let _ = file.seek(SeekFrom::Start(0));
+                seen.lock().unwrap_or_else(|e| e.into_inner()).read_to = 0;
             }
             std::thread::sleep(Duration::from_millis(200));
             continue;
@@ -234,6 +251,9 @@ fn follow(path: &Path, seen: &Mutex<Seen>) {
         }
         if pending.len() > 64 * 1024 {
             pending.clear();
+        }
+        if let Ok(p) = file.stream_position() {
+            seen.lock().unwrap_or_else(|e| e.into_inner()).read_to = p;
         }
     }
 }
@@ -370,6 +390,7 @@ mod tests {
     fn kernel_errors_are_noteworthy_and_progress_is_not() {
         assert!(noteworthy("[   12.5] watchdog: BUG: soft lockup - CPU#1 stuck for 22s!"));
         assert!(noteworthy("[    3.0] kindling-l1: loading kvm-amd.ko failed"));
+        assert!(noteworthy("[    9.1] audit: type=1326 audit(1.2:3): pid=1 comm=\"kindling\" syscall=165"));
         assert!(!noteworthy("[    3.0] kindling-l1: step modules"));
         assert!(!noteworthy("[    3.0] kindling-l1: alive"));
         assert!(!noteworthy("[    0.5] PCI: Using configuration type 1"));

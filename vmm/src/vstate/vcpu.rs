@@ -91,12 +91,21 @@ impl Vcpu {
         mmio: Arc<Bus>,
         exit: Arc<ExitSignal>,
         stop: Arc<AtomicBool>,
+        filter: Option<Arc<seccompiler::BpfProgram>>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         // Idempotent: the handler only exists so the kick signal interrupts KVM_RUN.
         let _ = register_signal_handler(kick_signal(), noop_handler);
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
             .spawn(move || {
+                // The guest never runs on this thread without its filter.
+                if let Some(filter) = filter {
+                    if let Err(e) = seccompiler::apply_filter(&filter) {
+                        tracing::error!("vCPU {}: installing its seccomp filter: {e}", self.index);
+                        exit.request(ExitReason::Error);
+                        return;
+                    }
+                }
                 if self.index == 0 {
                     tracing::info!("{FIRST_ENTRY_LOG}");
                 }
