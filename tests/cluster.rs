@@ -417,6 +417,41 @@ spec:
   ports: [{port: 8080, targetPort: 8080, nodePort: 30080}]
 "#;
 
+/// A pod running `tests/data/vsock-probe.c` (built here, static, handed to the pod in a
+/// ConfigMap) with `privileged` as given; returns its output.
+fn vsock_probe_pod(env: &Env, name: &str, image: &str, pod: &str, privileged: bool) -> String {
+    let spec = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}}}\nspec:\n  restartPolicy: Never\n  containers:\n  \
+         - name: probe\n    image: {image}\n    imagePullPolicy: IfNotPresent\n    command: [/probe/probe]\n    \
+         securityContext: {{privileged: {privileged}}}\n    volumeMounts: [{{name: probe, mountPath: /probe}}]\n  \
+         volumes: [{{name: probe, configMap: {{name: vsock-probe, defaultMode: 0755}}}}]\n"
+    );
+    env.kubectl(&["--context", name, "apply", "-f", "-"], Some(&spec)).ok();
+    let phase = "--for=jsonpath={.status.phase}=Succeeded";
+    env.kubectl(&["--context", name, "wait", phase, &format!("pod/{pod}"), "--timeout=20m"], None).ok();
+    env.kubectl(&["--context", name, "logs", pod], None).ok().stdout
+}
+
+fn pods_cannot_reach_the_agent(env: &Env, name: &str, image: &str) {
+    let probe = env.dir.path().join("vsock-probe");
+    let src = repo().join("tests/data/vsock-probe.c");
+    let cc = Command::new("gcc").args(["-static", "-Os", "-s", "-o"]).arg(&probe).arg(&src).output().expect("gcc");
+    assert!(cc.status.success(), "gcc: {}", String::from_utf8_lossy(&cc.stderr));
+    let from_file = format!("--from-file=probe={}", probe.display());
+    env.kubectl(&["--context", name, "create", "configmap", "vsock-probe", &from_file], None).ok();
+
+    // containerd's RuntimeDefault profile allows AF_VSOCK, so both pods reach the
+    // agent's port through vsock loopback; the agent must close them unanswered.
+    for (pod, privileged) in [("vsock-restricted", false), ("vsock-privileged", true)] {
+        let out = vsock_probe_pod(env, name, image, pod, privileged);
+        assert!(out.contains("cid 1:") && out.contains("cid 2:"), "the probe did not run:\n{out}");
+        assert!(!out.contains("\"ok\""), "the agent answered a pod ({pod}):\n{out}");
+    }
+    for pod in ["vsock-restricted", "vsock-privileged"] {
+        env.kubectl(&["--context", name, "delete", "pod", pod, "--wait=false"], None).ok();
+    }
+}
+
 fn wait_for_body(url: &str, limit: Duration) {
     let t0 = Instant::now();
     loop {
@@ -465,6 +500,11 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     let url = env.quick(&["service", "web", "--url", "--name", name]).ok().stdout.trim().to_string();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     wait_for_body(&url, Duration::from_secs(15 * 60));
+
+    // Pods cannot use the node's agent: a restricted and a privileged pod connect to
+    // its port through vsock loopback and get no answer (the agent takes control
+    // connections only from the host, CID 2).
+    pods_cannot_reach_the_agent(&env, name, &image);
 
     // Root in the guest rewrites the node's admin kubeconfig with an exec plugin (it
     // breaks the node's own tools until the agent rewrites it at the next boot): the
