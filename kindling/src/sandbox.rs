@@ -177,6 +177,9 @@ const VCPU: &[i64] = &[
     libc::SYS_lseek,
     libc::SYS_sendto,
     libc::SYS_sendmsg,
+    // The stream network backend (passt) is read on the thread that services the queue.
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
     // Duplicating and closing an eventfd the device emulation hands a queue, and the
     // event loop's registrations a device changes from a vCPU's MMIO write.
     libc::SYS_fcntl,
