@@ -260,6 +260,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
                 extra_memory_mib: config.memory_mib + 256,
                 network: false,
                 files: args.l1_files()?,
+                extra_drives: Vec::new(),
+                ship_kernel: true,
             };
             Ok(emulated::run_job(&config, &job, &[])?)
         }

@@ -78,6 +78,30 @@ pub struct CpuIdentity {
     pub features: String,
 }
 
+impl CpuIdentity {
+    /// The identity of a vCPU with CPUID `entries` (as the VMM set them).
+    pub fn of(entries: &[kvm_bindings::kvm_cpuid_entry2]) -> Self {
+        let leaf = |f: u32| entries.iter().find(|e| e.function == f && e.index == 0);
+        let vendor = leaf(0)
+            .map(|e| {
+                let b: Vec<u8> = [e.ebx, e.edx, e.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+                String::from_utf8_lossy(&b).into_owned()
+            })
+            .unwrap_or_default();
+        let signature = leaf(1).map_or(0, |e| e.eax);
+        // FNV-1a over every entry: stable across builds and Rust versions.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for e in entries {
+            for w in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+                for b in w.to_le_bytes() {
+                    h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+                }
+            }
+        }
+        Self { vendor, signature, features: format!("{h:016x}") }
+    }
+}
+
 impl std::fmt::Display for CpuIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -174,6 +198,7 @@ pub fn write(file: &File, mut header: Header, state: &[u8], mem: &GuestMemoryMma
     first.resize(STATE_OFFSET as usize, 0);
     file.write_all_at(&first, 0).map_err(io("writing the header"))?;
     file.write_all_at(state, STATE_OFFSET).map_err(io("writing the machine state"))?;
+    let is_file = file.metadata().map_err(io("reading its type"))?.is_file();
     let mut offset = header.memory_offset;
     for region in mem.iter() {
         let len = region.len() as usize;
@@ -192,19 +217,39 @@ pub fn write(file: &File, mut header: Header, state: &[u8], mem: &GuestMemoryMma
                 file.write_all_at(&bytes[start..page.min(len)], offset + start as u64)
                     .map_err(io("writing guest memory"))?;
             }
+            let zeros = page;
             while page < len && is_zero(&bytes[page..page + PAGE.min(len - page)]) {
                 page += PAGE;
+            }
+            // A block device may hold an older snapshot: zero what this one skips.
+            if page > zeros && !is_file {
+                zero_out(file, offset + zeros as u64, (page.min(len) - zeros) as u64)?;
             }
         }
         offset += len as u64;
     }
     // Trailing zero pages were not written: a file still needs its full length (a block
     // device has it already).
-    if file.metadata().map_err(io("reading its type"))?.is_file() {
+    if is_file {
         file.set_len(offset).map_err(io("setting its length"))?;
     }
     file.sync_all().map_err(io("syncing"))?;
     Ok(header)
+}
+
+/// Zeroes `len` bytes of the block device `file` at `offset` (BLKZEROOUT: the device
+/// may unmap them; the emulated runner's QEMU drive punches holes in its file).
+fn zero_out(file: &File, offset: u64, len: u64) -> Result<(), SnapshotError> {
+    use std::os::unix::io::AsRawFd;
+    const BLKZEROOUT: libc::c_ulong = 0x127f;
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: BLKZEROOUT reads two u64s (start, length) from the pointer, which points
+    // to `range`, alive for the call.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKZEROOUT as _, range.as_ptr()) };
+    if r != 0 {
+        return Err(SnapshotError::Io { what: "zeroing skipped pages".into(), err: std::io::Error::last_os_error() });
+    }
+    Ok(())
 }
 
 /// The bytes a snapshot of `mem_bytes` of memory with a state of `state_len` bytes

@@ -17,6 +17,14 @@ const RESET_OFFSET: u64 = (layout::ACPI_RESET_PORT - layout::ACPI_PM1A_EVT_PORT)
 
 const EN_OFFSET: u64 = 2;
 
+/// The ACPI PM device's state in a snapshot (the status and control registers read
+/// constants).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AcpiPmState {
+    /// PM1 enable.
+    pub pm1_enable: u16,
+}
+
 /// The ACPI PM1a event and control blocks and the reset register, on port I/O.
 pub struct AcpiPm {
     exit: Arc<ExitSignal>,
@@ -27,6 +35,16 @@ impl AcpiPm {
     /// A device that reports power-off and reset through `exit`.
     pub fn new(exit: Arc<ExitSignal>) -> Self {
         Self { exit, pm1_enable: 0 }
+    }
+
+    /// The one register with state (PM1 enable), for a snapshot.
+    pub fn state(&self) -> AcpiPmState {
+        AcpiPmState { pm1_enable: self.pm1_enable }
+    }
+
+    /// Puts a snapshot's state back.
+    pub fn restore(&mut self, s: &AcpiPmState) {
+        self.pm1_enable = s.pm1_enable;
     }
 }
 
