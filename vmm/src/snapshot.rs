@@ -415,4 +415,47 @@ mod tests {
             assert!(e.contains("not a usable kindling snapshot"), "{name}: {e}");
         }
     }
+
+    #[test]
+    fn hostile_headers_are_refused_without_panic_or_huge_allocations() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hostile");
+        let put = |h: &Header| {
+            let json = serde_json::to_vec(h).unwrap();
+            let mut b = MAGIC.to_vec();
+            b.extend_from_slice(&(json.len() as u32).to_le_bytes());
+            b.extend_from_slice(&json);
+            b.resize(8192, 0);
+            std::fs::write(&p, b).unwrap();
+        };
+        let base = Header { state_offset: STATE_OFFSET, state_len: 10, memory_offset: MEMORY_ALIGN, ..header() };
+        for (what, h) in [
+            ("state_len", Header { state_len: u64::MAX, ..base.clone() }),
+            ("state_offset", Header { state_offset: u64::MAX, ..base.clone() }),
+            ("memory_offset", Header { memory_offset: 0, ..base.clone() }),
+            ("memory_mib", Header { memory_mib: u64::MAX, ..base.clone() }),
+            ("no memory", Header { memory_mib: 0, ..base.clone() }),
+        ] {
+            put(&h);
+            let e = read(&mut File::open(&p).unwrap()).unwrap_err().to_string();
+            assert!(e.contains("out of range"), "{what}: {e}");
+        }
+        // In range but the file ends early: the state and the memory are missing.
+        put(&Header { state_len: 1 << 20, ..base.clone() });
+        assert!(read(&mut File::open(&p).unwrap()).unwrap_err().to_string().contains("ends inside"));
+        put(&base);
+        let mut f = File::open(&p).unwrap();
+        let (h, _) = read(&mut f).unwrap();
+        assert!(map_memory(&f, &h).unwrap_err().to_string().contains("shorter than its 8 MiB"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_bytes_after_the_magic_never_panic(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..6000)) {
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("random");
+            std::fs::write(&p, [MAGIC.as_slice(), &tail].concat()).unwrap();
+            let _ = read(&mut File::open(&p).unwrap());
+        }
+    }
 }

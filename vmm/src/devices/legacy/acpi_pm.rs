@@ -107,4 +107,17 @@ mod tests {
         AcpiPm::new(exit.clone()).write(RESET_OFFSET, &[layout::ACPI_RESET_VALUE]);
         assert_eq!(exit.reason(), ExitReason::Reset);
     }
+
+    #[test]
+    fn the_enable_register_survives_a_snapshot() {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut pm = AcpiPm::new(exit.clone());
+        pm.write(EN_OFFSET, &[0x20, 0x01]);
+        let json = serde_json::to_string(&pm.state()).unwrap();
+        let mut other = AcpiPm::new(exit);
+        other.restore(&serde_json::from_str(&json).unwrap());
+        let mut b = [0u8; 2];
+        other.read(EN_OFFSET, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0x120);
+    }
 }

@@ -767,4 +767,26 @@ mod tests {
         assert_eq!(b[0], 0xff);
         assert_eq!(r.exit.reason(), ExitReason::Running);
     }
+
+    #[test]
+    fn state_round_trips_into_a_new_controller_and_hostile_state_is_refused() {
+        let mut a = Rig::new();
+        a.linux_probe();
+        a.dev.send_ctrl_alt_del().unwrap();
+        let state = a.dev.state();
+        let json = serde_json::to_string(&state).unwrap();
+        let mut b = Rig::new();
+        b.dev.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        assert_eq!(b.dev.state(), state);
+        assert!(b.dev.keyboard_enabled(), "the guest's driver setup survives");
+        assert_eq!(b.irqs(), 1, "the queued keys interrupt the new VM's guest again");
+        assert_eq!(b.drain(), a.drain(), "the queued keys are read the same");
+
+        let mut hostile = state.clone();
+        hostile.out = vec![(0, true); 1 << 20];
+        assert!(b.dev.restore(&hostile).unwrap_err().contains("output queue"));
+        let mut hostile = state;
+        hostile.ram = vec![0; 1 << 20];
+        assert!(b.dev.restore(&hostile).unwrap_err().contains("RAM"));
+    }
 }

@@ -186,6 +186,7 @@ impl MmioTransport {
             ));
         }
         for (q, s) in self.queues.iter_mut().zip(&state.queues) {
+            let device_max = q.max_size();
             let qs = virtio_queue::QueueState {
                 max_size: s.max_size,
                 next_avail: s.next_avail,
@@ -198,8 +199,13 @@ impl MmioTransport {
                 used_ring: s.used_ring,
             };
             *q = Queue::try_from(qs).map_err(|e| format!("a queue of the snapshot: {e}"))?;
-            if q.max_size() != s.max_size {
+            if q.max_size() != device_max {
                 return Err("a queue's maximum size differs from the device's".into());
+            }
+            // virtio-queue's conversion does not check the size the driver chose; the
+            // size register's setter would have refused these.
+            if s.size > device_max || (s.size != 0 && !s.size.is_power_of_two()) {
+                return Err(format!("a queue of size {} does not fit the device's {device_max}", s.size));
             }
         }
         self.queue_sel = state.queue_sel;
@@ -564,6 +570,46 @@ mod tests {
         w(&mut t, REG_STATUS, 0);
         assert!(!t.is_active());
         assert_eq!(r(&mut t, REG_STATUS), 0);
+    }
+
+    fn activated(mem: &Arc<GuestMemoryMmap>) -> MmioTransport {
+        let mut t = MmioTransport::new(Box::new(Dummy { processed: 0 }), mem.clone(), EventFd::new(0).unwrap());
+        w(&mut t, REG_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, REG_DRIVER_FEATURES, 1);
+        w(&mut t, REG_QUEUE_NUM, 16);
+        w(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
+        w(&mut t, REG_QUEUE_DRIVER_LOW, 0x2000);
+        w(&mut t, REG_QUEUE_DEVICE_LOW, 0x3000);
+        w(&mut t, REG_QUEUE_READY, 1);
+        w(&mut t, REG_STATUS, 1 | 2 | 8 | 4);
+        t
+    }
+
+    #[test]
+    fn transport_state_round_trips_through_json_and_hostile_state_is_refused() {
+        let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let t = activated(&mem);
+        let state = t.state();
+        let json = serde_json::to_string(&state).unwrap();
+        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let mut back = MmioTransport::new(Box::new(Dummy { processed: 0 }), mem.clone(), irq);
+        back.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        assert!(back.is_active(), "an active device is active again");
+        assert_eq!(back.state(), state);
+        assert_eq!(back.driver_features, 1 << 32);
+
+        let fresh = || MmioTransport::new(Box::new(Dummy { processed: 0 }), mem.clone(), EventFd::new(0).unwrap());
+        let hostile = |f: &dyn Fn(&mut TransportState)| {
+            let mut s = state.clone();
+            f(&mut s);
+            fresh().restore(&s).unwrap_err()
+        };
+        assert!(hostile(&|s| s.device_type = 3).contains("cannot take the state"));
+        assert!(hostile(&|s| s.queues.push(s.queues[0].clone())).contains("cannot take the state"));
+        assert!(hostile(&|s| s.queues[0].size = 1000).contains("queue"));
+        assert!(hostile(&|s| s.queues[0].max_size = 1 << 15).contains("queue"));
+        assert!(hostile(&|s| s.queues[0].desc_table = u64::MAX - 8).contains("queue"));
+        assert!(hostile(&|s| s.queues[0].used_ring = (1 << 20) - 4).contains("not inside guest memory"));
     }
 
     #[test]

@@ -1,0 +1,195 @@
+//! Snapshots end to end: a real guest is snapshotted at SIGUSR1 by one `kindling boot`
+//! and restored from the file by another, and goes on from where it was; damaged and
+//! mismatched snapshots are refused with the reason. Under the emulated runner both
+//! directions go through the level-1 VM's drive.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The guest counts in a shell variable (RAM only) and prints each value.
+const COUNTER: &str =
+    "console=ttyS0 panic=1 kindling.run=i=0;while+[+$i+-lt+100000+];do+i=$((i-(-1)));echo+KINDLING-COUNT=$i;sleep+0.2;done";
+
+/// Starts `kindling boot ARGS`; every stdout and stderr line goes to the receiver.
+fn start(args: &[&str]) -> (KillOnDrop, Receiver<String>) {
+    let mut child: Child = kindling()
+        .arg("boot")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kindling boot");
+    let (tx, rx) = channel();
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    (KillOnDrop(child), rx)
+}
+
+/// Reads lines (keeping them in `log`) until `want` matches one, within `limit`.
+fn wait_for<T>(
+    rx: &Receiver<String>,
+    log: &mut String,
+    limit: Duration,
+    mut want: impl FnMut(&str) -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Ok(line) = rx.recv_timeout(left) else { return None };
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(v) = want(&line) {
+            return Some(v);
+        }
+    }
+    None
+}
+
+fn count(line: &str) -> Option<u64> {
+    line.trim().strip_prefix("KINDLING-COUNT=")?.parse().ok()
+}
+
+/// Reads the rest of the output until the process ends.
+fn drain(rx: &Receiver<String>, log: &mut String, limit: Duration) {
+    let _ = wait_for(rx, log, limit, |_| None::<()>);
+}
+
+fn wait_exit(child: &mut KillOnDrop, limit: Duration) -> Option<i32> {
+    wait_or_kill(&mut child.0, limit).code()
+}
+
+#[test]
+fn a_snapshotted_guest_goes_on_counting_after_a_restore_from_the_file() {
+    let kernel = debian_kernel();
+    let initrd = busybox_initramfs();
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("vm.snap");
+    let snap_s = snap.to_str().unwrap();
+    let (kernel_s, initrd_s) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
+
+    // 1. Boot, let it count, snapshot at SIGUSR1: the VM ends with status 0.
+    let t0 = Instant::now();
+    let (mut vm, rx) = start(&[
+        "--kernel",
+        kernel_s,
+        "--initrd",
+        initrd_s,
+        "--cmdline",
+        COUNTER,
+        "--memory",
+        "256",
+        "--net",
+        "none",
+        "--snapshot-to",
+        snap_s,
+    ]);
+    let mut log = String::new();
+    let first = wait_for(&rx, &mut log, Duration::from_secs(600), |l| count(l).filter(|&n| n >= 5));
+    assert!(first.is_some(), "the guest did not count to 5\n{log}");
+    eprintln!("booted and counting after {:.1?}", t0.elapsed());
+    let asked = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(vm.0.id() as i32), nix::sys::signal::Signal::SIGUSR1).unwrap();
+    let status = wait_exit(&mut vm, Duration::from_secs(300));
+    drain(&rx, &mut log, Duration::from_secs(5));
+    eprintln!("snapshot and exit {:.1?} after SIGUSR1", asked.elapsed());
+    assert_eq!(status, Some(0), "the snapshot must end kindling boot with 0\n{log}");
+    assert!(log.contains("snapshot written to"), "{log}");
+    let last = log.lines().filter_map(count).max().unwrap();
+    let meta = std::fs::metadata(&snap).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(meta.len() >= 256 << 20, "the file holds all of memory: {} bytes", meta.len());
+    assert!(
+        meta.blocks() * 512 < meta.len(),
+        "zero pages are not written: {} of {} bytes",
+        meta.blocks() * 512,
+        meta.len()
+    );
+
+    // 2. Restore it in a new kindling boot: the count goes on from where it was.
+    let t1 = Instant::now();
+    let (vm, rx) = start(&["--restore", snap_s, "--net", "none"]);
+    let mut log2 = String::new();
+    let next = wait_for(&rx, &mut log2, Duration::from_secs(600), count);
+    eprintln!("restored and counting after {:.1?}", t1.elapsed());
+    let next = next.unwrap_or_else(|| panic!("the restored guest did not count\n{log2}"));
+    assert!(
+        next > last && next <= last + 2,
+        "the restored count {next} does not continue the snapshot's {last}\n{log2}"
+    );
+    let later = wait_for(&rx, &mut log2, Duration::from_secs(120), |l| count(l).filter(|&n| n >= next + 5));
+    assert!(later.is_some(), "the restored guest stopped counting\n{log2}");
+    drop(vm);
+
+    // 3. The same snapshot with other devices (a disk it did not have) is refused.
+    let extra = dir.path().join("extra.img");
+    std::fs::write(&extra, vec![0u8; 1 << 20]).unwrap();
+    let (out, text) = boot(&["--restore", snap_s, "--net", "none", "--disk", extra.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("the snapshot does not fit: it has the devices []"), "{text}");
+    assert!(text.contains("boot the VM afresh instead"), "the error says what to do\n{text}");
+    assert!(!text.contains("panicked"), "{text}");
+}
+
+#[test]
+fn damaged_snapshots_are_refused_with_the_reason_and_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty", vec![], "shorter than a snapshot's header"),
+        ("not-a-snapshot", vec![0x7f; 8192], "does not start with a snapshot's magic"),
+        (
+            "huge-header-length",
+            [b"KINDLSNP".to_vec(), u32::MAX.to_le_bytes().to_vec(), vec![0; 8192]].concat(),
+            "header's length is out of range",
+        ),
+        (
+            "garbage-header",
+            [b"KINDLSNP".to_vec(), 5u32.to_le_bytes().to_vec(), b"{{{{{".to_vec(), vec![0; 8192]].concat(),
+            "the header",
+        ),
+    ];
+    for (name, bytes, why) in cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let (out, text) = boot(&["--restore", p.to_str().unwrap(), "--net", "none"]);
+        assert_ne!(out.status.code(), Some(0), "{name}: {text}");
+        assert!(text.contains(why), "{name}: the error names the problem\n{text}");
+        assert!(text.contains("not a usable kindling snapshot (take a new one)"), "{name}: and the fix\n{text}");
+        assert!(!text.contains("panicked"), "{name}: {text}");
+    }
+    // A header from a hostile writer: lengths and sizes far out of range.
+    let header = serde_json::json!({
+        "format": 1, "vmm_version": "0.1.0",
+        "cpu": {"vendor": "x", "signature": 0, "features": "0"},
+        "devices": [], "memory_mib": u64::MAX, "vcpus": u32::MAX,
+        "state_offset": 4096, "state_len": u64::MAX, "memory_offset": u64::MAX
+    })
+    .to_string();
+    let mut bytes = b"KINDLSNP".to_vec();
+    bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.resize(8192, 0);
+    let p = dir.path().join("hostile");
+    std::fs::write(&p, bytes).unwrap();
+    let (out, text) = boot(&["--restore", p.to_str().unwrap(), "--net", "none"]);
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("out of range"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+}
