@@ -135,6 +135,8 @@ fn a_snapshotted_guest_goes_on_counting_after_a_restore_from_the_file() {
         meta.len()
     );
     report(&log, "snapshot written to");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "the guest's memory is the owner's alone");
 
     // 2. Restore it in a new kindling boot: the count goes on from where it was.
     let t1 = Instant::now();

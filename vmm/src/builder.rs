@@ -705,7 +705,7 @@ impl SnapshotParts<'_> {
 }
 
 /// Opens `path` to write a snapshot of `needed` bytes: a block device as it is (if it
-/// is large enough), anything else created or truncated.
+/// is large enough), anything else created (mode 0600) or truncated.
 fn open_for_snapshot(path: &Path, needed: u64) -> Result<File, SnapshotError> {
     use std::io::{Seek, SeekFrom};
     use std::os::unix::fs::FileTypeExt;
@@ -724,7 +724,14 @@ fn open_for_snapshot(path: &Path, needed: u64) -> Result<File, SnapshotError> {
         }
         return Ok(f);
     }
-    std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io("creating"))
+    // The file holds all of the guest's memory (its keys among it): the owner's alone.
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::PermissionsExt;
+    let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path);
+    let f = f.map_err(io("creating"))?;
+    // An existing file keeps its mode on open.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io("restricting"))?;
+    Ok(f)
 }
 
 /// A shutdown request on its way to the guest's keyboard.

@@ -324,7 +324,18 @@ impl L1Job {
     /// sparse file as large as a snapshot of `config` can be.
     pub fn snapshot_to(&mut self, path: &Path, config: &VmConfig, resume: bool) -> Result<(), EmulatedError> {
         let size = kindling_vmm::snapshot::size_needed(SNAPSHOT_STATE_RESERVE, config.memory_mib << 20);
-        let f = std::fs::File::create(path).map_err(io(format!("creating {}", path.display())))?;
+        // It will hold all of the guest's memory: the owner's alone.
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io(format!("creating {}", path.display())))?;
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io(format!("restricting {}", path.display())))?;
         f.set_len(size).map_err(io(format!("sizing {}", path.display())))?;
         let dev = self.next_drive(config.disks.len());
         self.args.extend([
