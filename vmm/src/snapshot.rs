@@ -146,6 +146,19 @@ impl Header {
     /// Refuses a snapshot this VMM cannot restore on this host with `cpu` and
     /// `devices`: another format or VMM version, another CPU, other devices.
     pub fn check(&self, cpu: &CpuIdentity, devices: &[String]) -> Result<(), SnapshotError> {
+        self.check_devices(devices)?;
+        if &self.cpu != cpu {
+            return Err(SnapshotError::Mismatch(format!(
+                "it was taken on a CPU presented as {}, this one is {cpu}",
+                self.cpu
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`Self::check`] without the CPU: what can be checked where the VM will not run
+    /// (the emulated runner's host, before it starts the level-1 VM).
+    pub fn check_devices(&self, devices: &[String]) -> Result<(), SnapshotError> {
         if self.format != FORMAT {
             return Err(SnapshotError::Mismatch(format!(
                 "it has format {}, this kindling reads format {FORMAT}",
@@ -157,12 +170,6 @@ impl Header {
                 "it was taken by kindling {}, this is kindling {}",
                 self.vmm_version,
                 vmm_version()
-            )));
-        }
-        if &self.cpu != cpu {
-            return Err(SnapshotError::Mismatch(format!(
-                "it was taken on a CPU presented as {}, this one is {cpu}",
-                self.cpu
             )));
         }
         if self.devices != devices {

@@ -44,11 +44,11 @@ pub struct BootArgs {
     #[arg(long, value_name = "PATH", required_unless_present = "restore", conflicts_with = "restore")]
     pub kernel: Option<PathBuf>,
     /// initramfs archive handed to the kernel.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "restore")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line; kindling appends its virtio-mmio device entries.
     /// Default: "console=ttyS0 panic=1", plus "root=/dev/vda rw" when a disk is given.
-    #[arg(long, value_name = "STR")]
+    #[arg(long, value_name = "STR", conflicts_with = "restore")]
     pub cmdline: Option<String>,
     /// Number of vCPUs (the emulated runner gives the guest 1; KINDLING_EMULATED_SMP=1
     /// keeps N).
@@ -209,6 +209,13 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
     // the command line.
     if net.is_some() && args.restore.is_none() {
         with_network(&config, None).validate()?;
+    }
+    // A snapshot with other devices is refused here, before a level-1 VM is started
+    // for it (the VMM checks again, with the CPU, before it builds anything).
+    if let Some(path) = &args.restore {
+        let devices = if net.is_some() { with_network(&config, None) } else { config.clone() };
+        let ids = kindling_vmm::builder::device_identities(&devices)?;
+        snapshot_header(path)?.check_devices(&ids).map_err(|e| anyhow::anyhow!("--restore {}: {e}", path.display()))?;
     }
     eprintln!("kindling: runner {} ({why})", runner.as_str());
     eprintln!("kindling: net {} ({net_why})", net.map_or("none", NetKind::as_str));
