@@ -12,9 +12,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// The guest counts in a shell variable (RAM only) and prints each value.
-const COUNTER: &str =
-    "console=ttyS0 panic=1 kindling.run=i=0;while+[+$i+-lt+100000+];do+i=$((i-(-1)));echo+KINDLING-COUNT=$i;sleep+0.2;done";
+/// The guest counts in a shell variable (RAM only) and prints each value, with its wall
+/// clock.
+const COUNTER: &str = "console=ttyS0 panic=1 kindling.run=i=0;while+[+$i+-lt+100000+];do+i=$((i-(-1)));\
+                       echo+KINDLING-COUNT=$i+$(date+-u+-Iseconds);sleep+0.2;done";
+
+/// How long the snapshot sits on disk before it is restored.
+const AWAY: Duration = Duration::from_secs(10);
 
 /// Starts `kindling boot ARGS`; every stdout and stderr line goes to the receiver.
 fn start(args: &[&str]) -> (KillOnDrop, Receiver<String>) {
@@ -64,7 +68,15 @@ fn wait_for<T>(
 }
 
 fn count(line: &str) -> Option<u64> {
-    line.trim().strip_prefix("KINDLING-COUNT=")?.parse().ok()
+    line.trim().strip_prefix("KINDLING-COUNT=")?.split_whitespace().next()?.parse().ok()
+}
+
+/// The guest's wall clock on a count line, as seconds of the day (UTC).
+fn clock(line: &str) -> Option<i64> {
+    let iso = line.trim().strip_prefix("KINDLING-COUNT=")?.split_whitespace().nth(1)?;
+    let hms = iso.get(11..19)?;
+    let mut parts = hms.split(':').map(|p| p.parse::<i64>().ok());
+    Some(parts.next()?? * 3600 + parts.next()?? * 60 + parts.next()??)
 }
 
 /// Reads the rest of the output until the process ends.
@@ -138,16 +150,27 @@ fn a_snapshotted_guest_goes_on_counting_after_a_restore_from_the_file() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(meta.permissions().mode() & 0o777, 0o600, "the guest's memory is the owner's alone");
 
-    // 2. Restore it in a new kindling boot: the count goes on from where it was.
+    let clock_last = log.lines().filter(|l| count(l) == Some(last)).find_map(clock).expect("a clock on the line");
+
+    // 2. Restore it in a new kindling boot, a while later: the count goes on from where
+    // it was, and the guest's wall clock moved on by the time the snapshot was away.
+    std::thread::sleep(AWAY);
     let t1 = Instant::now();
     let (vm, rx) = start(&["--restore", snap_s, "--net", "none", "--vsock", vsock_s]);
     let mut log2 = String::new();
-    let next = wait_for(&rx, &mut log2, Duration::from_secs(600), count);
+    let next = wait_for(&rx, &mut log2, Duration::from_secs(600), |l| count(l).zip(clock(l)));
+    let away = asked.elapsed().as_secs_f64();
     eprintln!("restored and counting after {:.1?}", t1.elapsed());
-    let next = next.unwrap_or_else(|| panic!("the restored guest did not count\n{log2}"));
+    let (next, clock_next) = next.unwrap_or_else(|| panic!("the restored guest did not count\n{log2}"));
     assert!(
         next > last && next <= last + 2,
         "the restored count {next} does not continue the snapshot's {last}\n{log2}"
+    );
+    let guest_away = (clock_next - clock_last).rem_euclid(86_400) as f64;
+    eprintln!("away {away:.1}s; the guest's wall clock moved {guest_away}s");
+    assert!(
+        (guest_away - away).abs() <= 3.0,
+        "the guest's wall clock moved {guest_away}s while the snapshot was away {away:.1}s\n{log2}"
     );
     let later = wait_for(&rx, &mut log2, Duration::from_secs(120), |l| count(l).filter(|&n| n >= next + 5));
     assert!(later.is_some(), "the restored guest stopped counting\n{log2}");
