@@ -186,6 +186,18 @@ fn a_snapshotted_guest_goes_on_counting_after_a_restore_from_the_file() {
     assert!(text.contains("the snapshot does not fit: it has the devices [vsock cid 3]"), "{text}");
     assert!(text.contains("boot the VM afresh instead"), "the error says what to do\n{text}");
     assert!(!text.contains("panicked"), "{text}");
+
+    // 4. Its machine state damaged behind a good header: refused where the VMM reads it.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&snap).unwrap();
+        f.write_all_at(br#"{"vcpus":[{"regs":7}],"vm":"#, 4096).unwrap();
+    }
+    let (out, text) = boot(&["--restore", snap_s, "--net", "none", "--vsock", vsock_s]);
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("its machine state"), "the error names the problem\n{text}");
+    assert!(text.contains("not a usable kindling snapshot (take a new one)"), "and the fix\n{text}");
+    assert!(!text.contains("panicked"), "{text}");
 }
 
 #[test]

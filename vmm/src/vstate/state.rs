@@ -42,6 +42,9 @@ pub enum StateError {
     /// The MSR list could not be built.
     #[error("building the MSR list: {0}")]
     MsrList(String),
+    /// Saved state that KVM's own could not have been (it came from a file).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
@@ -76,6 +79,9 @@ pub fn saveable_msrs(k: &Kvm) -> Result<Vec<u32>, StateError> {
     let list = k.get_msr_index_list().map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
     Ok(list.as_slice().to_vec())
 }
+
+/// More MSRs than any KVM saves (KVM_GET_MSR_INDEX_LIST has a few hundred).
+const MAX_MSRS: usize = 4096;
 
 /// KVM takes MSRs in batches of at most this many.
 const MSR_BATCH: usize = 64;
@@ -121,6 +127,9 @@ impl VcpuState {
 
     /// Puts the state back into a vCPU whose CPUID is already set.
     pub fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
+        if self.msrs.len() > MAX_MSRS {
+            return Err(StateError::Invalid(format!("{} MSRs, more than the {MAX_MSRS} KVM lists", self.msrs.len())));
+        }
         fd.set_mp_state(self.mp_state).map_err(kvm("KVM_SET_MP_STATE"))?;
         fd.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
         fd.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
@@ -174,6 +183,10 @@ impl VmState {
 
     /// Puts the state back into a VM that has its irqchip and PIT.
     pub fn restore(&self, fd: &VmFd) -> Result<(), StateError> {
+        let ids: Vec<u32> = self.irqchips.iter().map(|c| c.chip_id).collect();
+        if ids != [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
+            return Err(StateError::Invalid(format!("interrupt controllers {ids:?}, not the two PICs and the IOAPIC")));
+        }
         fd.set_pit2(&self.pit).map_err(kvm("KVM_SET_PIT2"))?;
         if let Err(e) = fd.set_clock(&self.clock) {
             // A host whose clock is not TSC-based (or an older KVM) takes the value only:
