@@ -269,7 +269,7 @@ fn net_count(line: &str) -> Option<(u64, bool)> {
 }
 
 #[test]
-fn a_restored_guest_keeps_its_virtio_devices_and_talks_over_a_new_network_backend() {
+fn a_restored_guest_keeps_its_devices_talks_over_a_new_network_backend_and_reseeds_its_rng() {
     let emulated = kindling::runner::choose(kindling::runner::RunnerKind::Auto).0 == kindling::runner::Runner::Emulated;
     // kindling's kernel: virtio-mmio, virtio-net and vsock built in (Debian's stock
     // kernel has them as modules, and no virtio-mmio devices from the command line).
@@ -290,7 +290,9 @@ fn a_restored_guest_keeps_its_virtio_devices_and_talks_over_a_new_network_backen
          ip+addr+add+$ip+dev+eth0;ip+link+set+eth0+up;ip+route+add+default+via+$gw;\
          i=0;while+true;do+i=$((i-(-1)));echo+KINDLING-NET=$i+$(echo+c$i|nc+-w+2+{target}+{port});sleep+0.5;done"
     );
-    let cmdline = format!("console=ttyS0 panic=1 quiet kindling.run={script}");
+    // Not quiet: the kernel's notice that it reseeded its random number generator at the
+    // new VM Generation ID is part of what is checked.
+    let cmdline = format!("console=ttyS0 panic=1 kindling.run={script}");
     let (snap_s, vsock_s) = (snap.to_str().unwrap(), vsock.to_str().unwrap());
     let devices = ["--net", "tap", "--host-loopback", "--vsock", vsock_s];
 
@@ -325,5 +327,10 @@ fn a_restored_guest_keeps_its_virtio_devices_and_talks_over_a_new_network_backen
     assert!(n > last && n <= last + 2, "the count goes on, and the network with it: {n} after {last}\n{log2}");
     assert!(!log2.contains("NEEDS_RESET"), "every device came back in working order\n{log2}");
     assert!(!log2.contains("no event buffer"), "the guest's vsock driver got its transport reset\n{log2}");
+    assert!(
+        log2.contains("crng reseeded due to virtual machine fork"),
+        "the VM Generation ID changed and the guest reseeded its random number generator\n{log2}"
+    );
+    assert!(!log.contains("virtual machine fork"), "a fresh boot is no fork\n{log}");
     drop(vm);
 }

@@ -208,6 +208,8 @@ pub struct MicroVm {
     identity: Header,
     /// The guest's MAC address (a restore keeps it: the guest's driver read it once).
     net_mac: Option<[u8; 6]>,
+    /// The GED's irqfd, registered for the VM's life.
+    _ged_irq: EventFd,
     /// When [`Self::build`] began; the logs time boot steps from it.
     pub started: Instant,
 }
@@ -231,6 +233,8 @@ struct MachineState {
 /// Everything but the vCPUs and the kernel: buses, legacy devices, virtio devices.
 struct Machine {
     exit: Arc<ExitSignal>,
+    /// The Generic Event Device's interrupt: a new VM Generation ID.
+    ged_irq: EventFd,
     serial: Arc<Mutex<SerialConsole>>,
     i8042: Arc<Mutex<I8042>>,
     acpi_pm: Arc<Mutex<AcpiPm>>,
@@ -267,6 +271,8 @@ fn assemble(
     vm.fd.register_irqfd(&kbd_irq, I8042_KBD_IRQ).map_err(setup("i8042 irqfd"))?;
     let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), kbd_irq)));
     pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN).map_err(setup("i8042 port"))?;
+    let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(setup("GED irq"))?;
+    vm.fd.register_irqfd(&ged_irq, layout::GED_IRQ).map_err(setup("GED irqfd"))?;
     let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(exit.clone())));
     pio.insert(acpi_pm.clone(), ACPI_PM_PORT, ACPI_PM_LEN).map_err(setup("ACPI PM ports"))?;
 
@@ -286,7 +292,19 @@ fn assemble(
         let device = Net::new(backend, mac)?;
         cmdline_args.push(virtio.attach(vm, mem, &mut mmio, Box::new(device))?);
     }
-    Ok(Machine { exit, serial, i8042, acpi_pm, virtio, pio, mmio, cmdline_args })
+    Ok(Machine { exit, ged_irq, serial, i8042, acpi_pm, virtio, pio, mmio, cmdline_args })
+}
+
+/// Writes a new random VM Generation ID where the guest's ACPI tables say it is.
+fn new_generation_id(mem: &vm_memory::GuestMemoryMmap) -> Result<(), BuildError> {
+    use vm_memory::Bytes;
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom writes at most `id.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        return Err(setup("VM generation ID")(std::io::Error::last_os_error()));
+    }
+    mem.write_slice(&id, vm_memory::GuestAddress(layout::VMGENID_ADDR)).map_err(setup("VM generation ID"))
 }
 
 /// The CPU vCPU 0 of `cpus` is presented as: what a snapshot must have been taken on.
@@ -361,12 +379,13 @@ impl MicroVm {
         );
 
         let rsdp = acpi::write_tables(&mem, cpus)?;
+        new_generation_id(&mem)?;
         regs::write_boot_tables(&mem)?;
         let boot = kernel::load(&mem, format, &config.kernel, config.initrd.as_deref(), &cmdline, rsdp)?;
         let vcpus =
             (0..cpus).map(|i| Vcpu::new(&vm, i, cpus, (i == 0).then_some(boot))).collect::<Result<Vec<_>, _>>()?;
         tracing::debug!("microVM built in {:?}", started.elapsed());
-        let Machine { exit, serial, i8042, acpi_pm, virtio, pio, mmio, .. } = machine;
+        let Machine { exit, ged_irq, serial, i8042, acpi_pm, virtio, pio, mmio, .. } = machine;
         Ok(Self {
             vm,
             mem,
@@ -381,6 +400,7 @@ impl MicroVm {
             input: console.input,
             identity,
             net_mac,
+            _ged_irq: ged_irq,
             started,
         })
     }
@@ -455,6 +475,10 @@ impl MicroVm {
         for (i, (t, s)) in machine.virtio.transports.iter().zip(&state.virtio).enumerate() {
             t.lock().unwrap().restore(s).map_err(|e| SnapshotError::Corrupt(format!("device {i}: {e}")))?;
         }
+        // A new generation: the guest's vmgenid driver sees the ID change at the GED's
+        // interrupt, and reseeds its random number generator.
+        new_generation_id(&mem)?;
+        machine.ged_irq.write(1).map_err(setup("GED interrupt"))?;
         tracing::info!(
             "microVM restored from {} in {:.1} ms (header and state read in {:.1} ms; memory mapped lazily)",
             path.display(),
@@ -462,7 +486,7 @@ impl MicroVm {
             t_read.as_secs_f64() * 1e3
         );
         let identity = Header { state_offset: 0, state_len: 0, memory_offset: 0, ..header };
-        let Machine { exit, serial, i8042, acpi_pm, virtio, pio, mmio, .. } = machine;
+        let Machine { exit, ged_irq, serial, i8042, acpi_pm, virtio, pio, mmio, .. } = machine;
         Ok(Self {
             vm,
             mem,
@@ -477,6 +501,7 @@ impl MicroVm {
             input: console.input,
             identity,
             net_mac: mac,
+            _ged_irq: ged_irq,
             started,
         })
     }
@@ -505,6 +530,7 @@ impl MicroVm {
             input,
             identity,
             net_mac,
+            _ged_irq,
             started,
         } = self;
         let epoll = Epoll::new().map_err(setup("epoll"))?;
