@@ -10,6 +10,15 @@
 //! at once ([`ExitReason::Stopped`]). Either way the disks are flushed and the vsock
 //! socket removed on the way out. How long to wait between the two is the caller's
 //! policy.
+//!
+//! Snapshots ([`VmControl::snapshot`]): the event loop pauses every vCPU (see
+//! `vstate::vcpu`), saves vCPU, VM and device state and memory into the one-file
+//! snapshot ([`crate::snapshot`]) from its own thread, so no device runs meanwhile, and
+//! resumes or ends the VM ([`ExitReason::Snapshotted`]). [`MicroVm::restore`] checks the
+//! snapshot's header against this host and the devices it is given before building
+//! anything, maps memory lazily, puts state back in the order interrupts need (VM, then
+//! vCPUs, then devices, which may interrupt), and writes a new VM Generation ID, whose
+//! change the guest learns through the ACPI GED's interrupt.
 
 use std::fs::File;
 use std::io::Write;
