@@ -52,10 +52,10 @@ pub struct BootArgs {
     pub cmdline: Option<String>,
     /// Number of vCPUs (the emulated runner gives the guest 1; KINDLING_EMULATED_SMP=1
     /// keeps N).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, conflicts_with = "restore")]
     pub cpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    /// Guest memory in MiB (with --restore: the snapshot's).
+    #[arg(long, value_name = "MIB", default_value_t = 512, conflicts_with = "restore")]
     pub memory: u64,
     /// A raw disk image as a virtio-blk device, in order /dev/vda, /dev/vdb, ...;
     /// append ",ro" for read-only.
@@ -249,7 +249,9 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
             boot_on_kvm(&config, args.restore.as_deref(), backend, &control)
         }
         Runner::Emulated => {
-            let (cpus, clamped) = emulated::guest_cpus(config.cpus);
+            // A restore keeps the snapshot's vCPUs (they are in its state).
+            let (cpus, clamped) =
+                if args.restore.is_some() { (config.cpus, None) } else { emulated::guest_cpus(config.cpus) };
             if let Some(warning) = clamped {
                 eprintln!("kindling: {warning}");
                 config.cpus = cpus;

@@ -352,11 +352,12 @@ impl L1Job {
     /// a kernel; `config` is the VM's, sized from the snapshot.
     pub fn restore(&mut self, path: &Path, config: &VmConfig) {
         let dev = self.next_drive(config.disks.len());
-        // No kernel, initrd or command line: they are in the snapshot's memory.
+        // No kernel, initrd or command line: they are in the snapshot's memory; its
+        // size and vCPUs are the snapshot's too.
         let mut args = Vec::new();
         let mut it = std::mem::take(&mut self.args).into_iter();
         while let Some(a) = it.next() {
-            if matches!(a.as_str(), "--kernel" | "--initrd" | "--cmdline") {
+            if matches!(a.as_str(), "--kernel" | "--initrd" | "--cmdline" | "--cpus" | "--memory") {
                 it.next();
             } else {
                 args.push(a);
@@ -885,6 +886,38 @@ mod tests {
         assert!(args.windows(2).any(|w| w == ["--cmdline", "console=ttyS0 a=b"]));
         assert!(args.windows(2).any(|w| w == ["--net", "none"]), "the network choice is explicit inside L1");
         assert_eq!(qemu_escape(Path::new("/y,z.img")), "/y,,z.img");
+    }
+
+    #[test]
+    fn snapshot_drives_follow_the_disks_and_a_restore_boots_no_kernel() {
+        let d = tempfile::tempdir().unwrap();
+        let config = VmConfig {
+            kernel: "/k".into(),
+            initrd: Some("/i".into()),
+            cmdline: "console=ttyS0".into(),
+            cpus: 1,
+            memory_mib: 64,
+            disks: vec![kindling_vmm::config::DiskConfig { path: "/x.img".into(), read_only: false }],
+            vsock: None,
+            net: None,
+        };
+        let mut job = L1Job::boot(&config, None, false);
+        let to = d.path().join("to.snap");
+        job.snapshot_to(&to, &config, false).unwrap();
+        job.restore(Path::new("/from.snap"), &config);
+        assert!(job.args.windows(2).any(|w| w == ["--snapshot-to", "/dev/vdb"]), "{:?}", job.args);
+        assert!(job.args.windows(2).any(|w| w == ["--restore", "/dev/vdc"]), "{:?}", job.args);
+        for gone in ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory"] {
+            assert!(!job.args.iter().any(|a| a == gone), "{gone} with --restore: {:?}", job.args);
+        }
+        assert!(!job.ship_kernel);
+        assert_eq!(job.extra_drives, vec![(to.clone(), false), (PathBuf::from("/from.snap"), true)]);
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&to).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(meta.len(), kindling_vmm::snapshot::size_needed(SNAPSHOT_STATE_RESERVE, 64 << 20));
+        discard_unwritten_snapshot(&to);
+        assert!(!to.exists(), "a drive no snapshot was written to is removed");
     }
 
     #[test]
