@@ -712,6 +712,11 @@ impl SnapshotParts<'_> {
         let failed = |e: vcpu::PauseError| SnapshotError::Io { what: "pausing".into(), err: std::io::Error::other(e) };
         vcpu::pause_all(threads).map_err(failed)?;
         let paused = t0.elapsed();
+        // What the guest wrote to its disks before the snapshot is on stable storage
+        // with it (a restore may come after a host crash).
+        for t in &self.virtio.transports {
+            t.lock().unwrap().sync_device();
+        }
         let vcpus = vcpu::save_all(threads, &self.msrs).map_err(failed)?;
         let vm = VmState::save(&self.vm.fd)
             .map_err(|e| SnapshotError::Io { what: "saving the VM's state".into(), err: std::io::Error::other(e) })?;
