@@ -26,6 +26,14 @@
 //! virtio-net-device on a tap, no vhost) for the ratio. It needs a guest kernel with
 //! virtio-net and vsock built in (kindling's own: `kindling images path kernel`) and
 //! root (TAP), which the emulated runner's level-1 VM provides.
+//!
+//! `kindling bench --workload snapshot`: the VMM's snapshot and restore. The guest (the
+//! busybox initramfs) counts on its console; at the third count kindling boot gets
+//! SIGUSR1 and writes its snapshot (`--snapshot-to`), then `kindling boot --restore`
+//! starts from the file. Timed: the snapshot as the VMM reports it (pause to synced
+//! file) and from the signal to the process's exit; the restore from launch to the
+//! first KVM_RUN and to the guest's next console line; the file's size on disk. Under
+//! the emulated runner all of it runs inside the level-1 VM (the file in its tmpfs).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -102,6 +110,7 @@ pub struct BenchArgs {
 pub enum Workload {
     Boot,
     Net,
+    Snapshot,
 }
 
 /// `--compare firecracker=PATH`: the Firecracker binary.
@@ -260,6 +269,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
                 extra_memory_mib: config.memory_mib + 256,
                 network: false,
                 files: args.l1_files()?,
+                extra_drives: Vec::new(),
+                ship_kernel: true,
             };
             Ok(emulated::run_job(&config, &job, &[])?)
         }
@@ -268,6 +279,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
             match args.workload {
                 Workload::Boot => measure_and_report(args)?,
                 Workload::Net => net::measure_and_report(args)?,
+                Workload::Snapshot => snapshot::measure_and_report(args)?,
             }
             Ok(0)
         }
@@ -1018,6 +1030,184 @@ mod net {
             let l = " INFO net: tap kl-1, host 172.30.0.1/24, guest 172.30.0.2; enabled net.ipv4.ip_forward";
             assert_eq!(guest_ip_from_log(l), Some(Ipv4Addr::new(172, 30, 0, 2)));
             assert_eq!(guest_ip_from_log("INFO net: passt (pid 3), guest 10.0.2.15/24"), None);
+        }
+    }
+}
+
+/// The snapshot workload (see the module documentation).
+mod snapshot {
+    use std::io::{BufRead, BufReader, Read};
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    use kindling_vmm::vstate::vcpu::FIRST_ENTRY_LOG;
+
+    use super::{stats, BenchArgs, RUN_TIMEOUT};
+
+    /// The guest's counter, for `kindling.run=` ('+' for spaces).
+    const COUNTER: &str = "i=0;while+true;do+i=$((i-(-1)));echo+KINDLING-COUNT=$i;sleep+0.2;done";
+
+    #[derive(Debug)]
+    struct Sample {
+        /// The VMM's own figure: pause to synced file (ms).
+        snapshot_ms: f64,
+        /// SIGUSR1 to the process's exit (s).
+        signal_to_exit: f64,
+        /// The VMM's own figure: restore call to ready to run (ms).
+        restore_ms: f64,
+        /// Launch of `--restore` to the first KVM_RUN (ms).
+        launch_to_entry_ms: f64,
+        /// Launch of `--restore` to the guest's next console line (s).
+        launch_to_guest: f64,
+        /// The file's blocks on disk (MiB).
+        size_mib: f64,
+    }
+
+    fn spawn(cmd: &mut Command) -> anyhow::Result<(Child, mpsc::Receiver<(Instant, String)>)> {
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let (tx, rx) = mpsc::channel();
+        let streams: [Box<dyn Read + Send>; 2] =
+            [Box::new(child.stdout.take().expect("piped")), Box::new(child.stderr.take().expect("piped"))];
+        for stream in streams {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send((Instant::now(), line)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok((child, rx))
+    }
+
+    /// The next line matching `want`, within the run's timeout.
+    fn wait_for<T>(
+        rx: &mpsc::Receiver<(Instant, String)>,
+        seen: &mut Vec<String>,
+        mut want: impl FnMut(&str) -> Option<T>,
+    ) -> anyhow::Result<(Instant, T)> {
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (at, line) = rx.recv_timeout(left).map_err(|_| {
+                anyhow::anyhow!("no expected line within {RUN_TIMEOUT:?}; last lines:\n{}", super::tail(seen))
+            })?;
+            let got = want(&line);
+            seen.push(line);
+            if let Some(v) = got {
+                return Ok((at, v));
+            }
+        }
+    }
+
+    /// The number of milliseconds after `before` in `line`.
+    fn ms_after(line: &str, before: &str) -> Option<f64> {
+        line.split(before).nth(1)?.split_whitespace().next()?.parse().ok()
+    }
+
+    fn once(exe: &Path, args: &BenchArgs, cmdline: &str, file: &Path) -> anyhow::Result<Sample> {
+        let _ = std::fs::remove_file(file);
+        let mut seen = Vec::new();
+        let mut boot = Command::new(exe);
+        boot.args(["boot", "--runner", "kvm", "--net", "none", "--kernel"]).arg(&args.kernel);
+        boot.arg("--initrd").arg(&args.initrd).args(["--cmdline", cmdline]);
+        boot.args(["--cpus", &args.cpus.to_string(), "--memory", &args.memory.to_string(), "--snapshot-to"]);
+        boot.arg(file);
+        let (mut child, rx) = spawn(&mut boot)?;
+        let _guard = Kill(&mut child);
+        wait_for(&rx, &mut seen, |l| l.contains("KINDLING-COUNT=3").then_some(()))?;
+        let signalled = Instant::now();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(_guard.0.id() as i32), nix::sys::signal::Signal::SIGUSR1)?;
+        let (_, snapshot_ms) = wait_for(&rx, &mut seen, |l| ms_after(l, "of memory, "))?;
+        let status = _guard.0.wait()?;
+        let signal_to_exit = signalled.elapsed().as_secs_f64();
+        anyhow::ensure!(status.success(), "the snapshotted kindling boot exited with {status}");
+        drop(_guard);
+        let size_mib = std::fs::metadata(file)?.blocks() as f64 * 512.0 / f64::from(1 << 20);
+
+        let mut seen = Vec::new();
+        let t0 = Instant::now();
+        let mut restore = Command::new(exe);
+        restore.args(["boot", "--runner", "kvm", "--net", "none", "--restore"]).arg(file);
+        let (mut child, rx) = spawn(&mut restore)?;
+        let _guard = Kill(&mut child);
+        let (_, restore_ms) =
+            wait_for(&rx, &mut seen, |l| ms_after(l, " in ").filter(|_| l.contains("restored from")))?;
+        let (entry, ()) = wait_for(&rx, &mut seen, |l| l.contains(FIRST_ENTRY_LOG).then_some(()))?;
+        let (guest, ()) = wait_for(&rx, &mut seen, |l| l.contains("KINDLING-COUNT=").then_some(()))?;
+        Ok(Sample {
+            snapshot_ms,
+            signal_to_exit,
+            restore_ms,
+            launch_to_entry_ms: (entry - t0).as_secs_f64() * 1e3,
+            launch_to_guest: (guest - t0).as_secs_f64(),
+            size_mib,
+        })
+    }
+
+    /// Kills (and reaps) the child when dropped.
+    struct Kill<'a>(&'a mut Child);
+
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            if self.0.try_wait().ok().flatten().is_none() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+
+    pub fn measure_and_report(args: &BenchArgs) -> anyhow::Result<()> {
+        let exe = match &args.kindling_exe {
+            Some(exe) => exe.clone(),
+            None => std::env::current_exe()?,
+        };
+        let dir = tempfile::Builder::new().prefix("kindling-bench-snap-").tempdir()?;
+        let file = dir.path().join("vm.snap");
+        let cmdline = format!("{} kindling.run={COUNTER}", args.cmdline);
+        let mut samples = Vec::new();
+        for round in 0..=args.runs {
+            match once(&exe, args, &cmdline, &file) {
+                Ok(s) if round > 0 => samples.push(s),
+                Ok(_) => {}
+                Err(e) => eprintln!("kindling bench: snapshot run {round} failed, not counted: {e:#}"),
+            }
+        }
+        anyhow::ensure!(!samples.is_empty(), "no snapshot run succeeded (see the errors above)");
+        println!(
+            "snapshot benchmark: {} runs after 1 warm-up; {} vCPU, {} MiB, initrd {}",
+            samples.len(),
+            args.cpus,
+            args.memory,
+            args.initrd.display()
+        );
+        println!("{:<40} {:>9} {:>9} {:>9}", "", "median", "min", "max");
+        let row = |name: &str, v: Vec<f64>| {
+            let (m, lo, hi) = stats(v);
+            println!("{name:<40} {m:>9.1} {lo:>9.1} {hi:>9.1}");
+        };
+        row("snapshot, pause to synced file (ms)", samples.iter().map(|s| s.snapshot_ms).collect());
+        row("snapshot, SIGUSR1 to exit (s)", samples.iter().map(|s| s.signal_to_exit).collect());
+        row("restore, file to ready to run (ms)", samples.iter().map(|s| s.restore_ms).collect());
+        row("restore, launch to first KVM_RUN (ms)", samples.iter().map(|s| s.launch_to_entry_ms).collect());
+        row("restore, launch to guest output (s)", samples.iter().map(|s| s.launch_to_guest).collect());
+        row("snapshot size on disk (MiB)", samples.iter().map(|s| s.size_mib).collect());
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn the_vmms_figures_are_read_from_its_lines() {
+            let l = " INFO snapshot written to /dev/vda: vCPUs paused in 13.3 ms, 19 KiB of state, 256 MiB of memory, 1299.5 ms in all";
+            assert_eq!(super::ms_after(l, "of memory, "), Some(1299.5));
+            let l = " INFO microVM restored from /dev/vda in 244.5 ms (header and state read in 157.1 ms; memory mapped lazily)";
+            assert_eq!(super::ms_after(l, " in "), Some(244.5));
         }
     }
 }

@@ -123,6 +123,8 @@ const COMMON: &[i64] = &[
     libc::SYS_renameat,
     libc::SYS_renameat2,
     libc::SYS_ftruncate,
+    // A snapshot punches holes for the zero pages it skips.
+    libc::SYS_fallocate,
     libc::SYS_ioctl,
     // The event loop's timers (the i8042's and the console's).
     libc::SYS_timerfd_settime,

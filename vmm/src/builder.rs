@@ -10,9 +10,20 @@
 //! at once ([`ExitReason::Stopped`]). Either way the disks are flushed and the vsock
 //! socket removed on the way out. How long to wait between the two is the caller's
 //! policy.
+//!
+//! Snapshots ([`VmControl::snapshot`]): the event loop pauses every vCPU (see
+//! `vstate::vcpu`), saves vCPU, VM and device state and memory into the one-file
+//! snapshot ([`crate::snapshot`]) from its own thread, so no device runs meanwhile, and
+//! resumes or ends the VM ([`ExitReason::Snapshotted`]). [`MicroVm::restore`] checks the
+//! snapshot's header against this host and the devices it is given before building
+//! anything, maps memory lazily, puts state back in the order interrupts need (VM, then
+//! vCPUs, then devices, which may interrupt), and writes a new VM Generation ID, whose
+//! change the guest learns through the ACPI GED's interrupt.
 
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -25,17 +36,19 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::{acpi, kernel, layout, regs};
 use crate::config::{ConfigError, VmConfig, CMDLINE_MAX};
 use crate::devices::bus::Bus;
-use crate::devices::legacy::acpi_pm::{AcpiPm, ACPI_PM_LEN, ACPI_PM_PORT};
-use crate::devices::legacy::i8042::{CtrlAltDelError, I8042, I8042_KBD_IRQ, I8042_PORT, I8042_PORT_LEN};
-use crate::devices::legacy::serial::{SerialConsole, COM1_PORT, COM_PORT_LEN};
+use crate::devices::legacy::acpi_pm::{AcpiPm, AcpiPmState, ACPI_PM_LEN, ACPI_PM_PORT};
+use crate::devices::legacy::i8042::{CtrlAltDelError, I8042State, I8042, I8042_KBD_IRQ, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::legacy::serial::{SerialConsole, SerialSnapshot, COM1_PORT, COM_PORT_LEN};
 use crate::devices::legacy::IrqTrigger;
 use crate::devices::virtio::block::{Block, DiskError};
-use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::mmio::{MmioTransport, TransportState, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{self, Net, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{ExitReason, ExitSignal};
-use crate::vstate::vcpu::{self, Vcpu, VcpuError};
+use crate::snapshot::{self, CpuIdentity, Header, SnapshotError};
+use crate::vstate::state::{self as kvm_state, VcpuState, VmState};
+use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Why a microVM could not be built or run.
@@ -76,6 +89,9 @@ pub enum BuildError {
     /// A network device came without a backend, or a backend without a device.
     #[error("the config has a network device but no backend was given for it (or a backend without the device)")]
     NetBackendMismatch,
+    /// A snapshot could not be read, did not fit, or could not be restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// Setting up an eventfd, irqfd, bus range, epoll or the like failed.
     #[error("setting up {what}: {err}")]
     Setup {
@@ -114,12 +130,44 @@ pub struct VmControl {
     evt: EventFd,
     shutdown: AtomicBool,
     stop: AtomicBool,
+    snapshot: Mutex<Option<SnapshotRequest>>,
+}
+
+/// What the VM does once its snapshot is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterSnapshot {
+    /// The vCPUs run on.
+    Resume,
+    /// The run ends with [`ExitReason::Snapshotted`].
+    Exit,
+}
+
+/// A snapshot the host asked for.
+#[derive(Clone, Debug)]
+struct SnapshotRequest {
+    path: PathBuf,
+    then: AfterSnapshot,
 }
 
 impl VmControl {
     /// A control with nothing requested.
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self { evt: EventFd::new(EFD_NONBLOCK)?, shutdown: AtomicBool::new(false), stop: AtomicBool::new(false) })
+        Ok(Self {
+            evt: EventFd::new(EFD_NONBLOCK)?,
+            shutdown: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            snapshot: Mutex::new(None),
+        })
+    }
+
+    /// Asks for a snapshot into `path` (a new file, replaced if it exists, or a block
+    /// device at least [`snapshot::size_needed`] long): the event loop pauses the vCPUs,
+    /// writes the snapshot and syncs it, then resumes or ends the VM as `then` says. If
+    /// writing fails the VM runs on and the error is logged. Not async-signal-safe (it
+    /// takes a lock): call it from a thread, as kindling's signal thread does.
+    pub fn snapshot(&self, path: PathBuf, then: AfterSnapshot) {
+        *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(SnapshotRequest { path, then });
+        let _ = self.evt.write(1);
     }
 
     /// Asks the guest to shut down: Ctrl-Alt-Del on its keyboard, typed as soon as the
@@ -159,6 +207,7 @@ pub struct MicroVm {
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialConsole>>,
     i8042: Arc<Mutex<I8042>>,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
     virtio: VirtioDevices,
     vcpus: Vec<Vcpu>,
     pio: Arc<Bus>,
@@ -166,8 +215,137 @@ pub struct MicroVm {
     input: Option<RawFd>,
     /// The seccomp filter each vCPU thread installs before it first enters the guest.
     vcpu_filter: Option<Arc<seccompiler::BpfProgram>>,
+    /// What a snapshot of this VM says about it (format, CPU, devices, size).
+    identity: Header,
+    /// The guest's MAC address (a restore keeps it: the guest's driver read it once).
+    net_mac: Option<[u8; 6]>,
+    /// The GED's irqfd, registered for the VM's life.
+    _ged_irq: EventFd,
     /// When [`Self::build`] began; the logs time boot steps from it.
     pub started: Instant,
+}
+
+/// A paused machine's state, as a snapshot holds it (JSON, after the header).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MachineState {
+    vcpus: Vec<VcpuState>,
+    vm: VmState,
+    serial: SerialSnapshot,
+    i8042: I8042State,
+    acpi_pm: AcpiPmState,
+    /// The virtio-mmio transports, in slot order. The devices behind them keep no
+    /// state of their own that survives a restore: block requests complete within a
+    /// queue notification, a network frame in flight is dropped (as a network may),
+    /// and vsock connections are reset.
+    virtio: Vec<TransportState>,
+    net_mac: Option<[u8; 6]>,
+}
+
+/// Everything but the vCPUs and the kernel: buses, legacy devices, virtio devices.
+struct Machine {
+    exit: Arc<ExitSignal>,
+    /// The Generic Event Device's interrupt: a new VM Generation ID.
+    ged_irq: EventFd,
+    serial: Arc<Mutex<SerialConsole>>,
+    i8042: Arc<Mutex<I8042>>,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
+    virtio: VirtioDevices,
+    pio: Bus,
+    mmio: Bus,
+    /// The kernel command line entries of the virtio devices, in slot order.
+    cmdline_args: Vec<String>,
+}
+
+/// Builds the devices of `config` on `vm` and `mem`; the serial port starts from
+/// `serial` when restoring.
+fn assemble(
+    config: &VmConfig,
+    vm: &Vm,
+    mem: &Arc<vm_memory::GuestMemoryMmap>,
+    output: Box<dyn Write + Send>,
+    serial_state: Option<&SerialSnapshot>,
+    net: Option<(Box<dyn net::Backend>, [u8; 6])>,
+) -> Result<Machine, BuildError> {
+    let exit = Arc::new(ExitSignal::new().map_err(setup("exit eventfd"))?);
+    let mut pio = Bus::default();
+    let mut mmio = Bus::default();
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(setup("serial irq"))?;
+    vm.fd.register_irqfd(&serial_irq, layout::SERIAL_IRQ).map_err(setup("serial irqfd"))?;
+    let serial = match serial_state {
+        None => SerialConsole::new(IrqTrigger(serial_irq), output),
+        Some(state) => SerialConsole::restore(state, IrqTrigger(serial_irq), output)
+            .map_err(|e| SnapshotError::Corrupt(format!("its serial port state: {e}")))?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    pio.insert(serial.clone(), COM1_PORT, COM_PORT_LEN).map_err(setup("serial port"))?;
+    let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(setup("i8042 irq"))?;
+    vm.fd.register_irqfd(&kbd_irq, I8042_KBD_IRQ).map_err(setup("i8042 irqfd"))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), kbd_irq)));
+    pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN).map_err(setup("i8042 port"))?;
+    let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(setup("GED irq"))?;
+    vm.fd.register_irqfd(&ged_irq, layout::GED_IRQ).map_err(setup("GED irqfd"))?;
+    let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(exit.clone())));
+    pio.insert(acpi_pm.clone(), ACPI_PM_PORT, ACPI_PM_LEN).map_err(setup("ACPI PM ports"))?;
+
+    // Slots in the order config.full_cmdline_len() counts them: disks, vsock, net.
+    let mut virtio = VirtioDevices::default();
+    let mut cmdline_args = Vec::new();
+    for disk in &config.disks {
+        let block = Block::open(&disk.path, disk.read_only)?;
+        cmdline_args.push(virtio.attach(vm, mem, &mut mmio, Box::new(block))?);
+    }
+    if let Some(vsock) = &config.vsock {
+        let device = Vsock::new(u64::from(vsock.guest_cid), &vsock.uds_path)?;
+        cmdline_args.push(virtio.attach(vm, mem, &mut mmio, Box::new(device))?);
+    }
+    if let Some((backend, mac)) = net {
+        tracing::info!("net: {}", backend.describe());
+        let device = Net::new(backend, mac)?;
+        cmdline_args.push(virtio.attach(vm, mem, &mut mmio, Box::new(device))?);
+    }
+    Ok(Machine { exit, ged_irq, serial, i8042, acpi_pm, virtio, pio, mmio, cmdline_args })
+}
+
+/// Writes a new random VM Generation ID where the guest's ACPI tables say it is.
+fn new_generation_id(mem: &vm_memory::GuestMemoryMmap) -> Result<(), BuildError> {
+    use vm_memory::Bytes;
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom writes at most `id.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        return Err(setup("VM generation ID")(std::io::Error::last_os_error()));
+    }
+    mem.write_slice(&id, vm_memory::GuestAddress(layout::VMGENID_ADDR)).map_err(setup("VM generation ID"))
+}
+
+/// The CPU vCPU 0 of `cpus` is presented as: what a snapshot must have been taken on.
+fn cpu_identity(vm: &Vm, cpus: u8) -> Result<CpuIdentity, BuildError> {
+    let cpuid = vcpu::guest_cpuid(vm, 0, cpus)?;
+    Ok(CpuIdentity::of(cpuid.as_slice()))
+}
+
+/// The devices of `config` as a snapshot's header names them: kind, and what the
+/// guest learned of each when it probed it (a disk's size and mode, the vsock CID).
+pub fn device_identities(config: &VmConfig) -> Result<Vec<String>, BuildError> {
+    let mut ids = Vec::new();
+    for d in &config.disks {
+        let size = disk_size(&d.path)?;
+        ids.push(format!("virtio-blk {} {size} bytes", if d.read_only { "ro" } else { "rw" }));
+    }
+    if let Some(v) = &config.vsock {
+        ids.push(format!("vsock cid {}", v.guest_cid));
+    }
+    if config.net.is_some() {
+        ids.push("virtio-net".into());
+    }
+    Ok(ids)
+}
+
+fn disk_size(path: &Path) -> Result<u64, BuildError> {
+    use std::io::{Seek, SeekFrom};
+    let open = |err| DiskError::Open { path: path.display().to_string(), err };
+    let mut f = File::open(path).map_err(open)?;
+    Ok(f.seek(SeekFrom::End(0)).map_err(open)?)
 }
 
 impl MicroVm {
@@ -182,44 +360,28 @@ impl MicroVm {
         // validate() bounds the count well below 256.
         let cpus = u8::try_from(config.cpus).map_err(|_| ConfigError::TooManyCpus(config.cpus))?;
         let vm = Vm::new()?;
+        let identity = Header {
+            format: snapshot::FORMAT,
+            vmm_version: snapshot::vmm_version(),
+            cpu: cpu_identity(&vm, cpus)?,
+            devices: device_identities(config)?,
+            memory_mib: config.memory_mib,
+            vcpus: config.cpus,
+            state_offset: 0,
+            state_len: 0,
+            memory_offset: 0,
+        };
         let mem = vm.create_memory(config.memory_mib)?;
         vm.setup_irqchip()?;
-        let exit = Arc::new(ExitSignal::new().map_err(setup("exit eventfd"))?);
+        let net_mac = config.net.as_ref().map(|n| n.mac);
+        let net = net_backend.zip(net_mac);
+        let machine = assemble(config, &vm, &mem, console.output, None, net)?;
 
-        let mut pio = Bus::default();
-        let mut mmio = Bus::default();
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(setup("serial irq"))?;
-        vm.fd.register_irqfd(&serial_irq, layout::SERIAL_IRQ).map_err(setup("serial irqfd"))?;
-        let serial = Arc::new(Mutex::new(SerialConsole::new(IrqTrigger(serial_irq), console.output)));
-        pio.insert(serial.clone(), COM1_PORT, COM_PORT_LEN).map_err(setup("serial port"))?;
-        let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(setup("i8042 irq"))?;
-        vm.fd.register_irqfd(&kbd_irq, I8042_KBD_IRQ).map_err(setup("i8042 irqfd"))?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), kbd_irq)));
-        pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN).map_err(setup("i8042 port"))?;
-        pio.insert(Arc::new(Mutex::new(AcpiPm::new(exit.clone()))), ACPI_PM_PORT, ACPI_PM_LEN)
-            .map_err(setup("ACPI PM ports"))?;
-
-        // validate() already checked the length including the device entries below.
+        // validate() already checked the length including the device entries.
         let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(setup("command line"))?;
         let too_long = || ConfigError::CmdlineTooLong { len: config.full_cmdline_len() };
         cmdline.insert_str(&config.cmdline).map_err(|_| too_long())?;
-
-        // Slots in the order config.full_cmdline_len() counts them: disks, vsock, net.
-        let mut virtio = VirtioDevices::default();
-        for disk in &config.disks {
-            let block = Block::open(&disk.path, disk.read_only)?;
-            let arg = virtio.attach(&vm, &mem, &mut mmio, Box::new(block))?;
-            cmdline.insert_str(arg).map_err(|_| too_long())?;
-        }
-        if let Some(vsock) = &config.vsock {
-            let device = Vsock::new(u64::from(vsock.guest_cid), &vsock.uds_path)?;
-            let arg = virtio.attach(&vm, &mem, &mut mmio, Box::new(device))?;
-            cmdline.insert_str(arg).map_err(|_| too_long())?;
-        }
-        if let (Some(net_config), Some(backend)) = (&config.net, net_backend) {
-            tracing::info!("net: {}", backend.describe());
-            let device = Net::new(backend, net_config.mac)?;
-            let arg = virtio.attach(&vm, &mem, &mut mmio, Box::new(device))?;
+        for arg in &machine.cmdline_args {
             cmdline.insert_str(arg).map_err(|_| too_long())?;
         }
         tracing::debug!(
@@ -228,22 +390,130 @@ impl MicroVm {
         );
 
         let rsdp = acpi::write_tables(&mem, cpus)?;
+        new_generation_id(&mem)?;
         regs::write_boot_tables(&mem)?;
         let boot = kernel::load(&mem, format, &config.kernel, config.initrd.as_deref(), &cmdline, rsdp)?;
         let vcpus =
             (0..cpus).map(|i| Vcpu::new(&vm, i, cpus, (i == 0).then_some(boot))).collect::<Result<Vec<_>, _>>()?;
         tracing::debug!("microVM built in {:?}", started.elapsed());
+        let Machine { exit, ged_irq, serial, i8042, acpi_pm, virtio, pio, mmio, .. } = machine;
         Ok(Self {
             vm,
             mem,
             exit,
             serial,
             i8042,
+            acpi_pm,
             virtio,
             vcpus,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             input: console.input,
+            identity,
+            net_mac,
+            _ged_irq: ged_irq,
+            vcpu_filter: None,
+            started,
+        })
+    }
+
+    /// Restores the VM a snapshot file (or block device) at `path` holds, with the
+    /// devices of `config` (its disks, vsock and network, which must be those the
+    /// snapshot was taken with; its kernel, initrd and command line are not used) and
+    /// the host's resources. The snapshot is refused, with what does not fit and what
+    /// to do, before anything is built: another format or kindling version, another
+    /// CPU, other devices, another size. Memory is mapped privately and lazily from the
+    /// file, so the file must stay in place while the VM runs. Every vsock connection
+    /// is reset (the guest gets a transport reset event); the network device gets the
+    /// new backend and keeps the guest's MAC address.
+    pub fn restore(path: &Path, config: &VmConfig, host: HostResources) -> Result<Self, BuildError> {
+        let started = Instant::now();
+        let mut file =
+            File::open(path).map_err(|err| SnapshotError::Io { what: format!("opening {}", path.display()), err })?;
+        let (header, state) = snapshot::read(&mut file)?;
+        let HostResources { console, net: net_backend } = host;
+        if config.net.is_some() != net_backend.is_some() {
+            return Err(BuildError::NetBackendMismatch);
+        }
+        if header.memory_mib != config.memory_mib || header.vcpus != config.cpus {
+            return Err(SnapshotError::Mismatch(format!(
+                "it has {} MiB and {} vCPUs, this VM {} MiB and {} vCPUs",
+                header.memory_mib, header.vcpus, config.memory_mib, config.cpus
+            ))
+            .into());
+        }
+        crate::config::check_size(config.cpus, config.memory_mib)?;
+        let cpus = u8::try_from(config.cpus).map_err(|_| ConfigError::TooManyCpus(config.cpus))?;
+        let vm = Vm::new()?;
+        header.check(&cpu_identity(&vm, cpus)?, &device_identities(config)?)?;
+        let state: MachineState =
+            serde_json::from_slice(&state).map_err(|e| SnapshotError::Corrupt(format!("its machine state: {e}")))?;
+        if state.vcpus.len() != usize::from(cpus) || state.virtio.len() != header.devices.len() {
+            return Err(SnapshotError::Corrupt(format!(
+                "its state has {} vCPUs and {} devices, its header {} and {}",
+                state.vcpus.len(),
+                state.virtio.len(),
+                header.vcpus,
+                header.devices.len()
+            ))
+            .into());
+        }
+        let t_read = started.elapsed();
+
+        let mem = snapshot::map_memory(&file, &header)?;
+        vm.register_memory(&mem)?;
+        vm.setup_irqchip()?;
+        let mac = state.net_mac.or(config.net.as_ref().map(|n| n.mac));
+        let net = match (net_backend, mac) {
+            (Some(b), Some(m)) => Some((b, m)),
+            _ => None,
+        };
+        let machine = assemble(config, &vm, &mem, console.output, Some(&state.serial), net)?;
+        let restoring = |what: &str| {
+            let what = what.to_string();
+            move |e: kvm_state::StateError| SnapshotError::Corrupt(format!("restoring {what}: {e}"))
+        };
+        // The interrupt controllers first, then the vCPUs' LAPICs, then the devices,
+        // which may raise interrupts as they come back.
+        state.vm.restore(&vm.fd).map_err(restoring("the VM's interrupt controllers and clock"))?;
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (i, s) in state.vcpus.iter().enumerate() {
+            let v = Vcpu::new(&vm, i as u8, cpus, None)?;
+            v.restore(s).map_err(restoring(&format!("vCPU {i}")))?;
+            vcpus.push(v);
+        }
+        machine.i8042.lock().unwrap().restore(&state.i8042).map_err(SnapshotError::Corrupt)?;
+        machine.acpi_pm.lock().unwrap().restore(&state.acpi_pm);
+        for (i, (t, s)) in machine.virtio.transports.iter().zip(&state.virtio).enumerate() {
+            t.lock().unwrap().restore(s).map_err(|e| SnapshotError::Corrupt(format!("device {i}: {e}")))?;
+        }
+        // A new generation: the guest's vmgenid driver sees the ID change at the GED's
+        // interrupt, and reseeds its random number generator.
+        new_generation_id(&mem)?;
+        machine.ged_irq.write(1).map_err(setup("GED interrupt"))?;
+        tracing::info!(
+            "microVM restored from {} in {:.1} ms (header and state read in {:.1} ms; memory mapped lazily)",
+            path.display(),
+            started.elapsed().as_secs_f64() * 1e3,
+            t_read.as_secs_f64() * 1e3
+        );
+        let identity = Header { state_offset: 0, state_len: 0, memory_offset: 0, ..header };
+        let Machine { exit, ged_irq, serial, i8042, acpi_pm, virtio, pio, mmio, .. } = machine;
+        Ok(Self {
+            vm,
+            mem,
+            exit,
+            serial,
+            i8042,
+            acpi_pm,
+            virtio,
+            vcpus,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            input: console.input,
+            identity,
+            net_mac: mac,
+            _ged_irq: ged_irq,
             vcpu_filter: None,
             started,
         })
@@ -263,9 +533,27 @@ impl MicroVm {
     }
 
     /// Runs the guest until it powers off, resets or fails, or until `control` stops
-    /// it; a shutdown request on `control` asks the guest to shut down.
+    /// it; a shutdown request on `control` asks the guest to shut down, a snapshot
+    /// request pauses it and writes a snapshot.
     pub fn run_with_control(self, control: &VmControl) -> Result<ExitReason, BuildError> {
-        let MicroVm { vm, mem, exit, serial, i8042, virtio, vcpus, pio, mmio, input, vcpu_filter, started } = self;
+        let MicroVm {
+            vm,
+            mem,
+            exit,
+            serial,
+            i8042,
+            acpi_pm,
+            virtio,
+            vcpus,
+            pio,
+            mmio,
+            input,
+            identity,
+            net_mac,
+            _ged_irq,
+            vcpu_filter,
+            started,
+        } = self;
         let epoll = Epoll::new().map_err(setup("epoll"))?;
         let add = |fd: RawFd, token: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token));
         add(exit.evt.as_raw_fd(), TOKEN_EXIT).map_err(setup("epoll"))?;
@@ -290,6 +578,18 @@ impl MicroVm {
             threads.push(v.spawn(pio.clone(), mmio.clone(), exit.clone(), stop.clone(), vcpu_filter.clone())?);
         }
         tracing::debug!("vCPUs running {:?} after start", started.elapsed());
+        let parts = SnapshotParts {
+            vm: &vm,
+            mem: &mem,
+            serial: &serial,
+            i8042: &i8042,
+            acpi_pm: &acpi_pm,
+            virtio: &virtio,
+            identity: &identity,
+            net_mac,
+            msrs: Arc::new(Vec::new()),
+        };
+        let mut msrs: Option<Arc<Vec<u32>>> = None;
 
         let mut events = vec![EpollEvent::default(); 32];
         let mut saw_escape = false;
@@ -317,6 +617,30 @@ impl MicroVm {
                     TOKEN_CONTROL => {
                         if shutdown.on_control(control, &mut i8042.lock().unwrap(), &exit, started) {
                             break 'event_loop;
+                        }
+                        let request = control.snapshot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        if let Some(request) = request {
+                            let list = match &msrs {
+                                Some(l) => l.clone(),
+                                None => {
+                                    let l = Arc::new(kvm_state::saveable_msrs(&vm.kvm).unwrap_or_default());
+                                    msrs = Some(l.clone());
+                                    l
+                                }
+                            };
+                            let parts = SnapshotParts { msrs: list, ..parts.clone() };
+                            match parts.take(&threads, &request.path) {
+                                Ok(()) if request.then == AfterSnapshot::Exit => {
+                                    exit.request(ExitReason::Snapshotted);
+                                    break 'event_loop;
+                                }
+                                Ok(()) => tracing::info!("snapshot taken; the VM runs on"),
+                                Err(e) => tracing::error!(
+                                    "snapshot to {} failed: {e}; the VM runs on",
+                                    request.path.display()
+                                ),
+                            }
+                            vcpu::resume_all(&threads);
                         }
                     }
                     TOKEN_INPUT => {
@@ -375,6 +699,91 @@ impl MicroVm {
         drop(mem);
         Ok(reason)
     }
+}
+
+/// What a snapshot reads, borrowed from the running VM's parts.
+#[derive(Clone)]
+struct SnapshotParts<'a> {
+    vm: &'a Vm,
+    mem: &'a Arc<vm_memory::GuestMemoryMmap>,
+    serial: &'a Arc<Mutex<SerialConsole>>,
+    i8042: &'a Arc<Mutex<I8042>>,
+    acpi_pm: &'a Arc<Mutex<AcpiPm>>,
+    virtio: &'a VirtioDevices,
+    identity: &'a Header,
+    net_mac: Option<[u8; 6]>,
+    msrs: Arc<Vec<u32>>,
+}
+
+impl SnapshotParts<'_> {
+    /// Pauses the vCPUs (the caller resumes them), saves the machine's state and
+    /// memory into `path`, syncs it. The devices are quiescent meanwhile: only this
+    /// thread, the event loop, runs them.
+    fn take(&self, threads: &[VcpuHandle], path: &Path) -> Result<(), SnapshotError> {
+        let t0 = Instant::now();
+        let failed = |e: vcpu::PauseError| SnapshotError::Io { what: "pausing".into(), err: std::io::Error::other(e) };
+        vcpu::pause_all(threads).map_err(failed)?;
+        let paused = t0.elapsed();
+        // What the guest wrote to its disks before the snapshot is on stable storage
+        // with it (a restore may come after a host crash).
+        for t in &self.virtio.transports {
+            t.lock().unwrap().sync_device();
+        }
+        let vcpus = vcpu::save_all(threads, &self.msrs).map_err(failed)?;
+        let vm = VmState::save(&self.vm.fd)
+            .map_err(|e| SnapshotError::Io { what: "saving the VM's state".into(), err: std::io::Error::other(e) })?;
+        let state = MachineState {
+            vcpus,
+            vm,
+            serial: self.serial.lock().unwrap().state(),
+            i8042: self.i8042.lock().unwrap().state(),
+            acpi_pm: self.acpi_pm.lock().unwrap().state(),
+            virtio: self.virtio.transports.iter().map(|t| t.lock().unwrap().state()).collect(),
+            net_mac: self.net_mac,
+        };
+        let json = serde_json::to_vec(&state).map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
+        let file = open_for_snapshot(path, snapshot::size_needed(json.len() as u64, self.identity.memory_mib << 20))?;
+        let header = snapshot::write(&file, self.identity.clone(), &json, self.mem)?;
+        tracing::info!(
+            "snapshot written to {}: vCPUs paused in {:.1} ms, {} KiB of state, {} MiB of memory, {:.1} ms in all",
+            path.display(),
+            paused.as_secs_f64() * 1e3,
+            header.state_len / 1024,
+            header.memory_mib,
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(())
+    }
+}
+
+/// Opens `path` to write a snapshot of `needed` bytes: a block device as it is (if it
+/// is large enough), anything else created (mode 0600) or truncated.
+fn open_for_snapshot(path: &Path, needed: u64) -> Result<File, SnapshotError> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileTypeExt;
+    let io = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |err| SnapshotError::Io { what, err }
+    };
+    if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
+        let mut f = std::fs::OpenOptions::new().write(true).open(path).map_err(io("opening"))?;
+        let size = f.seek(SeekFrom::End(0)).map_err(io("sizing"))?;
+        if size < needed {
+            return Err(SnapshotError::Io {
+                what: format!("writing {}", path.display()),
+                err: std::io::Error::other(format!("the device has {size} bytes, the snapshot needs {needed}")),
+            });
+        }
+        return Ok(f);
+    }
+    // The file holds all of the guest's memory (its keys among it): the owner's alone.
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::PermissionsExt;
+    let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path);
+    let f = f.map_err(io("creating"))?;
+    // An existing file keeps its mode on open.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io("restricting"))?;
+    Ok(f)
 }
 
 /// A shutdown request on its way to the guest's keyboard.

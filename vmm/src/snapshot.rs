@@ -78,6 +78,30 @@ pub struct CpuIdentity {
     pub features: String,
 }
 
+impl CpuIdentity {
+    /// The identity of a vCPU with CPUID `entries` (as the VMM set them).
+    pub fn of(entries: &[kvm_bindings::kvm_cpuid_entry2]) -> Self {
+        let leaf = |f: u32| entries.iter().find(|e| e.function == f && e.index == 0);
+        let vendor = leaf(0)
+            .map(|e| {
+                let b: Vec<u8> = [e.ebx, e.edx, e.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+                String::from_utf8_lossy(&b).into_owned()
+            })
+            .unwrap_or_default();
+        let signature = leaf(1).map_or(0, |e| e.eax);
+        // FNV-1a over every entry: stable across builds and Rust versions.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for e in entries {
+            for w in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+                for b in w.to_le_bytes() {
+                    h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+                }
+            }
+        }
+        Self { vendor, signature, features: format!("{h:016x}") }
+    }
+}
+
 impl std::fmt::Display for CpuIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -122,6 +146,19 @@ impl Header {
     /// Refuses a snapshot this VMM cannot restore on this host with `cpu` and
     /// `devices`: another format or VMM version, another CPU, other devices.
     pub fn check(&self, cpu: &CpuIdentity, devices: &[String]) -> Result<(), SnapshotError> {
+        self.check_devices(devices)?;
+        if &self.cpu != cpu {
+            return Err(SnapshotError::Mismatch(format!(
+                "it was taken on a CPU presented as {}, this one is {cpu}",
+                self.cpu
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`Self::check`] without the CPU: what can be checked where the VM will not run
+    /// (the emulated runner's host, before it starts the level-1 VM).
+    pub fn check_devices(&self, devices: &[String]) -> Result<(), SnapshotError> {
         if self.format != FORMAT {
             return Err(SnapshotError::Mismatch(format!(
                 "it has format {}, this kindling reads format {FORMAT}",
@@ -133,12 +170,6 @@ impl Header {
                 "it was taken by kindling {}, this is kindling {}",
                 self.vmm_version,
                 vmm_version()
-            )));
-        }
-        if &self.cpu != cpu {
-            return Err(SnapshotError::Mismatch(format!(
-                "it was taken on a CPU presented as {}, this one is {cpu}",
-                self.cpu
             )));
         }
         if self.devices != devices {
@@ -174,6 +205,7 @@ pub fn write(file: &File, mut header: Header, state: &[u8], mem: &GuestMemoryMma
     first.resize(STATE_OFFSET as usize, 0);
     file.write_all_at(&first, 0).map_err(io("writing the header"))?;
     file.write_all_at(state, STATE_OFFSET).map_err(io("writing the machine state"))?;
+    let is_file = file.metadata().map_err(io("reading its type"))?.is_file();
     let mut offset = header.memory_offset;
     for region in mem.iter() {
         let len = region.len() as usize;
@@ -192,19 +224,50 @@ pub fn write(file: &File, mut header: Header, state: &[u8], mem: &GuestMemoryMma
                 file.write_all_at(&bytes[start..page.min(len)], offset + start as u64)
                     .map_err(io("writing guest memory"))?;
             }
+            let zeros = page;
             while page < len && is_zero(&bytes[page..page + PAGE.min(len - page)]) {
                 page += PAGE;
+            }
+            // A block device may hold an older snapshot: zero what this one skips.
+            if page > zeros && !is_file {
+                zero_out(file, offset + zeros as u64, (page.min(len) - zeros) as u64)?;
             }
         }
         offset += len as u64;
     }
     // Trailing zero pages were not written: a file still needs its full length (a block
     // device has it already).
-    if file.metadata().map_err(io("reading its type"))?.is_file() {
+    if is_file {
         file.set_len(offset).map_err(io("setting its length"))?;
     }
     file.sync_all().map_err(io("syncing"))?;
     Ok(header)
+}
+
+/// Zeroes `len` bytes of the block device `file` at `offset`: a hole punched (the
+/// device may unmap the range; the emulated runner's QEMU drive then punches a hole in
+/// its file), or, where the device cannot, zeroes written (BLKZEROOUT).
+fn zero_out(file: &File, offset: u64, len: u64) -> Result<(), SnapshotError> {
+    use std::os::unix::io::AsRawFd;
+    let failed = |err| SnapshotError::Io { what: "zeroing skipped pages".into(), err };
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(failed(std::io::Error::other("range out of bounds")));
+    };
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    let r =
+        unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, n) };
+    if r == 0 {
+        return Ok(());
+    }
+    const BLKZEROOUT: libc::c_ulong = 0x127f;
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: BLKZEROOUT reads two u64s (start, length) from the pointer, which points
+    // to `range`, alive for the call.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKZEROOUT as _, range.as_ptr()) };
+    if r != 0 {
+        return Err(failed(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// The bytes a snapshot of `mem_bytes` of memory with a state of `state_len` bytes
@@ -368,6 +431,49 @@ mod tests {
             std::fs::write(&p, bytes).unwrap();
             let e = read(&mut File::open(&p).unwrap()).unwrap_err().to_string();
             assert!(e.contains("not a usable kindling snapshot"), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn hostile_headers_are_refused_without_panic_or_huge_allocations() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hostile");
+        let put = |h: &Header| {
+            let json = serde_json::to_vec(h).unwrap();
+            let mut b = MAGIC.to_vec();
+            b.extend_from_slice(&(json.len() as u32).to_le_bytes());
+            b.extend_from_slice(&json);
+            b.resize(8192, 0);
+            std::fs::write(&p, b).unwrap();
+        };
+        let base = Header { state_offset: STATE_OFFSET, state_len: 10, memory_offset: MEMORY_ALIGN, ..header() };
+        for (what, h) in [
+            ("state_len", Header { state_len: u64::MAX, ..base.clone() }),
+            ("state_offset", Header { state_offset: u64::MAX, ..base.clone() }),
+            ("memory_offset", Header { memory_offset: 0, ..base.clone() }),
+            ("memory_mib", Header { memory_mib: u64::MAX, ..base.clone() }),
+            ("no memory", Header { memory_mib: 0, ..base.clone() }),
+        ] {
+            put(&h);
+            let e = read(&mut File::open(&p).unwrap()).unwrap_err().to_string();
+            assert!(e.contains("out of range"), "{what}: {e}");
+        }
+        // In range but the file ends early: the state and the memory are missing.
+        put(&Header { state_len: 1 << 20, ..base.clone() });
+        assert!(read(&mut File::open(&p).unwrap()).unwrap_err().to_string().contains("ends inside"));
+        put(&base);
+        let mut f = File::open(&p).unwrap();
+        let (h, _) = read(&mut f).unwrap();
+        assert!(map_memory(&f, &h).unwrap_err().to_string().contains("shorter than its 8 MiB"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_bytes_after_the_magic_never_panic(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..6000)) {
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("random");
+            std::fs::write(&p, [MAGIC.as_slice(), &tail].concat()).unwrap();
+            let _ = read(&mut File::open(&p).unwrap());
         }
     }
 }

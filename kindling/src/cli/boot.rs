@@ -11,9 +11,17 @@
 //! before the VM runs is acted on when it does. Inside the emulated runner's level-1 VM
 //! this is the code that runs (there kindling is PID 1, which is why the signals must be
 //! blocked rather than left to a default action that init never gets).
+//!
+//! Snapshots, as Firecracker users know them, without an API socket: with
+//! `--snapshot-to FILE`, SIGUSR1 pauses the VM, writes its snapshot to FILE (one file:
+//! state and sparse memory, synced) and ends the VM (`--snapshot-then resume` keeps it
+//! running). `--restore FILE` starts the VM from such a file instead of a kernel; the
+//! host resources (disks, --vsock, --net) are given again and must match what the
+//! snapshot was taken with. Under the emulated runner the file is a virtio disk of the
+//! level-1 VM, so the snapshot is written to (and restored from) this host's file.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +29,7 @@ use clap::Args;
 use kindling_proto::cmdline::NetParams;
 use kindling_proto::exit;
 use kindling_proto::forward::Forward;
-use kindling_vmm::builder::{Console, HostResources, MicroVm, VmControl};
+use kindling_vmm::builder::{AfterSnapshot, Console, HostResources, MicroVm, VmControl};
 use kindling_vmm::config::{DiskConfig, NetConfig, VmConfig, VsockConfig};
 use kindling_vmm::devices::virtio::net::Backend;
 use kindling_vmm::devices::ExitReason;
@@ -34,22 +42,22 @@ use crate::runner::{self, emulated, l1watch, Runner, RunnerKind};
 
 #[derive(Debug, Clone, Args)]
 pub struct BootArgs {
-    /// Guest kernel: a bzImage (vmlinuz) or an ELF vmlinux.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    /// Guest kernel: a bzImage (vmlinuz) or an ELF vmlinux (not with --restore).
+    #[arg(long, value_name = "PATH", required_unless_present = "restore", conflicts_with = "restore")]
+    pub kernel: Option<PathBuf>,
     /// initramfs archive handed to the kernel.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "restore")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line; kindling appends its virtio-mmio device entries.
     /// Default: "console=ttyS0 panic=1", plus "root=/dev/vda rw" when a disk is given.
-    #[arg(long, value_name = "STR")]
+    #[arg(long, value_name = "STR", conflicts_with = "restore")]
     pub cmdline: Option<String>,
     /// Number of vCPUs (the emulated runner gives the guest 1; KINDLING_EMULATED_SMP=1
     /// keeps N).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, conflicts_with = "restore")]
     pub cpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    /// Guest memory in MiB (with --restore: the snapshot's).
+    #[arg(long, value_name = "MIB", default_value_t = 512, conflicts_with = "restore")]
     pub memory: u64,
     /// A raw disk image as a virtio-blk device, in order /dev/vda, /dev/vdb, ...;
     /// append ",ro" for read-only.
@@ -92,6 +100,40 @@ pub struct BootArgs {
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS,
           value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_TIMEOUT_SECS))]
     pub shutdown_timeout: u64,
+    /// On SIGUSR1, pause the VM and write a snapshot of it to FILE (replaced if it
+    /// exists), then end the VM (exit status 0) or, with `--snapshot-then resume`, let it
+    /// run on. Under the emulated runner FILE is made at its full (sparse) size when the
+    /// VM starts, and removed again if no snapshot was written.
+    #[arg(long, value_name = "FILE")]
+    pub snapshot_to: Option<PathBuf>,
+    /// What the VM does after a snapshot: exit or resume.
+    #[arg(long, value_enum, value_name = "exit|resume", default_value_t = SnapshotThen::Exit, requires = "snapshot_to")]
+    pub snapshot_then: SnapshotThen,
+    /// Start the VM from a snapshot FILE (from --snapshot-to) instead of booting a kernel:
+    /// its memory size and vCPUs come from the snapshot; --disk, --vsock and --net must
+    /// be the devices it was taken with (disks of the same sizes and modes, in order).
+    /// FILE must stay in place while the VM runs: memory is read from it as the guest
+    /// touches it.
+    #[arg(long, value_name = "FILE")]
+    pub restore: Option<PathBuf>,
+}
+
+/// `--snapshot-then`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SnapshotThen {
+    /// The VM ends once its snapshot is written.
+    Exit,
+    /// The VM runs on.
+    Resume,
+}
+
+impl From<SnapshotThen> for AfterSnapshot {
+    fn from(t: SnapshotThen) -> Self {
+        match t {
+            SnapshotThen::Exit => AfterSnapshot::Exit,
+            SnapshotThen::Resume => AfterSnapshot::Resume,
+        }
+    }
 }
 
 /// How long an orderly stop waits for the guest by default.
@@ -104,8 +146,8 @@ impl BootArgs {
     /// [`run`] adds once the runner and the backend are chosen.
     pub fn to_config(&self) -> anyhow::Result<VmConfig> {
         let disks = self.disks.iter().map(|d| DiskConfig::parse(d)).collect::<Result<Vec<_>, _>>()?;
-        let config = VmConfig {
-            kernel: self.kernel.clone(),
+        let mut config = VmConfig {
+            kernel: self.kernel.clone().unwrap_or_default(),
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone().unwrap_or_else(|| VmConfig::default_cmdline(!self.disks.is_empty())),
             cpus: self.cpus,
@@ -114,9 +156,25 @@ impl BootArgs {
             vsock: self.vsock.clone().map(VsockConfig::new),
             net: None,
         };
+        if let Some(path) = &self.restore {
+            // The snapshot says how large the VM is; its kernel is in its memory.
+            let header = snapshot_header(path)?;
+            config.memory_mib = header.memory_mib;
+            config.cpus = header.vcpus;
+            kindling_vmm::config::check_size(config.cpus, config.memory_mib)?;
+            return Ok(config);
+        }
         config.validate()?;
         Ok(config)
     }
+}
+
+/// The header of the snapshot at `path`, or why it is not a usable snapshot.
+pub fn snapshot_header(path: &Path) -> anyhow::Result<kindling_vmm::snapshot::Header> {
+    let mut f = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("--restore {}: {e}", path.display()))?;
+    let (header, _) =
+        kindling_vmm::snapshot::read(&mut f).map_err(|e| anyhow::anyhow!("--restore {}: {e}", path.display()))?;
+    Ok(header)
 }
 
 /// `config` with a network device, its command line carrying the guest's addresses
@@ -132,7 +190,10 @@ pub fn with_network(config: &VmConfig, guest: Option<&NetParams>) -> VmConfig {
 pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
     // First, before any thread exists (the console log's is the first): one thread
     // takes the stop signals, and every later thread inherits the mask.
-    let signals = stop_signals(std::io::stdin().is_terminal());
+    let mut signals = stop_signals(std::io::stdin().is_terminal());
+    if args.snapshot_to.is_some() {
+        signals.add(Signal::SIGUSR1);
+    }
     signals.thread_block()?;
     if let Some(path) = &args.console_log {
         crate::logfile::capture_output(path, args.console_log_max << 20)
@@ -148,20 +209,33 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
     let (net, net_why) = hostnet::choose(args.net, runner == Runner::Emulated)?;
     // Checked again with the network: its device and the guest's addresses lengthen
     // the command line.
-    if net.is_some() {
+    if net.is_some() && args.restore.is_none() {
         with_network(&config, None).validate()?;
+    }
+    // A snapshot with other devices is refused here, before a level-1 VM is started
+    // for it (the VMM checks again, with the CPU, before it builds anything).
+    if let Some(path) = &args.restore {
+        let devices = if net.is_some() { with_network(&config, None) } else { config.clone() };
+        let ids = kindling_vmm::builder::device_identities(&devices)?;
+        snapshot_header(path)?.check_devices(&ids).map_err(|e| anyhow::anyhow!("--restore {}: {e}", path.display()))?;
     }
     eprintln!("kindling: runner {} ({why})", runner.as_str());
     eprintln!("kindling: net {} ({net_why})", net.map_or("none", NetKind::as_str));
     match runner {
         Runner::Kvm => {
             let control = Arc::new(VmControl::new()?);
-            let (ask, stop) = (control.clone(), control.clone());
+            let (ask, stop, snap) = (control.clone(), control.clone(), control.clone());
+            let (snapshot_to, then) = (args.snapshot_to.clone(), args.snapshot_then.into());
             start_signal_thread(
                 signals,
                 Duration::from_secs(args.shutdown_timeout),
                 move || ask.request_shutdown(),
                 move || stop.stop(),
+                move || {
+                    if let Some(path) = &snapshot_to {
+                        snap.snapshot(path.clone(), then);
+                    }
+                },
             )?;
             let mut backend = None;
             if let Some(kind) = net {
@@ -174,10 +248,12 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
             if let Some(v) = &config.vsock {
                 crate::forward::start(&args.forwards, &v.uds_path)?;
             }
-            boot_on_kvm(&config, backend, &control)
+            boot_on_kvm(&config, args.restore.as_deref(), backend, &control)
         }
         Runner::Emulated => {
-            let (cpus, clamped) = emulated::guest_cpus(config.cpus);
+            // A restore keeps the snapshot's vCPUs (they are in its state).
+            let (cpus, clamped) =
+                if args.restore.is_some() { (config.cpus, None) } else { emulated::guest_cpus(config.cpus) };
             if let Some(warning) = clamped {
                 eprintln!("kindling: {warning}");
                 config.cpus = cpus;
@@ -187,6 +263,12 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
             // VMM has not ended the level-1 VM a while after its own timeout.
             let mut job = emulated::L1Job::boot(&config, net, args.host_loopback);
             job.args.extend(["--shutdown-timeout".to_string(), args.shutdown_timeout.to_string()]);
+            if let Some(path) = &args.snapshot_to {
+                job.snapshot_to(path, &config, args.snapshot_then == SnapshotThen::Resume)?;
+            }
+            if let Some(path) = &args.restore {
+                job.restore(path, &config);
+            }
             let l1 = Arc::new(match sandbox::enabled() {
                 true => emulated::L1Control::with_seccomp(sandbox::process_filter(
                     sandbox::Process::Relay,
@@ -194,12 +276,13 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
                 )?),
                 false => emulated::L1Control::default(),
             });
-            let (ask, stop) = (l1.clone(), l1.clone());
+            let (ask, stop, snap) = (l1.clone(), l1.clone(), l1.clone());
             start_signal_thread(
                 signals,
                 Duration::from_secs(args.shutdown_timeout) + emulated::L1_STOP_GRACE,
                 move || ask.request_shutdown(),
                 move || stop.stop(),
+                move || snap.request_snapshot(),
             )?;
             match emulated::run_job_with(&config, &job, &args.forwards, &l1) {
                 // QEMU ended with the level-1 VM reset and no status reported: L1 itself
@@ -216,7 +299,13 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
                     tracing::error!("{stall}");
                     Ok(exit::L1_STALLED)
                 }
-                r => Ok(r?),
+                r => {
+                    let status = r?;
+                    if let Some(path) = &args.snapshot_to {
+                        emulated::discard_unwritten_snapshot(path);
+                    }
+                    Ok(status)
+                }
             }
         }
     }
@@ -234,25 +323,47 @@ fn stop_signals(stdin_is_terminal: bool) -> SigSet {
 }
 
 /// Starts the thread that takes `signals` (blocked by the caller, so in every thread it
-/// starts from then on): the first calls `ask` (ask the guest to shut down); `timeout`
-/// later, or at the next signal, it calls `stop` (stop the VM).
+/// starts from then on): SIGUSR1 calls `snapshot`, whenever it comes; the first other
+/// calls `ask` (ask the guest to shut down); `timeout` later, or at the next signal, it
+/// calls `stop` (stop the VM).
 fn start_signal_thread(
     signals: SigSet,
     timeout: Duration,
     ask: impl FnOnce() + Send + 'static,
     stop: impl FnOnce() + Send + 'static,
+    snapshot: impl Fn() + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("stop-signals".into()).spawn(move || {
-        let Ok(first) = signals.wait() else { return };
+        let first = loop {
+            match signals.wait() {
+                Ok(Signal::SIGUSR1) => {
+                    eprintln!("kindling: SIGUSR1: taking a snapshot");
+                    snapshot();
+                }
+                Ok(sig) => break sig,
+                Err(_) => return,
+            }
+        };
         eprintln!(
             "kindling: {}: asking the guest to shut down (Ctrl-Alt-Del); the VM is stopped in {}s if it has not",
             first.as_str(),
             timeout.as_secs()
         );
         ask();
-        match wait_timeout(&signals, timeout) {
-            Some(again) => eprintln!("kindling: {} again: stopping the VM now", again.as_str()),
-            None => eprintln!("kindling: the guest did not shut down within {}s: stopping the VM", timeout.as_secs()),
+        let deadline = Instant::now() + timeout;
+        loop {
+            match wait_timeout(&signals, deadline.saturating_duration_since(Instant::now())) {
+                Some(Signal::SIGUSR1) => {
+                    eprintln!("kindling: SIGUSR1: taking a snapshot");
+                    snapshot();
+                    continue;
+                }
+                Some(again) => eprintln!("kindling: {} again: stopping the VM now", again.as_str()),
+                None => {
+                    eprintln!("kindling: the guest did not shut down within {}s: stopping the VM", timeout.as_secs())
+                }
+            }
+            break;
         }
         stop();
     })
@@ -277,11 +388,22 @@ fn wait_timeout(signals: &SigSet, timeout: Duration) -> Option<Signal> {
     }
 }
 
-fn boot_on_kvm(config: &VmConfig, net: Option<Box<dyn Backend>>, control: &VmControl) -> anyhow::Result<i32> {
+fn boot_on_kvm(
+    config: &VmConfig,
+    restore: Option<&Path>,
+    net: Option<Box<dyn Backend>>,
+    control: &VmControl,
+) -> anyhow::Result<i32> {
     let t0 = Instant::now();
     let console = Console { output: Box::new(std::io::stdout()), input: Some(libc::STDIN_FILENO) };
     l1watch::step("vm-build");
-    let mut vm = MicroVm::build(config, HostResources { console, net })?;
+    let host = HostResources { console, net };
+    let mut vm = match restore {
+        Some(path) => {
+            MicroVm::restore(path, config, host).map_err(|e| anyhow::anyhow!("--restore {}: {e}", path.display()))?
+        }
+        None => MicroVm::build(config, host)?,
+    };
     // Everything is open and every helper thread runs: from here on the process only
     // serves the guest, under its seccomp filters.
     if sandbox::enabled() {
@@ -298,6 +420,10 @@ fn boot_on_kvm(config: &VmConfig, net: Option<Box<dyn Backend>>, control: &VmCon
     let reason = vm.run_with_control(control)?;
     let secs = t0.elapsed().as_secs_f64();
     match reason {
+        ExitReason::Snapshotted => {
+            eprintln!("kindling: snapshot written; the VM ended after {secs:.2}s");
+            Ok(exit::OK)
+        }
         ExitReason::PowerOff | ExitReason::Running => {
             eprintln!("kindling: guest powered off after {secs:.2}s");
             Ok(exit::OK)
@@ -355,6 +481,7 @@ mod tests {
                 timeout,
                 move || ask.send("ask").unwrap(),
                 move || stop.send("stop").unwrap(),
+                || {},
             )
             .unwrap();
             let kill = |sig| {

@@ -268,6 +268,11 @@ impl Tap {
     }
 }
 
+/// The tap's own MAC address for subnet N: locally administered, unicast.
+fn host_mac(n: u8) -> [u8; 6] {
+    [0x06, 0x6b, 0x6c, 0x67, n, 0x01]
+}
+
 /// Gives the tap 172.30.N.1/24 for the first N that no other interface is in, and
 /// brings it up. The first VM on a host always gets 172.30.0.0/24, so a node's address
 /// stays the same from boot to boot. Two VMMs racing for one N both see the clash after
@@ -299,6 +304,10 @@ fn assign_subnet(name: &str) -> Result<Ipv4Addr, NetSetupError> {
         if taken(&host::ipv4_addresses()) {
             continue;
         }
+        // The host side's MAC address follows from the subnet, as its IP address does:
+        // a guest restored from a snapshot finds its gateway where its ARP cache says,
+        // instead of waiting some 30 s for the entry to go stale.
+        IfReq::with_hwaddr(name, host_mac(n)).ioctl(fd, libc::SIOCSIFHWADDR).map_err(cfg("SIOCSIFHWADDR"))?;
         let mut flags = IfReq::new(name);
         flags.ioctl(fd, libc::SIOCGIFFLAGS).map_err(cfg("SIOCGIFFLAGS"))?;
         let up = flags.short() | libc::IFF_UP as libc::c_short;

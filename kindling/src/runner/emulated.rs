@@ -15,6 +15,13 @@
 //! on to the L2 VMM's vsock socket once the connection proved it knows the VM's token.
 //! Guest-initiated vsock connections stay inside L1.
 //!
+//! Snapshots: a snapshot file is one piece ([`kindling_vmm::snapshot`]) so that it can
+//! be an L1 virtio drive after the guest's disks. `--snapshot-to FILE` makes FILE at
+//! its full sparse size here (state reserve and memory) and the VMM in L1 writes it as
+//! /dev/vdN when the host's SIGUSR1 reaches it through the relay (`snapshot` verb);
+//! `--restore FILE` hands FILE in read-only, and the VMM in L1 maps the guest's memory
+//! from the drive.
+//!
 //! With `--net`, L1's NIC gets outbound networking too (QEMU user networking without
 //! `restrict`; default route 10.0.2.2, DNS 10.0.2.3), and the L2 VMM sets up the
 //! guest's network inside L1, where it runs as root: a tap device (L1 loads the tun
@@ -285,6 +292,11 @@ pub struct L1Job {
     /// More files to ship in: (host path, path inside L1 under /kindling/, e.g.
     /// `firecracker` for /kindling/firecracker), made executable.
     pub files: Vec<(PathBuf, &'static str)>,
+    /// Drives after the guest's disks: (host file, read-only): a snapshot to write or
+    /// to restore.
+    pub extra_drives: Vec<(PathBuf, bool)>,
+    /// Ship the guest's kernel and initrd in (not for a restore).
+    pub ship_kernel: bool,
 }
 
 impl L1Job {
@@ -298,7 +310,79 @@ impl L1Job {
             extra_memory_mib: 0,
             network: net.is_some(),
             files: Vec::new(),
+            extra_drives: Vec::new(),
+            ship_kernel: true,
         }
+    }
+
+    /// The L1 device name of the next extra drive, after `config`'s disks.
+    fn next_drive(&self, config_disks: usize) -> String {
+        let letter = (b'a' + (config_disks + self.extra_drives.len()) as u8) as char;
+        format!("/dev/vd{letter}")
+    }
+
+    /// Makes `path` a drive the VMM in L1 writes its snapshot to (at SIGUSR1): a new
+    /// sparse file as large as a snapshot of `config` can be.
+    pub fn snapshot_to(&mut self, path: &Path, config: &VmConfig, resume: bool) -> Result<(), EmulatedError> {
+        let size = kindling_vmm::snapshot::size_needed(SNAPSHOT_STATE_RESERVE, config.memory_mib << 20);
+        // It will hold all of the guest's memory: the owner's alone.
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io(format!("creating {}", path.display())))?;
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io(format!("restricting {}", path.display())))?;
+        f.set_len(size).map_err(io(format!("sizing {}", path.display())))?;
+        let dev = self.next_drive(config.disks.len());
+        self.args.extend([
+            "--snapshot-to".into(),
+            dev,
+            "--snapshot-then".into(),
+            if resume { "resume" } else { "exit" }.into(),
+        ]);
+        self.extra_drives.push((path.to_path_buf(), false));
+        Ok(())
+    }
+
+    /// Makes the VMM in L1 restore the snapshot `path` (read-only) instead of booting
+    /// a kernel; `config` is the VM's, sized from the snapshot.
+    pub fn restore(&mut self, path: &Path, config: &VmConfig) {
+        let dev = self.next_drive(config.disks.len());
+        // No kernel, initrd or command line: they are in the snapshot's memory; its
+        // size and vCPUs are the snapshot's too.
+        let mut args = Vec::new();
+        let mut it = std::mem::take(&mut self.args).into_iter();
+        while let Some(a) = it.next() {
+            if matches!(a.as_str(), "--kernel" | "--initrd" | "--cmdline" | "--cpus" | "--memory") {
+                it.next();
+            } else {
+                args.push(a);
+            }
+        }
+        args.extend(["--restore".into(), dev]);
+        self.args = args;
+        self.extra_drives.push((path.to_path_buf(), true));
+        self.ship_kernel = false;
+    }
+}
+
+/// Room for the machine state in a snapshot drive (the state of a VM with many vCPUs
+/// is well below it; the file is sparse, so the room costs nothing).
+const SNAPSHOT_STATE_RESERVE: u64 = 6 << 20;
+
+/// Removes the drive `--snapshot-to` made if no snapshot was written to it.
+pub fn discard_unwritten_snapshot(path: &Path) {
+    let mut magic = [0u8; 8];
+    let written = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok_and(|()| magic == kindling_vmm::snapshot::MAGIC);
+    if !written {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -312,9 +396,11 @@ fn run_archive(config: &VmConfig, job: &L1Job, token: &Token, exe: &Path, dest: 
     let mut a = Archive::new(std::io::BufWriter::new(std::fs::File::create(dest)?));
     a.dir("kindling")?;
     a.file("kindling/kindling", 0o755, exe)?;
-    a.file("kindling/kernel", 0o644, &config.kernel)?;
-    if let Some(initrd) = &config.initrd {
-        a.file("kindling/initrd", 0o644, initrd)?;
+    if job.ship_kernel {
+        a.file("kindling/kernel", 0o644, &config.kernel)?;
+        if let Some(initrd) = &config.initrd {
+            a.file("kindling/initrd", 0o644, initrd)?;
+        }
     }
     if job.with_passt {
         add_passt_bundle(&mut a)?;
@@ -489,6 +575,21 @@ impl L1Control {
         }
     }
 
+    /// Asks the VMM in L1 for a snapshot (it has `--snapshot-to`).
+    pub fn request_snapshot(&self) {
+        let relay = self.relay.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match relay {
+            Some((port, token)) => {
+                let _ = std::thread::Builder::new().name("l1-snapshot".into()).spawn(move || {
+                    if let Err(e) = relay::ask(port, &token, relay::SNAPSHOT, std::time::Duration::from_secs(120)) {
+                        tracing::warn!("asking the level-1 VM for a snapshot: {e}");
+                    }
+                });
+            }
+            None => tracing::warn!("the level-1 VM is not running yet: no snapshot taken"),
+        }
+    }
+
     /// Stops the level-1 VM now.
     pub fn stop(&self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -615,6 +716,17 @@ pub fn run_job_with(
         }
         cmd.arg("-drive").arg(spec);
     }
+    for (path, read_only) in &job.extra_drives {
+        // Zero pages the VMM skips or zeroes stay holes in the host's file.
+        let mut spec = format!(
+            "file={},if=virtio,format=raw,cache=writeback,discard=unmap,detect-zeroes=unmap",
+            qemu_escape(path)
+        );
+        if *read_only {
+            spec.push_str(",readonly=on");
+        }
+        cmd.arg("-drive").arg(spec);
+    }
     // The level-1 VM ends with this process, however it ends: killed, QEMU (and the
     // guest in it) would otherwise run on, unseen, taking the machine's CPUs. SIGTERM
     // lets QEMU flush its disks, and QEMU must not inherit this process's blocked
@@ -671,6 +783,7 @@ pub fn l1_guest_main(run: impl FnOnce(&str, Vec<String>) -> i32) -> ! {
     // thread leaves unblocked with its default action.
     let mut term = nix::sys::signal::SigSet::empty();
     term.add(nix::sys::signal::Signal::SIGTERM);
+    term.add(nix::sys::signal::Signal::SIGUSR1);
     let _ = term.thread_block();
     for line in std::fs::read_to_string("/kindling/env").unwrap_or_default().lines() {
         if let Some((name, value)) = line.split_once('=').filter(|(name, _)| L1_ENV.contains(name)) {
@@ -688,9 +801,18 @@ pub fn l1_guest_main(run: impl FnOnce(&str, Vec<String>) -> i32) -> ! {
             let vsock = args.iter().any(|a| a == "--vsock").then_some(L1_VSOCK_PATH);
             match std::fs::read_to_string(L1_TOKEN_FILE).ok().as_deref().and_then(Token::parse) {
                 // An orderly stop asked for through the relay is this VMM's SIGTERM.
-                Some(token) => relay::serve_in_l1(L1_RELAY_PORT, token, vsock, || {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM);
-                }),
+                // A snapshot asked for through the relay is its SIGUSR1.
+                Some(token) => relay::serve_in_l1(
+                    L1_RELAY_PORT,
+                    token,
+                    vsock,
+                    || {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM);
+                    },
+                    || {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGUSR1);
+                    },
+                ),
                 None => eprintln!("kindling-l1: relay: no token in {L1_TOKEN_FILE}; the host cannot reach this VM"),
             }
             run(mode.trim(), args)
@@ -709,8 +831,11 @@ pub fn l1_guest_main(run: impl FnOnce(&str, Vec<String>) -> i32) -> ! {
 
 /// virtio_blk probes asynchronously: give L1's /dev/vdX nodes a moment to appear.
 fn wait_for_disks(args: &[String]) {
-    let disks: Vec<PathBuf> =
-        args.windows(2).filter(|w| w[0] == "--disk").map(|w| PathBuf::from(w[1].trim_end_matches(",ro"))).collect();
+    let disks: Vec<PathBuf> = args
+        .windows(2)
+        .filter(|w| matches!(w[0].as_str(), "--disk" | "--restore" | "--snapshot-to"))
+        .map(|w| PathBuf::from(w[1].trim_end_matches(",ro")))
+        .collect();
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
     while !disks.iter().all(|d| d.exists()) && Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -797,6 +922,38 @@ mod tests {
         assert!(args.windows(2).any(|w| w == ["--cmdline", "console=ttyS0 a=b"]));
         assert!(args.windows(2).any(|w| w == ["--net", "none"]), "the network choice is explicit inside L1");
         assert_eq!(qemu_escape(Path::new("/y,z.img")), "/y,,z.img");
+    }
+
+    #[test]
+    fn snapshot_drives_follow_the_disks_and_a_restore_boots_no_kernel() {
+        let d = tempfile::tempdir().unwrap();
+        let config = VmConfig {
+            kernel: "/k".into(),
+            initrd: Some("/i".into()),
+            cmdline: "console=ttyS0".into(),
+            cpus: 1,
+            memory_mib: 64,
+            disks: vec![kindling_vmm::config::DiskConfig { path: "/x.img".into(), read_only: false }],
+            vsock: None,
+            net: None,
+        };
+        let mut job = L1Job::boot(&config, None, false);
+        let to = d.path().join("to.snap");
+        job.snapshot_to(&to, &config, false).unwrap();
+        job.restore(Path::new("/from.snap"), &config);
+        assert!(job.args.windows(2).any(|w| w == ["--snapshot-to", "/dev/vdb"]), "{:?}", job.args);
+        assert!(job.args.windows(2).any(|w| w == ["--restore", "/dev/vdc"]), "{:?}", job.args);
+        for gone in ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory"] {
+            assert!(!job.args.iter().any(|a| a == gone), "{gone} with --restore: {:?}", job.args);
+        }
+        assert!(!job.ship_kernel);
+        assert_eq!(job.extra_drives, vec![(to.clone(), false), (PathBuf::from("/from.snap"), true)]);
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&to).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(meta.len(), kindling_vmm::snapshot::size_needed(SNAPSHOT_STATE_RESERVE, 64 << 20));
+        discard_unwritten_snapshot(&to);
+        assert!(!to.exists(), "a drive no snapshot was written to is removed");
     }
 
     #[test]

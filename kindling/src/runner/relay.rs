@@ -9,8 +9,9 @@
 //! and hands it to L1 in its initramfs (a file only the VM's owner can read); each
 //! relayed connection starts with a line `<token> <verb>`, and L1 drops a connection
 //! whose token is wrong (compared in constant time) or late. The verbs: `vsock` (the
-//! rest of the connection goes to the L2 VMM's vsock socket) and `shutdown` (the
-//! kindling in L1 gets SIGTERM, its orderly stop, and answers `ok`). Relayed
+//! rest of the connection goes to the L2 VMM's vsock socket), `shutdown` (the
+//! kindling in L1 gets SIGTERM, its orderly stop, and answers `ok`) and `snapshot`
+//! (it gets SIGUSR1, which writes the snapshot `--snapshot-to` names, and answers `ok`). Relayed
 //! connections are bounded in number on both sides.
 
 use std::io::{Read, Write};
@@ -121,7 +122,9 @@ impl Drop for HostRelay {
 /// The verb of a connection to the guest's vsock.
 const VSOCK: &str = "vsock";
 /// The verb asking the VMM in L1 to stop in order.
-const SHUTDOWN: &str = "shutdown";
+pub const SHUTDOWN: &str = "shutdown";
+/// The verb asking the VMM in L1 for a snapshot.
+pub const SNAPSHOT: &str = "snapshot";
 /// The longest verb.
 const MAX_VERB: usize = 16;
 
@@ -149,12 +152,19 @@ fn authenticated(conn: &mut TcpStream, token: &Token) -> Option<String> {
 /// Host side: asks the kindling in L1 for its orderly stop, through the relay port;
 /// retries until L1 answers (it may not be listening yet) or `patience` runs out.
 pub fn ask_shutdown(relay_port: u16, token: &Token, patience: Duration) -> std::io::Result<()> {
+    ask(relay_port, token, SHUTDOWN, patience)
+}
+
+/// Host side: sends `verb` ([`SHUTDOWN`], [`SNAPSHOT`]) to the kindling in L1 through the
+/// relay port; retries until L1 acknowledges (it may not be listening yet) or
+/// `patience` runs out.
+pub fn ask(relay_port: u16, token: &Token, verb: &str, patience: Duration) -> std::io::Result<()> {
     let t0 = std::time::Instant::now();
     loop {
         let attempt = (|| -> std::io::Result<()> {
             let mut s = TcpStream::connect(("127.0.0.1", relay_port))?;
             s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(format!("{} {SHUTDOWN}\n", token.as_str()).as_bytes())?;
+            s.write_all(format!("{} {verb}\n", token.as_str()).as_bytes())?;
             let mut answer = [0u8; 3];
             s.read_exact(&mut answer)?;
             if &answer == b"ok\n" {
@@ -173,8 +183,8 @@ pub fn ask_shutdown(relay_port: u16, token: &Token, patience: Duration) -> std::
 
 /// Inside L1: serves `port`, passing each authenticated `vsock` connection to the L2
 /// VMM's vsock socket `vsock` (when the VM has one), and calling `on_shutdown` for an
-/// authenticated `shutdown` request.
-pub fn serve_in_l1(port: u16, token: Token, vsock: Option<&'static str>, on_shutdown: fn()) {
+/// authenticated `shutdown` request and `on_snapshot` for a `snapshot` one.
+pub fn serve_in_l1(port: u16, token: Token, vsock: Option<&'static str>, on_shutdown: fn(), on_snapshot: fn()) {
     let listener = match std::net::TcpListener::bind(("0.0.0.0", port)) {
         Ok(l) => l,
         Err(e) => {
@@ -202,6 +212,10 @@ pub fn serve_in_l1(port: u16, token: Token, vsock: Option<&'static str>, on_shut
                     },
                     Some(SHUTDOWN) => {
                         on_shutdown();
+                        let _ = conn.write_all(b"ok\n");
+                    }
+                    Some(SNAPSHOT) => {
+                        on_snapshot();
                         let _ = conn.write_all(b"ok\n");
                     }
                     _ => {}
@@ -252,7 +266,7 @@ mod tests {
         let token = Token::generate().unwrap();
         let token2 = token.clone();
         static SHUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        serve_in_l1(port, token.clone(), Some(vmm), || SHUT.store(true, std::sync::atomic::Ordering::SeqCst));
+        serve_in_l1(port, token.clone(), Some(vmm), || SHUT.store(true, std::sync::atomic::Ordering::SeqCst), || {});
         let uds = d.path().join("vsock.sock");
         let _relay = HostRelay::start(&uds, port, token).unwrap();
 

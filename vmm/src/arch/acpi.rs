@@ -16,7 +16,10 @@
 //! The guest kernel finds the RSDP both through boot_params.acpi_rsdp_addr and by its
 //! scan of the BIOS area, where it is placed.
 
-use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, ResourceTemplate, IO, ZERO};
+use acpi_tables::aml::{
+    Arg, Device, EISAName, Equal, If, Interrupt, Method, Name, Notify, Package, Path, ResourceTemplate, Return, IO,
+    ZERO,
+};
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -83,6 +86,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, Ac
     let s5 = Name::new("_S5_".into(), &Package::new(vec![&s5_type, &ZERO]));
     dsdt.append_slice(&bytes(&s5));
     dsdt.append_slice(&legacy_devices());
+    dsdt.append_slice(&vmgenid_devices());
     let dsdt_bytes = dsdt.as_slice().to_vec();
     let dsdt_addr = place(dsdt_bytes.len());
 
@@ -130,7 +134,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, Ac
     let xsdt_bytes = bytes(&xsdt);
     let xsdt_addr = place(xsdt_bytes.len());
 
-    if next > layout::ACPI_END {
+    if next > layout::VMGENID_ADDR {
         return Err(AcpiError::TooLarge(next - layout::ACPI_START));
     }
     let rsdp_bytes = bytes(&Rsdp::new(OEM_ID, xsdt_addr));
@@ -145,6 +149,45 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, Ac
         mem.write_slice(data, GuestAddress(addr)).map_err(AcpiError::Memory)?;
     }
     Ok(GuestAddress(rsdp_addr))
+}
+
+/// The VM Generation ID device (Microsoft's "Virtual Machine Generation ID" spec, as
+/// Linux's vmgenid driver reads it: `ADDR` gives the ID's guest-physical address) and
+/// the Generic Event Device whose interrupt makes the guest look at the ID again: its
+/// `_EVT` notifies VGEN, and Linux reseeds its random number generator when the ID
+/// changed (on every restore from a snapshot).
+fn vmgenid_devices() -> Vec<u8> {
+    let (lo, hi) = (layout::VMGENID_ADDR as u32, (layout::VMGENID_ADDR >> 32) as u32);
+    let addr = Package::new(vec![&lo, &hi]);
+    let ret = Return::new(&addr);
+    let (hid, cid): (&'static str, &'static str) = ("VMGENCTR", "VM_Gen_Counter");
+    let mut v = bytes(&Device::new(
+        "_SB_.VGEN".into(),
+        vec![
+            &Name::new("_HID".into(), &hid),
+            &Name::new("_CID".into(), &cid),
+            &Name::new("_DDN".into(), &cid),
+            &Method::new("ADDR".into(), 0, false, vec![&ret]),
+        ],
+    ));
+    let irq = Interrupt::new(true, true, false, false, layout::GED_IRQ);
+    let crs = ResourceTemplate::new(vec![&irq]);
+    let vgen = Path::new("\\_SB_.VGEN");
+    let notify = Notify::new(&vgen, &0x80u8);
+    let gsi = layout::GED_IRQ;
+    let is_ours = Equal::new(&Arg(0), &gsi);
+    let when = If::new(&is_ours, vec![&notify]);
+    let ged_hid: &'static str = "ACPI0013";
+    v.extend(bytes(&Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &Name::new("_HID".into(), &ged_hid),
+            &Name::new("_UID".into(), &ZERO),
+            &Name::new("_CRS".into(), &crs),
+            &Method::new("_EVT".into(), 1, true, vec![&when]),
+        ],
+    )));
+    v
 }
 
 /// COM1 and the keyboard controller as ACPI devices (edge-triggered, active-high ISA
@@ -252,5 +295,12 @@ mod tests {
         assert!(has(&[0x41, 0xd0, 0x05, 0x01]) && has(&[0x41, 0xd0, 0x03, 0x03]));
         // COM1's I/O descriptor: 0x3f8-0x3f8, alignment 1, 8 ports.
         assert!(has(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]));
+        // The VM Generation ID device and the GED that notifies it, on IRQ 3 (edge,
+        // active high, exclusive consumer).
+        assert!(has(b"VGEN") && has(b"VMGENCTR\0") && has(b"VM_Gen_Counter\0") && has(b"ADDR"));
+        assert!(has(b"ACPI0013\0") && has(b"_EVT"));
+        assert!(has(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x03, 0x00, 0x00, 0x00]));
+        // The tables end before the generation ID's page.
+        assert!(dsdt + u64::from(dsdt_len) <= layout::VMGENID_ADDR);
     }
 }

@@ -37,6 +37,12 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const ACPI_START: u64 = 0xe0000;
 /// End of the area the ACPI tables must fit in (1 MiB).
 pub const ACPI_END: u64 = 0x100000;
+/// The VM Generation ID's 16 bytes, in the last page of the (reserved) ACPI area, after
+/// the tables; the DSDT's VGEN device gives the guest this address.
+pub const VMGENID_ADDR: u64 = ACPI_END - 0x1000;
+/// The interrupt of the ACPI Generic Event Device, through which the VMM tells the
+/// guest the VM Generation ID changed (an ISA IRQ no other device uses).
+pub const GED_IRQ: u32 = 3;
 /// 1 MiB: the kernel is loaded here, and RAM continues from here.
 pub const HIMEM_START: u64 = 0x100000;
 

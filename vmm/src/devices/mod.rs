@@ -26,6 +26,9 @@ pub enum ExitReason {
     /// The host stopped the VM ([`crate::builder::VmControl::stop`]), whatever the
     /// guest was doing.
     Stopped = 5,
+    /// The host took a snapshot of the VM and asked for the run to end
+    /// ([`crate::builder::AfterSnapshot::Exit`]).
+    Snapshotted = 6,
 }
 
 /// Signalled by devices and vCPUs when the guest stops; the event loop waits on it.
@@ -57,6 +60,7 @@ impl ExitSignal {
             3 => ExitReason::Error,
             4 => ExitReason::TripleFault,
             5 => ExitReason::Stopped,
+            6 => ExitReason::Snapshotted,
             _ => ExitReason::Running,
         }
     }

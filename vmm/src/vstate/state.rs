@@ -1,8 +1,9 @@
 //! The state KVM keeps for a VM and its vCPUs, saved for a snapshot and put back on
 //! restore: per vCPU its registers, special registers, FPU/XSAVE, XCRs, debug
 //! registers, LAPIC, MP state, pending events and MSRs; per VM the PIC pair, the IOAPIC,
-//! the PIT and the KVM clock. The KVM structures serialize with kvm-bindings' serde
-//! support.
+//! the PIT and the KVM clock (with the host's wall clock at save time, so that a restore
+//! moves the guest's clocks on by the time the snapshot was away). The KVM structures
+//! serialize with kvm-bindings' serde support.
 //!
 //! Order matters on restore, as in Firecracker: CPUID before the registers (it decides
 //! which XSAVE state and MSRs exist), special registers before the rest, MSRs after the
@@ -11,8 +12,8 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,9 @@ pub enum StateError {
     /// The MSR list could not be built.
     #[error("building the MSR list: {0}")]
     MsrList(String),
+    /// Saved state that KVM's own could not have been (it came from a file).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
@@ -75,6 +79,9 @@ pub fn saveable_msrs(k: &Kvm) -> Result<Vec<u32>, StateError> {
     let list = k.get_msr_index_list().map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
     Ok(list.as_slice().to_vec())
 }
+
+/// More MSRs than any KVM saves (KVM_GET_MSR_INDEX_LIST has a few hundred).
+const MAX_MSRS: usize = 4096;
 
 /// KVM takes MSRs in batches of at most this many.
 const MSR_BATCH: usize = 64;
@@ -120,6 +127,9 @@ impl VcpuState {
 
     /// Puts the state back into a vCPU whose CPUID is already set.
     pub fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
+        if self.msrs.len() > MAX_MSRS {
+            return Err(StateError::Invalid(format!("{} MSRs, more than the {MAX_MSRS} KVM lists", self.msrs.len())));
+        }
         fd.set_mp_state(self.mp_state).map_err(kvm("KVM_SET_MP_STATE"))?;
         fd.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
         fd.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
@@ -163,16 +173,31 @@ impl VmState {
             irqchips.push(chip);
         }
         let mut clock = fd.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
-        // Only the clock's value is restored; flags describing how it was read are not
-        // accepted back.
-        clock.flags = 0;
+        // The clock's value, and the host's wall clock at that moment when KVM gives it
+        // (KVM_CLOCK_REALTIME, on a TSC-based host clock): then the restore adds the
+        // time the snapshot sat on disk, so the guest's wall clock is right again.
+        // The other flags describe how it was read and are not accepted back.
+        clock.flags &= KVM_CLOCK_REALTIME;
         Ok(Self { irqchips, pit: fd.get_pit2().map_err(kvm("KVM_GET_PIT2"))?, clock })
     }
 
     /// Puts the state back into a VM that has its irqchip and PIT.
     pub fn restore(&self, fd: &VmFd) -> Result<(), StateError> {
+        let ids: Vec<u32> = self.irqchips.iter().map(|c| c.chip_id).collect();
+        if ids != [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
+            return Err(StateError::Invalid(format!("interrupt controllers {ids:?}, not the two PICs and the IOAPIC")));
+        }
         fd.set_pit2(&self.pit).map_err(kvm("KVM_SET_PIT2"))?;
-        fd.set_clock(&self.clock).map_err(kvm("KVM_SET_CLOCK"))?;
+        if let Err(e) = fd.set_clock(&self.clock) {
+            // A host whose clock is not TSC-based (or an older KVM) takes the value only:
+            // the guest's clocks then go on from the snapshot's moment.
+            if self.clock.flags & KVM_CLOCK_REALTIME == 0 {
+                return Err(StateError::Kvm { op: "KVM_SET_CLOCK", err: e });
+            }
+            tracing::warn!("KVM_SET_CLOCK with the wall clock: {e}; the guest's clock goes on from the snapshot");
+            let value_only = kvm_clock_data { clock: self.clock.clock, ..Default::default() };
+            fd.set_clock(&value_only).map_err(kvm("KVM_SET_CLOCK"))?;
+        }
         for chip in &self.irqchips {
             fd.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
         }

@@ -82,6 +82,13 @@ impl Vm {
             layout::ram_ranges(mib << 20).into_iter().map(|(start, len)| (GuestAddress(start), len as usize)).collect();
         let mem =
             GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| VmError::Memory { mib, err: e.to_string() })?;
+        let mem = Arc::new(mem);
+        self.register_memory(&mem)?;
+        Ok(mem)
+    }
+
+    /// Registers one KVM slot per region of `mem` (fresh, or a snapshot's mapping).
+    pub fn register_memory(&self, mem: &Arc<GuestMemoryMmap>) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -95,7 +102,7 @@ impl Vm {
             unsafe { self.fd.set_user_memory_region(region_desc) }
                 .map_err(|err| VmError::Kvm { op: "KVM_SET_USER_MEMORY_REGION", err })?;
         }
-        Ok(Arc::new(mem))
+        Ok(())
     }
 
     /// In-kernel PIC + IOAPIC + LAPICs and the PIT (which Linux calibrates against).

@@ -17,6 +17,14 @@ const RESET_OFFSET: u64 = (layout::ACPI_RESET_PORT - layout::ACPI_PM1A_EVT_PORT)
 
 const EN_OFFSET: u64 = 2;
 
+/// The ACPI PM device's state in a snapshot (the status and control registers read
+/// constants).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AcpiPmState {
+    /// PM1 enable.
+    pub pm1_enable: u16,
+}
+
 /// The ACPI PM1a event and control blocks and the reset register, on port I/O.
 pub struct AcpiPm {
     exit: Arc<ExitSignal>,
@@ -27,6 +35,16 @@ impl AcpiPm {
     /// A device that reports power-off and reset through `exit`.
     pub fn new(exit: Arc<ExitSignal>) -> Self {
         Self { exit, pm1_enable: 0 }
+    }
+
+    /// The one register with state (PM1 enable), for a snapshot.
+    pub fn state(&self) -> AcpiPmState {
+        AcpiPmState { pm1_enable: self.pm1_enable }
+    }
+
+    /// Puts a snapshot's state back.
+    pub fn restore(&mut self, s: &AcpiPmState) {
+        self.pm1_enable = s.pm1_enable;
     }
 }
 
@@ -88,5 +106,18 @@ mod tests {
         let exit = Arc::new(ExitSignal::new().unwrap());
         AcpiPm::new(exit.clone()).write(RESET_OFFSET, &[layout::ACPI_RESET_VALUE]);
         assert_eq!(exit.reason(), ExitReason::Reset);
+    }
+
+    #[test]
+    fn the_enable_register_survives_a_snapshot() {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut pm = AcpiPm::new(exit.clone());
+        pm.write(EN_OFFSET, &[0x20, 0x01]);
+        let json = serde_json::to_string(&pm.state()).unwrap();
+        let mut other = AcpiPm::new(exit);
+        other.restore(&serde_json::from_str(&json).unwrap());
+        let mut b = [0u8; 2];
+        other.read(EN_OFFSET, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0x120);
     }
 }

@@ -173,6 +173,33 @@ struct Keyboard {
     last_sent: u8,
 }
 
+/// The i8042's state in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    /// The status register.
+    pub status: u8,
+    /// The internal RAM (byte 0: the command byte).
+    pub ram: Vec<u8>,
+    /// The output port.
+    pub outp: u8,
+    /// A controller command waiting for its parameter.
+    pub awaiting: Option<u8>,
+    /// The output queue: (byte, from the keyboard).
+    pub out: Vec<(u8, bool)>,
+    /// What port 0x60 reads when the queue is empty.
+    pub last_read: u8,
+    /// Translation: a break prefix was seen.
+    pub xlate_break: bool,
+    /// The keyboard's command waiting for its parameter.
+    pub kbd_awaiting: Option<u8>,
+    /// The keyboard is scanning.
+    pub kbd_scanning: bool,
+    /// A driver enabled the keyboard.
+    pub kbd_enabled_by_guest: bool,
+    /// The keyboard's last byte sent.
+    pub kbd_last_sent: u8,
+}
+
 /// The i8042 controller on its ports, with a keyboard.
 pub struct I8042 {
     exit: Arc<ExitSignal>,
@@ -210,6 +237,52 @@ impl I8042 {
             xlate_break: false,
             kbd: Keyboard { awaiting: None, scanning: true, enabled_by_guest: false, last_sent: 0 },
         }
+    }
+
+    /// The controller's and keyboard's registers and output queue, for a snapshot.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            ram: self.ram.to_vec(),
+            outp: self.outp,
+            awaiting: self.awaiting,
+            out: self.out.iter().map(|&(b, s)| (b, s == Source::Keyboard)).collect(),
+            last_read: self.last_read,
+            xlate_break: self.xlate_break,
+            kbd_awaiting: self.kbd.awaiting,
+            kbd_scanning: self.kbd.scanning,
+            kbd_enabled_by_guest: self.kbd.enabled_by_guest,
+            kbd_last_sent: self.kbd.last_sent,
+        }
+    }
+
+    /// Puts a snapshot's state back. It comes from a file, so it is checked: the RAM
+    /// has its size and the output queue at most its capacity. A keyboard byte at the
+    /// head of the queue interrupts the guest again (the edge was lost with the old VM).
+    pub fn restore(&mut self, s: &I8042State) -> Result<(), String> {
+        let ram: [u8; RAM_SIZE] = s
+            .ram
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("the i8042's RAM has {} bytes, not {RAM_SIZE}", s.ram.len()))?;
+        if s.out.len() > OUTPUT_CAPACITY {
+            return Err(format!("the i8042's output queue has {} bytes, more than {OUTPUT_CAPACITY}", s.out.len()));
+        }
+        self.status = s.status;
+        self.ram = ram;
+        self.outp = s.outp;
+        self.awaiting = s.awaiting;
+        self.out = s.out.iter().map(|&(b, kbd)| (b, if kbd { Source::Keyboard } else { Source::Controller })).collect();
+        self.last_read = s.last_read;
+        self.xlate_break = s.xlate_break;
+        self.kbd = Keyboard {
+            awaiting: s.kbd_awaiting,
+            scanning: s.kbd_scanning,
+            enabled_by_guest: s.kbd_enabled_by_guest,
+            last_sent: s.kbd_last_sent,
+        };
+        self.interrupt_if_keyboard_byte_ready();
+        Ok(())
     }
 
     fn ctr(&self) -> u8 {
@@ -693,5 +766,27 @@ mod tests {
         r.dev.read(2, &mut b);
         assert_eq!(b[0], 0xff);
         assert_eq!(r.exit.reason(), ExitReason::Running);
+    }
+
+    #[test]
+    fn state_round_trips_into_a_new_controller_and_hostile_state_is_refused() {
+        let mut a = Rig::new();
+        a.linux_probe();
+        a.dev.send_ctrl_alt_del().unwrap();
+        let state = a.dev.state();
+        let json = serde_json::to_string(&state).unwrap();
+        let mut b = Rig::new();
+        b.dev.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        assert_eq!(b.dev.state(), state);
+        assert!(b.dev.keyboard_enabled(), "the guest's driver setup survives");
+        assert_eq!(b.irqs(), 1, "the queued keys interrupt the new VM's guest again");
+        assert_eq!(b.drain(), a.drain(), "the queued keys are read the same");
+
+        let mut hostile = state.clone();
+        hostile.out = vec![(0, true); 1 << 20];
+        assert!(b.dev.restore(&hostile).unwrap_err().contains("output queue"));
+        let mut hostile = state;
+        hostile.ram = vec![0; 1 << 20];
+        assert!(b.dev.restore(&hostile).unwrap_err().contains("RAM"));
     }
 }

@@ -111,3 +111,29 @@ impl BusDevice for SerialConsole {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[test]
+    fn the_uart_state_round_trips_with_its_pending_input() {
+        let irq = || IrqTrigger(EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut a = SerialConsole::new(irq(), Box::new(std::io::sink()));
+        a.write(3, &[0x03]); // LCR: 8 bits
+        a.write(1, &[0x01]); // IER: received data interrupt
+        a.enqueue_input(b"typed");
+        let state = a.state();
+        let json = serde_json::to_string(&state).unwrap();
+        let mut b =
+            SerialConsole::restore(&serde_json::from_str(&json).unwrap(), irq(), Box::new(std::io::sink())).unwrap();
+        assert_eq!(b.state(), state);
+        let mut byte = [0u8];
+        b.read(0, &mut byte);
+        assert_eq!(byte[0], b't', "the guest reads the input it had not read yet");
+        let mut hostile = state;
+        hostile.in_buffer = vec![0; 1 << 20];
+        assert!(SerialConsole::restore(&hostile, irq(), Box::new(std::io::sink())).is_err(), "a FIFO over its size");
+    }
+}

@@ -66,6 +66,14 @@ impl IfReq {
         r
     }
 
+    /// A `struct sockaddr` with an Ethernet hardware address in the union (SIOCSIFHWADDR).
+    pub fn with_hwaddr(name: &str, mac: [u8; 6]) -> Self {
+        let mut r = Self::new(name);
+        r.data[..2].copy_from_slice(&libc::ARPHRD_ETHER.to_ne_bytes());
+        r.data[2..8].copy_from_slice(&mac);
+        r
+    }
+
     /// The short at the start of the union (flags, after SIOCGIFFLAGS).
     pub fn short(&self) -> libc::c_short {
         libc::c_short::from_ne_bytes([self.data[0], self.data[1]])
