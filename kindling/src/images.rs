@@ -27,6 +27,10 @@ pub struct Step {
     pub artifact: &'static str,
     /// Folders of images/ besides its own that the recipe sources (part of its key).
     pub shared: &'static [&'static str],
+    /// The recipe needs root (mmdebstrap's root mode, file ownership in the image): an
+    /// ordinary user's build runs it with `sudo -n`, as scripts/setup installs packages,
+    /// and takes its output back.
+    pub root: bool,
 }
 
 /// In dependency order. `agent` is not a recipe: it is the kindling-agent binary.
@@ -37,16 +41,18 @@ pub const STEPS: &[Step] = &[
         probes: &[&["dpkg-query", "-W", "linux-source-6.1"], &["gcc", "--version"]],
         artifact: "bzImage",
         shared: &[],
+        root: false,
     },
-    Step { name: "k8s", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"] },
-    Step { name: "etcd", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"] },
-    Step { name: "coredns", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"] },
+    Step { name: "k8s", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"], root: false },
+    Step { name: "etcd", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"], root: false },
+    Step { name: "coredns", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"], root: false },
     Step {
         name: "oci",
         deps: &["coredns"],
         probes: &[&["gcc", "--version"], &["dpkg-query", "-W", "busybox-static"]],
         artifact: "images.txt",
         shared: &["lib"],
+        root: false,
     },
     Step {
         name: "rootfs",
@@ -54,6 +60,7 @@ pub const STEPS: &[Step] = &[
         probes: &[],
         artifact: "rootfs.ext4",
         shared: &["lib"],
+        root: true,
     },
 ];
 
@@ -72,6 +79,8 @@ pub enum ImageError {
     NotBuilt(String),
     #[error("images: {what}: {err}")]
     Io { what: String, err: std::io::Error },
+    #[error("step '{0}' needs root (mmdebstrap's root mode) and runs itself with sudo for an ordinary user, but `sudo -n` cannot run here: run `sudo -v` first (sudo then asks for your password once), or build the images as root")]
+    NeedsRoot(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
@@ -270,7 +279,29 @@ fn run_step(s: &Step, out: &Path, deps: &[PathBuf]) -> Result<(), ImageError> {
     let log_path = parent.join(format!("{}.log", s.name));
     let mut log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
     let script = recipes.path().join(s.name).join("build.sh");
-    let mut child = Command::new("bash")
+    // SAFETY: geteuid has no preconditions.
+    let sudo = s.root && unsafe { libc::geteuid() } != 0;
+    let mut cmd = if sudo {
+        let can = Command::new("sudo").args(["-n", "true"]).stdin(Stdio::null()).stderr(Stdio::null()).status();
+        if !can.is_ok_and(|st| st.success()) {
+            return Err(cleanup(ImageError::NeedsRoot(s.name.into())));
+        }
+        eprintln!("    {}: needs root (mmdebstrap): running it with sudo", s.name);
+        let keep: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .filter(|k| k.starts_with("KINDLING_"))
+            .collect();
+        let mut c = Command::new("sudo");
+        c.arg("-n");
+        if !keep.is_empty() {
+            c.arg(format!("--preserve-env={}", keep.join(",")));
+        }
+        c.arg("bash");
+        c
+    } else {
+        Command::new("bash")
+    };
+    let mut child = cmd
         .arg(&script)
         .arg(&tmp)
         .args(deps)
@@ -293,6 +324,18 @@ fn run_step(s: &Step, out: &Path, deps: &[PathBuf]) -> Result<(), ImageError> {
     }
     let _ = out_thread.join();
     let status = child.wait().map_err(|e| cleanup(io("waiting for the step")(e)))?;
+    if sudo {
+        // Root wrote the output: give it back to this user, whatever the outcome, so that
+        // the cache (and a failed step's leftovers) stay this user's.
+        let owner = format!("{}:{}", nix::unistd::getuid(), nix::unistd::getgid());
+        let back = Command::new("sudo").args(["-n", "chown", "-R", &owner]).arg(&tmp).stdin(Stdio::null()).status();
+        if !back.is_ok_and(|st| st.success()) {
+            return Err(cleanup(ImageError::Io {
+                what: format!("giving {} back to this user after the root step", tmp.display()),
+                err: std::io::Error::other("sudo chown failed"),
+            }));
+        }
+    }
     if !status.success() {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
@@ -378,7 +421,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("images/no-such-step-key");
         // A step without a recipe: bash fails to run it, as any failing recipe would.
-        let failing = Step { name: "no-such-step", deps: &[], probes: &[], artifact: "x", shared: &[] };
+        let failing = Step { name: "no-such-step", deps: &[], probes: &[], artifact: "x", shared: &[], root: false };
         let err = run_step(&failing, &out, &[]).unwrap_err();
         assert!(matches!(err, ImageError::StepFailed { .. }), "{err}");
         assert!(!out.exists());
