@@ -10,21 +10,32 @@ fn stock_debian_kernel_reaches_init_counts_two_cpus_and_powers_off() {
     let kernel = debian_kernel();
     let initrd = busybox_initramfs();
     // Under the emulated runner, 2 vCPUs only when asked for explicitly: a short boot
-    // like this one is fine there.
-    let mut cmd = kindling();
-    cmd.env(kindling::runner::emulated::SMP_ENV, "1").arg("boot");
-    cmd.args([
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--cmdline",
-        "console=ttyS0",
-        "--cpus",
-        "2",
-    ]);
-    let out = run_with_timeout(cmd, std::time::Duration::from_secs(600));
-    let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // like this one is fine there, mostly. QEMU's emulated nested SVM now and then
+    // triple-faults a guest vCPU during SMP bring-up on a loaded machine (README, "one
+    // vCPU under emulation"); that crash, and only that one, gets one more try.
+    let boot = || {
+        let mut cmd = kindling();
+        cmd.env(kindling::runner::emulated::SMP_ENV, "1").arg("boot");
+        cmd.args([
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0",
+            "--cpus",
+            "2",
+        ]);
+        let out = run_with_timeout(cmd, std::time::Duration::from_secs(600));
+        let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out, log)
+    };
+    let (mut out, mut log) = boot();
+    let emulated = !matches!(kindling::runner::probe_kvm(), kindling::runner::KvmStatus::Usable);
+    if emulated && log.contains("a vCPU triple-faulted") && !log.contains("KINDLING-INIT-OK") {
+        eprintln!("the emulation triple-faulted a 2-vCPU guest during bring-up; trying once more");
+        (out, log) = boot();
+    }
     assert!(log.contains("KINDLING-INIT-OK"), "the initramfs /init did not run\n{log}");
     assert!(log.contains("KINDLING-NPROC=2"), "the guest did not count 2 processors\n{log}");
     assert!(log.contains("KINDLING-POWEROFF"), "{log}");

@@ -522,7 +522,7 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     // The stop was orderly: the node unmounted its root filesystem (read here by the
     // test only; kindling itself runs no filesystem tool on a disk the guest wrote).
     let disk = env.state().join("vms").join(name).join(kindling::cluster::DISK_FILE);
-    let fs = std::process::Command::new("/sbin/dumpe2fs").arg("-h").arg(&disk).output().unwrap();
+    let fs = std::process::Command::new(system_tool("dumpe2fs")).arg("-h").arg(&disk).output().unwrap();
     let fs = String::from_utf8_lossy(&fs.stdout);
     let state = fs.lines().find(|l| l.starts_with("Filesystem state:")).unwrap_or("no state").to_string();
     let features = fs.lines().find(|l| l.starts_with("Filesystem features:")).unwrap_or("").to_string();

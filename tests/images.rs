@@ -25,7 +25,7 @@ fn build_all() -> Vec<(String, PathBuf)> {
 }
 
 fn debugfs(img: &std::path::Path, request: &str) -> String {
-    let out = Command::new("debugfs").arg("-R").arg(request).arg(img).output().unwrap();
+    let out = Command::new(system_tool("debugfs")).arg("-R").arg(request).arg(img).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

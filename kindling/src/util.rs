@@ -7,6 +7,12 @@ pub fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
 }
 
+/// [`which`], then /usr/sbin and /sbin: system tools (e2fsprogs' among them) live there,
+/// and an ordinary user's PATH may lack them.
+pub fn which_system(name: &str) -> Option<PathBuf> {
+    which(name).or_else(|| ["/usr/sbin", "/sbin"].iter().map(|d| Path::new(d).join(name)).find(|p| p.is_file()))
+}
+
 /// The directory the emulated runner's level-1 VM unpacks a job into (its kindling,
 /// the guest's kernel and initrd, the job's arguments).
 pub const L1_JOB_DIR: &str = "/kindling";

@@ -85,7 +85,7 @@ pub fn ext4_root(dir: &Path, init: &str) -> PathBuf {
     std::fs::write(&init_path, init).unwrap();
     std::fs::set_permissions(&init_path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let img = dir.join("disk.img");
-    let st = Command::new("mkfs.ext4")
+    let st = Command::new(system_tool("mkfs.ext4"))
         .args(["-q", "-L", "kindling-test", "-d"])
         .arg(&root)
         .arg(&img)
@@ -96,9 +96,15 @@ pub fn ext4_root(dir: &Path, init: &str) -> PathBuf {
     img
 }
 
+/// A system tool (e2fsprogs') by name, found in /usr/sbin or /sbin too: an ordinary
+/// user's PATH may lack them.
+pub fn system_tool(name: &str) -> PathBuf {
+    kindling::util::which_system(name).unwrap_or_else(|| panic!("{name} not found; install e2fsprogs"))
+}
+
 /// Reads a file out of an ext4 image from outside, with debugfs.
 pub fn ext4_cat(img: &Path, path: &str) -> Option<String> {
-    let out = Command::new("debugfs").arg("-R").arg(format!("cat {path}")).arg(img).output().unwrap();
+    let out = Command::new(system_tool("debugfs")).arg("-R").arg(format!("cat {path}")).arg(img).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let err = String::from_utf8_lossy(&out.stderr);
     (!err.contains("not found")).then_some(text)
