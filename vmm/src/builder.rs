@@ -396,25 +396,7 @@ impl MicroVm {
         let vcpus =
             (0..cpus).map(|i| Vcpu::new(&vm, i, cpus, (i == 0).then_some(boot))).collect::<Result<Vec<_>, _>>()?;
         tracing::debug!("microVM built in {:?}", started.elapsed());
-        let Machine { exit, ged_irq, serial, i8042, acpi_pm, virtio, pio, mmio, .. } = machine;
-        Ok(Self {
-            vm,
-            mem,
-            exit,
-            serial,
-            i8042,
-            acpi_pm,
-            virtio,
-            vcpus,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            input: console.input,
-            identity,
-            net_mac,
-            _ged_irq: ged_irq,
-            vcpu_filter: None,
-            started,
-        })
+        Ok(Self::from_parts(vm, mem, machine, vcpus, console.input, identity, net_mac, started))
     }
 
     /// Restores the VM a snapshot file (or block device) at `path` holds, with the
@@ -498,8 +480,23 @@ impl MicroVm {
             t_read.as_secs_f64() * 1e3
         );
         let identity = Header { state_offset: 0, state_len: 0, memory_offset: 0, ..header };
+        Ok(Self::from_parts(vm, mem, machine, vcpus, console.input, identity, mac, started))
+    }
+
+    /// The VM from its parts, built ([`Self::build`]) or restored ([`Self::restore`]).
+    #[allow(clippy::too_many_arguments)]
+    fn from_parts(
+        vm: Vm,
+        mem: Arc<vm_memory::GuestMemoryMmap>,
+        machine: Machine,
+        vcpus: Vec<Vcpu>,
+        input: Option<RawFd>,
+        identity: Header,
+        net_mac: Option<[u8; 6]>,
+        started: Instant,
+    ) -> Self {
         let Machine { exit, ged_irq, serial, i8042, acpi_pm, virtio, pio, mmio, .. } = machine;
-        Ok(Self {
+        Self {
             vm,
             mem,
             exit,
@@ -510,13 +507,13 @@ impl MicroVm {
             vcpus,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
-            input: console.input,
+            input,
             identity,
-            net_mac: mac,
+            net_mac,
             _ged_irq: ged_irq,
             vcpu_filter: None,
             started,
-        })
+        }
     }
 
     /// Has every vCPU thread install `filter` (a seccomp BPF program, on top of what the
