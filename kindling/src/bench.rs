@@ -37,7 +37,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -421,25 +421,31 @@ pub(crate) fn qemu_command() -> Option<Command> {
     which("qemu-system-x86_64").map(Command::new)
 }
 
-/// Launches `vmm` once and times it; its output lines are timestamped as they arrive.
-fn once(vmm: &mut Vmm, marker: &str, guest_mib: u64) -> anyhow::Result<Sample> {
-    let t0 = Instant::now();
-    let mut child = vmm.cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    let (tx, rx) = mpsc::channel::<(Instant, String)>();
+/// Starts `cmd` with its stdout and stderr read line by line, each line timed as it
+/// arrives, until the streams end or the receiver is dropped.
+fn spawn_lines(cmd: &mut Command) -> anyhow::Result<(Child, mpsc::Receiver<(Instant, String)>)> {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let (tx, rx) = mpsc::channel();
     let streams: [Box<dyn Read + Send>; 2] =
         [Box::new(child.stdout.take().expect("piped")), Box::new(child.stderr.take().expect("piped"))];
     for stream in streams {
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines() {
-                let line = line.unwrap_or_default();
+                let Ok(line) = line else { break };
                 if tx.send((Instant::now(), line)).is_err() {
                     break;
                 }
             }
         });
     }
-    drop(tx);
+    Ok((child, rx))
+}
+
+/// Launches `vmm` once and times it; its output lines are timestamped as they arrive.
+fn once(vmm: &mut Vmm, marker: &str, guest_mib: u64) -> anyhow::Result<Sample> {
+    let t0 = Instant::now();
+    let (mut child, rx) = spawn_lines(&mut vmm.cmd)?;
     let mut s = Sample::default();
     let mut marker_at = None;
     let pid = child.id();
@@ -1036,10 +1042,9 @@ mod net {
 
 /// The snapshot workload (see the module documentation).
 mod snapshot {
-    use std::io::{BufRead, BufReader, Read};
     use std::os::unix::fs::MetadataExt;
     use std::path::Path;
-    use std::process::{Child, Command, Stdio};
+    use std::process::{Child, Command};
     use std::sync::mpsc;
     use std::time::Instant;
 
@@ -1064,25 +1069,6 @@ mod snapshot {
         launch_to_guest: f64,
         /// The file's blocks on disk (MiB).
         size_mib: f64,
-    }
-
-    fn spawn(cmd: &mut Command) -> anyhow::Result<(Child, mpsc::Receiver<(Instant, String)>)> {
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-        let (tx, rx) = mpsc::channel();
-        let streams: [Box<dyn Read + Send>; 2] =
-            [Box::new(child.stdout.take().expect("piped")), Box::new(child.stderr.take().expect("piped"))];
-        for stream in streams {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send((Instant::now(), line)).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        Ok((child, rx))
     }
 
     /// The next line matching `want`, within the run's timeout.
@@ -1118,7 +1104,7 @@ mod snapshot {
         boot.arg("--initrd").arg(&args.initrd).args(["--cmdline", cmdline]);
         boot.args(["--cpus", &args.cpus.to_string(), "--memory", &args.memory.to_string(), "--snapshot-to"]);
         boot.arg(file);
-        let (mut child, rx) = spawn(&mut boot)?;
+        let (mut child, rx) = super::spawn_lines(&mut boot)?;
         let _guard = Kill(&mut child);
         wait_for(&rx, &mut seen, |l| l.contains("KINDLING-COUNT=3").then_some(()))?;
         let signalled = Instant::now();
@@ -1134,7 +1120,7 @@ mod snapshot {
         let t0 = Instant::now();
         let mut restore = Command::new(exe);
         restore.args(["boot", "--runner", "kvm", "--net", "none", "--restore"]).arg(file);
-        let (mut child, rx) = spawn(&mut restore)?;
+        let (mut child, rx) = super::spawn_lines(&mut restore)?;
         let _guard = Kill(&mut child);
         let (_, restore_ms) =
             wait_for(&rx, &mut seen, |l| ms_after(l, " in ").filter(|_| l.contains("restored from")))?;
