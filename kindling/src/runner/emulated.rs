@@ -34,7 +34,7 @@ use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kindling_proto::forward::Forward;
 use kindling_vmm::config::VmConfig;
@@ -610,6 +610,32 @@ impl L1Control {
     }
 }
 
+/// How long L1 may be silent before kindling looks for the stale-code loop (L1 writes a
+/// heartbeat every 10 s; its kernel prints as it boots).
+const NUDGE_AFTER: Duration = Duration::from_secs(30);
+/// How often, at most, one level-1 VM gets its translations dropped.
+const MAX_NUDGES: u32 = 5;
+
+/// Tests: `KINDLING_TEST_L1_NUDGE=<step>` drops QEMU's translations once the level-1 VM
+/// reports that step, on a healthy L1 (it must go on as if nothing happened).
+fn test_nudge_step() -> Option<String> {
+    std::env::var("KINDLING_TEST_L1_NUDGE").ok().filter(|s| !s.is_empty())
+}
+
+/// The L1 kernel's idle loop (`do_idle`), where a healthy L1 spends its time; 0 when its
+/// symbols are unknown.
+fn test_nudge_address(system_map: Option<&Path>) -> u64 {
+    let map = system_map.and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+    map.lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let addr = f.next()?;
+            (f.next()?.eq_ignore_ascii_case("t") && f.next()? == "do_idle")
+                .then(|| u64::from_str_radix(addr, 16).ok())?
+        })
+        .unwrap_or(0)
+}
+
 /// A free TCP port on the host's loopback (for QEMU's hostfwd).
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -639,8 +665,6 @@ pub fn run_job_with(
     let work =
         tempfile::Builder::new().prefix("kindling-l1-").tempdir().map_err(io("creating a temporary directory"))?;
     let initramfs = work.path().join("initramfs.cpio");
-    let l1_log = work.path().join("l1.log");
-    let qmp = work.path().join("qmp.sock");
     let per_run = work.path().join("run.cpio");
     let token = Token::generate().map_err(io("making the relay's token"))?;
     run_archive(config, job, &token, &exe, &per_run).map_err(io("packing the guest kernel and initrd for L1"))?;
@@ -676,96 +700,165 @@ pub fn run_job_with(
             if job.with_passt { "" } else { " (no iptables in L1: no NAT there; L1 routes the guest subnet to QEMU, which proxies every connection)" }
         );
     }
-    let mut cmd = Command::new(qemu);
-    if let Some(n) = &netdev {
-        cmd.args(["-netdev", n, "-device", "virtio-net-pci,netdev=relay,romfile="]);
-    }
     // KINDLING_L1_CPU overrides the level-1 CPU model (for diagnosing emulation issues).
     let cpu = std::env::var("KINDLING_L1_CPU").unwrap_or_else(|_| L1_CPU.to_string());
     // At least two L1 vCPUs: kindling's device thread (disk I/O) then runs beside a
     // single guest vCPU instead of taking turns with it.
     let l1_cpus = config.cpus.max(2);
-    cmd.args(["-M", "q35,accel=tcg", "-cpu", &cpu])
-        .args(["-smp", &l1_cpus.to_string(), "-m", &format!("{l1_mem}M")])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-        // QEMU's own seccomp sandbox: no exec or fork, no privilege changes, no
-        // obsolete system calls, no scheduler or resource changes. The guest (and the
-        // level-1 VM) reach QEMU's device emulation; this bounds what a hole there gets.
-        .args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"])
-        .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
-        .args(["-device", &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04")])
-        .arg("-kernel")
-        .arg(l1.vmlinuz())
-        .arg("-initrd")
-        .arg(&initramfs)
-        // ttyS1, L1's kernel console and progress channel, goes to a file the watch
-        // follows; QMP answers where the vCPUs are when L1 stalls.
-        .args([
-            "-chardev",
-            &format!("file,id=l1log,path={},append=on", qemu_escape(&l1_log)),
-            "-serial",
-            "chardev:l1log",
-        ])
-        .args(["-qmp", &format!("unix:{},server=on,wait=off", qemu_escape(&qmp))])
-        // nokaslr: a stalled vCPU's RIP maps onto System.map.
-        .args(["-append", "console=ttyS1 loglevel=6 panic=-1 tsc=reliable nokaslr"]);
-    for d in &config.disks {
-        let mut spec = format!("file={},if=virtio,format=raw,cache=writeback,discard=unmap", qemu_escape(&d.path));
-        if d.read_only {
-            spec.push_str(",readonly=on");
+    let qemu_command = |l1_log: &Path, qmp: &Path, gdb: &Path| {
+        let mut cmd = Command::new(&qemu);
+        if let Some(n) = &netdev {
+            cmd.args(["-netdev", n, "-device", "virtio-net-pci,netdev=relay,romfile="]);
         }
-        cmd.arg("-drive").arg(spec);
-    }
-    for (path, read_only) in &job.extra_drives {
-        // Zero pages the VMM skips or zeroes stay holes in the host's file.
-        let mut spec = format!(
-            "file={},if=virtio,format=raw,cache=writeback,discard=unmap,detect-zeroes=unmap",
-            qemu_escape(path)
-        );
-        if *read_only {
-            spec.push_str(",readonly=on");
+        cmd.args(["-M", "q35,accel=tcg", "-cpu", &cpu])
+            .args(["-smp", &l1_cpus.to_string(), "-m", &format!("{l1_mem}M")])
+            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+            // QEMU's own seccomp sandbox: no exec or fork, no privilege changes, no
+            // obsolete system calls, no scheduler or resource changes. The guest (and the
+            // level-1 VM) reach QEMU's device emulation; this bounds what a hole there gets.
+            .args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"])
+            .args(["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"])
+            .args(["-device", &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04")])
+            .arg("-kernel")
+            .arg(l1.vmlinuz())
+            .arg("-initrd")
+            .arg(&initramfs)
+            // ttyS1, L1's kernel console and progress channel, goes to a file the watch
+            // follows; QMP answers where the vCPUs are when L1 stalls.
+            .args([
+                "-chardev",
+                &format!("file,id=l1log,path={},append=on", qemu_escape(l1_log)),
+                "-serial",
+                "chardev:l1log",
+            ])
+            .args(["-qmp", &format!("unix:{},server=on,wait=off", qemu_escape(qmp))])
+            // The gdbstub, only ever used to make QEMU drop stale translations (see
+            // l1watch::drop_translations); its socket, like QMP's, is in this private
+            // directory.
+            .args(["-gdb", &format!("unix:{},server=on,wait=off", qemu_escape(gdb))])
+            // nokaslr: a stalled vCPU's RIP maps onto System.map.
+            .args(["-append", "console=ttyS1 loglevel=6 panic=-1 tsc=reliable nokaslr"]);
+        for d in &config.disks {
+            let mut spec = format!("file={},if=virtio,format=raw,cache=writeback,discard=unmap", qemu_escape(&d.path));
+            if d.read_only {
+                spec.push_str(",readonly=on");
+            }
+            cmd.arg("-drive").arg(spec);
         }
-        cmd.arg("-drive").arg(spec);
-    }
-    // The level-1 VM ends with this process, however it ends: killed, QEMU (and the
-    // guest in it) would otherwise run on, unseen, taking the machine's CPUs. SIGTERM
-    // lets QEMU flush its disks, and QEMU must not inherit this process's blocked
-    // SIGTERM. The thread that forks waits for QEMU here, so the parent-death signal
-    // cannot fire early.
-    // SAFETY: prctl is a plain system call, async-signal-safe between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            crate::util::unblock_all_signals()?;
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        });
-    }
-    eprintln!("kindling: emulated runner: starting the level-1 VM (QEMU TCG, {l1_cpus} vCPUs, {l1_mem} MiB)");
-    let watch = Watch::start(&l1_log).map_err(io("following the level-1 VM's log"))?;
-    let mut child = cmd.spawn().map_err(io("starting qemu-system-x86_64"))?;
-    control.started(port, token, child.id());
-    if let Some(programs) = &control.seccomp {
-        if let Err(e) = crate::sandbox::install_all_threads(programs, "relay") {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(EmulatedError::Io {
-                what: "installing the seccomp filter".into(),
-                err: std::io::Error::other(e),
+        for (path, read_only) in &job.extra_drives {
+            // Zero pages the VMM skips or zeroes stay holes in the host's file.
+            let mut spec = format!(
+                "file={},if=virtio,format=raw,cache=writeback,discard=unmap,detect-zeroes=unmap",
+                qemu_escape(path)
+            );
+            if *read_only {
+                spec.push_str(",readonly=on");
+            }
+            cmd.arg("-drive").arg(spec);
+        }
+        // The level-1 VM ends with this process, however it ends: killed, QEMU (and the
+        // guest in it) would otherwise run on, unseen, taking the machine's CPUs. SIGTERM
+        // lets QEMU flush its disks, and QEMU must not inherit this process's blocked
+        // SIGTERM. The thread that forks waits for QEMU here, so the parent-death signal
+        // cannot fire early.
+        // SAFETY: prctl is a plain system call, async-signal-safe between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                crate::util::unblock_all_signals()?;
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
             });
         }
-    }
+        cmd
+    };
+    eprintln!("kindling: emulated runner: starting the level-1 VM (QEMU TCG, {l1_cpus} vCPUs, {l1_mem} MiB)");
     let bound = l1watch::stall_bound();
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(io("waiting for qemu-system-x86_64"))? {
-            break status;
-        }
-        if watch.silent_for() > bound {
-            let stall = watch.stall(l1watch::vcpu_report(&qmp, l1.system_map().as_deref()));
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(EmulatedError::Stalled(Box::new(stall)));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut sandboxed = false;
+    let mut attempt = 1;
+    let (status, watch) = 'attempts: loop {
+        let l1_log = work.path().join(format!("l1-{attempt}.log"));
+        let qmp = work.path().join(format!("qmp-{attempt}.sock"));
+        let gdb = work.path().join(format!("gdb-{attempt}.sock"));
+        let watch = Watch::start(&l1_log).map_err(io("following the level-1 VM's log"))?;
+        let mut child = qemu_command(&l1_log, &qmp, &gdb).spawn().map_err(io("starting qemu-system-x86_64"))?;
+        control.started(port, token.clone(), child.id());
+        // How many times, in this silence, the stale translations were dropped.
+        let mut nudged_at: Option<Duration> = None;
+        let mut nudges = 0;
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(io("waiting for qemu-system-x86_64"))? {
+                break status;
+            }
+            // This process takes its seccomp filter when the guest is about to run
+            // (from then on it only relays): until then it may still have to start
+            // the level-1 VM again, and nothing of the guest has run.
+            if !sandboxed && watch.reached("vm-run") {
+                sandboxed = true;
+                if let Some(programs) = &control.seccomp {
+                    if let Err(e) = crate::sandbox::install_all_threads(programs, "relay") {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(EmulatedError::Io {
+                            what: "installing the seccomp filter".into(),
+                            err: std::io::Error::other(e),
+                        });
+                    }
+                }
+            }
+            let silent = watch.silent_for();
+            if silent < NUDGE_AFTER {
+                nudged_at = None;
+            } else if nudges < MAX_NUDGES && nudged_at.is_none_or(|t| silent >= t + NUDGE_AFTER) && silent < bound {
+                // L1 has gone quiet: when its vCPUs loop on stale code, have QEMU
+                // drop its translations; L1 then goes on where it was.
+                nudged_at = Some(silent);
+                let report = l1watch::vcpu_report(&qmp, l1.system_map().as_deref());
+                if let Some(addr) = report.stale_code_loop() {
+                    nudges += 1;
+                    match l1watch::drop_translations(&gdb, &qmp, addr) {
+                        Ok(()) => tracing::warn!(
+                            "the level-1 VM was looping on stale code at {addr:#x} (QEMU's TCG ran an old \
+                             translation of code the L1 kernel had patched; {report}); QEMU dropped its \
+                             translations and L1 goes on"
+                        ),
+                        Err(e) => tracing::warn!(
+                            "the level-1 VM is looping on stale code at {addr:#x}; making QEMU drop its \
+                             translations failed: {e}"
+                        ),
+                    }
+                }
+            }
+            if let Some(step) = test_nudge_step() {
+                if nudges == 0 && watch.reached(&step) {
+                    // Tests: the translation drop at a step, on a healthy L1.
+                    nudges += 1;
+                    let addr = test_nudge_address(l1.system_map().as_deref());
+                    match l1watch::drop_translations(&gdb, &qmp, addr) {
+                        Ok(()) => eprintln!("kindling: test: QEMU dropped its translations at {addr:#x}"),
+                        Err(e) => eprintln!("kindling: test: dropping translations at {addr:#x} failed: {e}"),
+                    }
+                }
+            }
+            if silent > bound {
+                let stall = watch.stall(&l1watch::vcpu_report(&qmp, l1.system_map().as_deref()));
+                let _ = child.kill();
+                let _ = child.wait();
+                // Before the guest runs nothing of it has happened: start L1 again,
+                // once. (After, kindling start retries the whole boot.)
+                if attempt == 1 && !watch.reached("vm-run") {
+                    tracing::warn!("{stall}");
+                    eprintln!(
+                        "kindling: emulated runner: the level-1 VM stalled before the guest started (last step: {}); starting it again",
+                        stall.last_step
+                    );
+                    attempt += 1;
+                    continue 'attempts;
+                }
+                return Err(EmulatedError::Stalled(Box::new(stall)));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        break (status, watch);
     };
     watch.settle();
     drop(relay);
