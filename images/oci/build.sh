@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# images/oci/build.sh OUT_DIR COREDNS_DIR
+# images/oci/build.sh OUT_DIR COREDNS_DIR LOCAL_PATH_PROVISIONER_DIR
 #
 # Builds the guest's preloaded container images as OCI image-layout tarballs
 # (what `ctr -n k8s.io images import FILE` takes), with images/oci/mkoci.py:
@@ -9,7 +9,12 @@
 #                             Debian's busybox-static + one symlink per applet
 #   OUT_DIR/coredns.oci.tar   registry.k8s.io/coredns/coredns:v<version>
 #                             COREDNS_DIR/bin/coredns (images/coredns step)
+#   OUT_DIR/local-path-provisioner.oci.tar
+#                             kindling.local/local-path-provisioner:<version>
+#                             LOCAL_PATH_PROVISIONER_DIR/bin/local-path-provisioner
+#                             (images/local-path-provisioner step; the storage add-on)
 #   OUT_DIR/images.env        PAUSE_IMAGE=... BUSYBOX_IMAGE=... COREDNS_IMAGE=...
+#                             LOCAL_PATH_PROVISIONER_IMAGE=...
 #   OUT_DIR/images.txt        "<archive> <image name>" per name
 # The archives are byte-for-byte reproducible from the same inputs.
 # No caching here: the orchestrator caches OUT_DIR by a hash of this directory
@@ -17,8 +22,10 @@
 set -euo pipefail
 step=oci
 here=$(cd "$(dirname "$0")" && pwd)
-out=${1:?usage: images/oci/build.sh OUT_DIR COREDNS_DIR}
-coredns_dir=${2:?usage: images/oci/build.sh OUT_DIR COREDNS_DIR}
+usage="usage: images/oci/build.sh OUT_DIR COREDNS_DIR LOCAL_PATH_PROVISIONER_DIR"
+out=${1:?$usage}
+coredns_dir=${2:?$usage}
+lpp_dir=${3:?$usage}
 out=$(cd "$out" && pwd)
 here=${here:-$(cd "$(dirname "$0")" && pwd)}
 . "$here/../lib/step.sh"
@@ -48,6 +55,8 @@ need gcc gcc
   { echo "$step: Debian's static busybox not found; install it with: apt-get install busybox-static" >&2; exit 1; }
 [ -x "$coredns_dir/bin/coredns" ] && [ -f "$coredns_dir/VERSION" ] ||
   { echo "$step: $coredns_dir/bin/coredns or VERSION missing: pass the output directory of images/coredns/build.sh" >&2; exit 1; }
+[ -x "$lpp_dir/bin/local-path-provisioner" ] && [ -f "$lpp_dir/VERSION" ] ||
+  { echo "$step: $lpp_dir/bin/local-path-provisioner or VERSION missing: pass the output directory of images/local-path-provisioner/build.sh" >&2; exit 1; }
 mkoci() { python3 "$here/mkoci.py" "$@"; }
 
 # --- pause ---------------------------------------------------------------------
@@ -98,14 +107,29 @@ mkoci "$out/coredns.oci.tar" --name "$coredns_image" \
   --user 65532:65532 --expose 53/tcp --expose 53/udp --entrypoint '["/coredns"]' \
   --label "org.opencontainers.image.version=v$cd_ver" >"$log" 2>&1 || fail "pack coredns image"
 
+# --- local-path-provisioner (the storage-provisioner add-on) -----------------------
+lpp_ver=$(cat "$lpp_dir/VERSION")
+lpp_image=kindling.local/local-path-provisioner:$lpp_ver
+progress "packing $lpp_image"
+# Like upstream's image, minus its Alpine base: the binary as /usr/bin/... run as root
+# (it only talks to the API server; the helper pods it starts, from the busybox image,
+# create and remove the volume directories on the node). /tmp for klog's files.
+mkoci "$out/local-path-provisioner.oci.tar" --name "$lpp_image" \
+  --file "$lpp_dir/bin/local-path-provisioner:/usr/bin/local-path-provisioner:0755" \
+  --dir /tmp:1777 --dir /etc/config \
+  --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+  --cmd '["local-path-provisioner"]' \
+  --label "org.opencontainers.image.version=$lpp_ver" >"$log" 2>&1 || fail "pack local-path-provisioner image"
+
 # --- index for the rootfs and the agent ------------------------------------------
 cat >"$out/images.env" <<EOF
 PAUSE_IMAGE=$pause_image
 BUSYBOX_IMAGE=$busybox_image
 COREDNS_IMAGE=$coredns_image
+LOCAL_PATH_PROVISIONER_IMAGE=$lpp_image
 EOF
 printf '%s\n' "pause.oci.tar $pause_image" "pause.oci.tar $pause_fallback" \
   "busybox.oci.tar $busybox_image" "busybox.oci.tar kindling.local/busybox:latest" \
-  "coredns.oci.tar $coredns_image" >"$out/images.txt"
+  "coredns.oci.tar $coredns_image" "local-path-provisioner.oci.tar $lpp_image" >"$out/images.txt"
 
 progress "done: $(cd "$out" && du -h ./*.oci.tar | awk '{printf "%s %s  ", $2, $1}')"

@@ -47,8 +47,16 @@ pub const STEPS: &[Step] = &[
     Step { name: "etcd", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"], root: false },
     Step { name: "coredns", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"], root: false },
     Step {
+        name: "local-path-provisioner",
+        deps: &[],
+        probes: &[GO_VERSION],
+        artifact: "bin",
+        shared: &["lib"],
+        root: false,
+    },
+    Step {
         name: "oci",
-        deps: &["coredns"],
+        deps: &["coredns", "local-path-provisioner"],
         probes: &[&["gcc", "--version"], &["dpkg-query", "-W", "busybox-static"]],
         artifact: "images.txt",
         shared: &["lib"],
@@ -69,7 +77,7 @@ const GO_VERSION: &[&str] = &["sh", "-c", "PATH=$PATH:/usr/local/go/bin go versi
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("unknown image step '{0}'; steps are: kernel, k8s, etcd, coredns, oci, rootfs")]
+    #[error("unknown image step '{0}'; steps are: kernel, k8s, etcd, coredns, local-path-provisioner, oci, rootfs")]
     UnknownStep(String),
     #[error("step '{step}' failed ({status}); last lines of {log}:\n{tail}")]
     StepFailed { step: String, status: String, log: String, tail: String },
@@ -383,8 +391,8 @@ mod tests {
                 .map(|s| s.name)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(names(&["oci"]), ["coredns", "oci"]);
-        assert_eq!(names(&["rootfs"]), ["k8s", "etcd", "coredns", "oci", "rootfs"]);
+        assert_eq!(names(&["oci"]), ["coredns", "local-path-provisioner", "oci"]);
+        assert_eq!(names(&["rootfs"]), ["k8s", "etcd", "coredns", "local-path-provisioner", "oci", "rootfs"]);
         assert_eq!(names(&[]).len(), STEPS.len());
         assert!(matches!(plan(&["nope".into()]), Err(ImageError::UnknownStep(_))));
     }

@@ -64,7 +64,7 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ImagesCommand {
-    /// Build the steps given (default: all): kernel, k8s, etcd, coredns, oci, rootfs.
+    /// Build the steps given (default: all): kernel, k8s, etcd, coredns, local-path-provisioner, oci, rootfs.
     Build { steps: Vec<String> },
     /// Print the path of a built step's artifact (e.g. `kernel` -> its bzImage).
     Path { step: String },
