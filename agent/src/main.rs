@@ -3,6 +3,7 @@
 //! Kubernetes control plane, kubelet, kube-proxy and CoreDNS, reports each phase on the
 //! console, and shuts the node down in order when asked to power off.
 
+mod addons;
 mod control;
 mod init;
 mod node;

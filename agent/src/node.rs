@@ -1,6 +1,6 @@
 //! The Kubernetes node: what runs (containerd, etcd, the control plane, kubelet,
-//! kube-proxy, CoreDNS), with which flags and files, in which order, and how readiness
-//! is decided. Everything is relative to a root directory so the same code runs in the
+//! kube-proxy, CoreDNS, then the add-ons of `addons.rs`), with which flags and files, in
+//! which order, and how readiness is decided. Everything is relative to a root directory so the same code runs in the
 //! VM (root `/`) and in host tests.
 
 use std::collections::HashMap;
@@ -196,6 +196,7 @@ pub fn write_configs(cfg: &NodeConfig, paths: &Paths) -> Result<()> {
         .cloned()
         .unwrap_or_else(|| "registry.k8s.io/coredns/coredns:v1.11.3".into());
     write_file(&paths.config().join("coredns.yaml"), &coredns_manifest(&coredns_image))?;
+    crate::addons::write_manifests(paths).context("writing the add-ons' manifests")?;
     Ok(())
 }
 
@@ -429,6 +430,8 @@ pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Nod
     if reached(phase::NODE_READY) {
         return Ok(BringUp::StoppedAfter(phase::NODE_READY.into()));
     }
+    // The add-ons deploy after node-ready, beside the wait for DNS, never before it.
+    crate::addons::deploy_after_ready(paths, reaper.clone());
     wait_for("coredns", comps, || {
         reaper
             .run(&[
@@ -640,5 +643,7 @@ mod tests {
         let cni = std::fs::read_to_string(d.path().join("etc/cni/net.d/10-kindling.conflist")).unwrap();
         assert!(cni.contains("\"bridge\"") && cni.contains(NODE_POD_CIDR));
         assert!(std::fs::read_to_string(paths.config().join("coredns.yaml")).unwrap().contains(DNS_IP));
+        let storage = crate::addons::manifest_path(&paths, crate::addons::STORAGE_PROVISIONER);
+        assert!(std::fs::read_to_string(storage).unwrap().contains("\"standard\""));
     }
 }

@@ -9,10 +9,12 @@
 //! - [`forward`]: the `[ADDR:]HOSTPORT:GUESTPORT` grammar of port forwards.
 //! - [`exit`]: exit statuses of `kindling boot` that other parts act on.
 //! - [`seed`]: the seed disk the host hands a node at boot (the cluster CA).
+//! - [`addon`]: the add-ons (name, pinned version, default on or off).
 //!
 //! This crate depends on serde (and serde_json for the wire lines) only, so both sides
 //! can use it without pulling in each other's dependencies.
 
+pub mod addon;
 pub mod agent;
 pub mod api;
 pub mod cmdline;
