@@ -10,7 +10,8 @@
 //!   a restart that keeps the disk's data, delete. A few minutes under the emulated runner.
 //! - `a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly`: the whole
 //!   product: start to Ready, kubectl, image load, a NodePort answering curl from the
-//!   host, stop and start keeping a Deployment, delete leaving nothing. About ten
+//!   host, stop and start keeping a Deployment and a PersistentVolumeClaim's data (the
+//!   storage-provisioner add-on's default StorageClass), delete leaving nothing. About ten
 //!   minutes under the emulated runner.
 
 mod common;
@@ -452,6 +453,114 @@ fn pods_cannot_reach_the_agent(env: &Env, name: &str, image: &str) {
     }
 }
 
+/// The storage-provisioner add-on: a claim without a storage class, its volume's path
+/// on the node, and pods that write and read it (busybox, run to completion).
+const CLAIM: &str = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: data}\nspec:\n  \
+                     accessModes: [ReadWriteOnce]\n  resources: {requests: {storage: 64Mi}}\n";
+
+/// Runs a pod with the claim `data` mounted at /data to completion; returns its logs.
+fn claim_pod(env: &Env, name: &str, image: &str, pod: &str, script: &str) -> String {
+    let spec = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "c", "image": image, "imagePullPolicy": "IfNotPresent",
+                            "command": ["sh", "-c", script],
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]
+        }
+    });
+    env.kubectl(&["--context", name, "apply", "-f", "-"], Some(&spec.to_string())).ok();
+    let done = "--for=jsonpath={.status.phase}=Succeeded";
+    let waited = env.kubectl(&["--context", name, "wait", done, &format!("pod/{pod}"), "--timeout=20m"], None);
+    if waited.code != Some(0) {
+        let why = env.kubectl(&["--context", name, "describe", "pod", pod], None);
+        let prov = env
+            .kubectl(&["--context", name, "-n", "local-path-storage", "logs", "deploy/local-path-provisioner"], None);
+        panic!("pod {pod} did not succeed\n{}\n{}\n{}", waited.text(), why.text(), prov.text());
+    }
+    let logs = env.kubectl(&["--context", name, "logs", pod], None).ok().stdout;
+    env.kubectl(&["--context", name, "delete", "pod", pod, "--timeout=10m"], None).ok();
+    logs
+}
+
+/// Where the claim's volume lives on the node (its PersistentVolume's path).
+fn claim_path(env: &Env, name: &str) -> String {
+    let pv = env.kubectl(&["--context", name, "get", "pvc", "data", "-o=jsonpath={.spec.volumeName}"], None).ok();
+    let path = "-o=jsonpath={.spec.hostPath.path}{.spec.local.path}";
+    let r = env.kubectl(&["--context", name, "get", "pv", pv.stdout.trim(), path], None).ok();
+    let p = r.stdout.trim().to_string();
+    assert!(
+        p.starts_with("/var/lib/kindling/storage/pvc-"),
+        "the volume is not on the node's disk: {p:?}\n{}",
+        r.text()
+    );
+    p
+}
+
+/// The default StorageClass binds a claim that names none once a pod uses it, and a
+/// recreated pod finds what the first one wrote (in the volume's directory on the node).
+fn a_claim_binds_and_keeps_its_data(env: &Env, name: &str, image: &str) -> String {
+    let r = env.quick(&["addons", "list", "--name", name, "-o", "json"]).ok();
+    let storage = r.json().as_array().unwrap().iter().find(|a| a["name"] == "storage-provisioner").cloned();
+    let storage = storage.unwrap_or_else(|| panic!("no storage-provisioner add-on\n{}", r.text()));
+    assert_eq!((storage["enabled"].as_bool(), storage["version"].as_str()), (Some(true), Some("v0.0.30")), "{storage}");
+    // The add-on is deployed after node-ready; give it the time an emulated node needs.
+    let sc = "--for=jsonpath={.metadata.annotations.storageclass\\.kubernetes\\.io/is-default-class}=true";
+    let t0 = Instant::now();
+    while env.kubectl(&["--context", name, "wait", sc, "storageclass/standard", "--timeout=60s"], None).code != Some(0)
+    {
+        assert!(t0.elapsed() < Duration::from_secs(20 * 60), "no default StorageClass \"standard\" after 20 minutes");
+        std::thread::sleep(Duration::from_secs(10));
+    }
+    env.kubectl(&["--context", name, "apply", "-f", "-"], Some(CLAIM)).ok();
+    // WaitForFirstConsumer: no pod, no volume yet.
+    std::thread::sleep(Duration::from_secs(5));
+    let pvc = env.kubectl(&["--context", name, "get", "pvc", "data", "-o", "json"], None).ok().json();
+    assert_eq!(
+        (pvc["spec"]["storageClassName"].as_str(), pvc["status"]["phase"].as_str()),
+        (Some("standard"), Some("Pending")),
+        "the claim got the default class and waits for its first consumer: {pvc}"
+    );
+    let out = claim_pod(env, name, image, "pvc-writer", "echo kept-by-standard >/data/hello && cat /data/hello");
+    assert_eq!(out.trim(), "kept-by-standard");
+    let phase = env.kubectl(&["--context", name, "get", "pvc", "data", "-o=jsonpath={.status.phase}"], None).ok();
+    assert_eq!(phase.stdout.trim(), "Bound", "{}", phase.text());
+    let path = claim_path(env, name);
+    let on_node = env.quick(&["exec", "--name", name, "--", "cat", &format!("{path}/hello")]).ok();
+    assert_eq!(on_node.stdout.trim(), "kept-by-standard", "{}", on_node.text());
+    // A new pod on the same claim reads what the deleted one wrote.
+    let out = claim_pod(env, name, image, "pvc-reader", "cat /data/hello");
+    assert_eq!(out.trim(), "kept-by-standard", "the data did not survive the pod");
+    path
+}
+
+/// After a stop and start: the data is still there; deleting the claim removes the
+/// volume and its directory on the node (reclaimPolicy Delete, the helper pod's teardown).
+fn the_claim_survives_a_restart_and_its_deletion_frees_the_space(env: &Env, name: &str, image: &str, path: &str) {
+    assert_eq!(claim_path(env, name), path, "the claim kept its volume");
+    let out = claim_pod(env, name, image, "pvc-reader", "cat /data/hello");
+    assert_eq!(out.trim(), "kept-by-standard", "the data did not survive the cluster's stop and start");
+    let pv = env.kubectl(&["--context", name, "get", "pvc", "data", "-o=jsonpath={.spec.volumeName}"], None).ok();
+    let pv = pv.stdout.trim().to_string();
+    env.kubectl(&["--context", name, "delete", "pvc", "data", "--timeout=10m"], None).ok();
+    let gone = env.kubectl(&["--context", name, "wait", "--for=delete", &format!("pv/{pv}"), "--timeout=20m"], None);
+    assert_eq!(gone.code, Some(0), "the volume was not deleted with its claim\n{}", gone.text());
+    let t0 = Instant::now();
+    loop {
+        let r = env.quick(&["exec", "--name", name, "--", "ls", "-a", "/var/lib/kindling/storage"]).ok();
+        if !r.stdout.contains(path.rsplit('/').next().unwrap()) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10 * 60),
+            "{path} is still on the node after its claim was deleted\n{}",
+            r.text()
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
 fn wait_for_body(url: &str, limit: Duration) {
     let t0 = Instant::now();
     loop {
@@ -506,6 +615,9 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     // connections only from the host, CID 2).
     pods_cannot_reach_the_agent(&env, name, &image);
 
+    // The storage-provisioner add-on (default StorageClass "standard").
+    let volume = a_claim_binds_and_keeps_its_data(&env, name, &image);
+
     // Root in the guest rewrites the node's admin kubeconfig with an exec plugin (it
     // breaks the node's own tools until the agent rewrites it at the next boot): the
     // host's kubeconfig is built from the host's own identity files and never has it.
@@ -539,6 +651,7 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     env.kubectl(&["--context", name, "get", "deployment", "web"], None).ok();
     env.kubectl(&["--context", name, "rollout", "status", "deployment/web", "--timeout=30m"], None).ok();
     wait_for_body(&url, Duration::from_secs(15 * 60));
+    the_claim_survives_a_restart_and_its_deletion_frees_the_space(&env, name, &image, &volume);
 
     env.run(&["delete", "--name", name], Duration::from_secs(15 * 60)).ok();
     assert_eq!(leftovers(&env, name), Vec::<PathBuf>::new(), "no VM directory, disk or record is left");

@@ -3,7 +3,8 @@
 //! (serde_json, so every string, including the files inside a ConfigMap, is quoted
 //! correctly), written under /etc/kindling/addons/ with the other configuration files,
 //! and applied with the node's kubectl from a thread of their own after node-ready;
-//! applying is idempotent, so every boot applies them again.
+//! applying is idempotent, so every boot applies them again. Their image archives are
+//! imported into containerd in that thread too (bring-up skips [`ARCHIVES`]).
 //!
 //! storage-provisioner: Rancher's local-path-provisioner in `local-path-storage`, and
 //! the default StorageClass `standard`. A volume is a directory under [`STORAGE_DIR`]
@@ -29,6 +30,11 @@ pub const STORAGE_CLASS: &str = "standard";
 pub const STORAGE_PROVISIONER_NAME: &str = "rancher.io/local-path";
 const STORAGE_SA: &str = "local-path-provisioner-service-account";
 const STORAGE_DEPLOYMENT: &str = "local-path-provisioner";
+/// The storage add-on's image archive in /var/lib/kindling/images (the oci step's).
+const STORAGE_ARCHIVE: &str = "local-path-provisioner.oci.tar";
+/// The add-ons' archives: the node's bring-up leaves them to the add-ons, which import
+/// them after node-ready, so they do not delay it.
+pub const ARCHIVES: &[&str] = &[STORAGE_ARCHIVE];
 
 /// How long the agent keeps trying to apply an add-on, and then waits for it to be
 /// available, before it says so on the console and gives up (until the next boot).
@@ -75,8 +81,17 @@ pub fn deploy_after_ready(paths: &Paths, reaper: std::sync::Arc<Reaper>) {
     let kubectl = paths.bin("kubectl");
     let admin = paths.kubeconfig("admin").display().to_string();
     let manifest = manifest_path(paths, STORAGE_PROVISIONER);
+    let (ctr, sock) = (paths.bin("ctr"), paths.containerd_socket().display().to_string());
+    let (archive, image) = (paths.images().join(STORAGE_ARCHIVE), Images::from_versions(paths).provisioner);
     std::thread::spawn(move || {
-        if let Err(e) = deploy_storage(&reaper, &kubectl, &admin, &manifest) {
+        let imported = (|| {
+            let (_, have) = reaper.run(&[&ctr, "--address", &sock, "-n", "k8s.io", "images", "ls", "-q"])?;
+            if !have.lines().any(|l| l.trim() == image) {
+                crate::node::import_archive(&reaper, &ctr, &sock, &archive)?;
+            }
+            anyhow::Ok(())
+        })();
+        if let Err(e) = imported.and_then(|()| deploy_storage(&reaper, &kubectl, &admin, &manifest)) {
             phase::log(format!("add-on {STORAGE_PROVISIONER}: {e:#}"));
         }
     });
@@ -254,7 +269,10 @@ mod tests {
     use super::*;
 
     fn images() -> Images {
-        Images { provisioner: "kindling.local/local-path-provisioner:v9".into(), busybox: "kindling.local/busybox:1.2".into() }
+        Images {
+            provisioner: "kindling.local/local-path-provisioner:v9".into(),
+            busybox: "kindling.local/busybox:1.2".into(),
+        }
     }
 
     fn item<'a>(list: &'a Value, kind: &str) -> &'a Value {
@@ -276,12 +294,18 @@ mod tests {
     fn nothing_is_pulled_and_volumes_live_on_the_root_disk() {
         let m = storage_manifest(&images());
         let c = &item(&m, "Deployment")["spec"]["template"]["spec"]["containers"][0];
-        assert_eq!((c["image"].as_str(), c["imagePullPolicy"].as_str()), (Some("kindling.local/local-path-provisioner:v9"), Some("IfNotPresent")));
+        assert_eq!(
+            (c["image"].as_str(), c["imagePullPolicy"].as_str()),
+            (Some("kindling.local/local-path-provisioner:v9"), Some("IfNotPresent"))
+        );
         let data = &item(&m, "ConfigMap")["data"];
         // The files inside the ConfigMap parse back (YAML is a superset of JSON).
         let helper: Value = serde_json::from_str(data["helperPod.yaml"].as_str().unwrap()).unwrap();
         let hc = &helper["spec"]["containers"][0];
-        assert_eq!((hc["image"].as_str(), hc["imagePullPolicy"].as_str()), (Some("kindling.local/busybox:1.2"), Some("IfNotPresent")));
+        assert_eq!(
+            (hc["image"].as_str(), hc["imagePullPolicy"].as_str()),
+            (Some("kindling.local/busybox:1.2"), Some("IfNotPresent"))
+        );
         let config: Value = serde_json::from_str(data["config.json"].as_str().unwrap()).unwrap();
         assert_eq!(config["nodePathMap"][0]["paths"][0], STORAGE_DIR);
         assert!(STORAGE_DIR.starts_with("/var/lib/"), "not on a tmpfs (/run, /tmp)");

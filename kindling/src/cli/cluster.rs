@@ -75,6 +75,23 @@ pub enum ClusterCommand {
     /// `kindling boot ... --vsock /tmp/node.sock --forward 16443:6443`, then
     /// `kindling kubeconfig --vsock /tmp/node.sock --server https://127.0.0.1:16443 > kc`.
     Kubeconfig(KubeconfigArgs),
+    /// The cluster's add-ons (storage-provisioner, ...): `kindling addons list`.
+    #[command(subcommand)]
+    Addons(AddonsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AddonsCommand {
+    /// List the add-ons: name, version, whether the cluster runs them, what they give.
+    List(AddonsListArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AddonsListArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    #[command(flatten)]
+    pub output: OutputArg,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -297,6 +314,20 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<i32> {
         }
         ClusterCommand::Image(ImageCommand::Load(a)) => {
             cluster::image_load(&a.name.name, &a.archive, &Say { to_stderr: true })
+        }
+        ClusterCommand::Addons(AddonsCommand::List(a)) => {
+            let all = cluster::addons(&a.name.name)?;
+            match a.output.output {
+                Output::Json => print_json(&all)?,
+                Output::Text => {
+                    println!("{:<20} {:<9} {:<8} WHAT IT GIVES", "NAME", "VERSION", "STATUS");
+                    for s in &all {
+                        let status = if s.enabled { "enabled" } else { "disabled" };
+                        println!("{:<20} {:<9} {:<8} {}", s.name, s.version, status, s.gives);
+                    }
+                }
+            }
+            Ok(0)
         }
         ClusterCommand::Service(a) => {
             let urls = cluster::service_urls(&a.name.name, &a.service, &a.namespace)?;
@@ -530,6 +561,11 @@ mod tests {
         ));
         assert!(matches!(parse(&["delete", "--name", "x"]), ClusterCommand::Delete(_)));
         assert!(matches!(parse(&["ip"]), ClusterCommand::Ip(_)));
+        let ClusterCommand::Addons(AddonsCommand::List(a)) = parse(&["addons", "list", "-o", "json", "--name", "x"])
+        else {
+            panic!()
+        };
+        assert_eq!((a.name.name.as_str(), a.output.output), ("x", Output::Json));
         assert!(parse_err(&["image", "load"]).contains("ARCHIVE"));
         assert!(parse_err(&["service"]).contains("SERVICE"));
     }
@@ -551,6 +587,7 @@ mod tests {
             "image",
             "service",
             "kubeconfig",
+            "addons",
         ] {
             let sub = cmd.find_subcommand(name).unwrap_or_else(|| panic!("no subcommand {name}"));
             assert!(sub.get_about().is_some_and(|a| !a.to_string().is_empty()), "{name} has no help");

@@ -42,7 +42,7 @@ impl Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The cluster commands: start, status, list, stop, delete, logs, kubectl, exec, ip,
-    /// image, service.
+    /// image, service, kubeconfig, addons.
     #[command(flatten)]
     Cluster(cluster::ClusterCommand),
     /// Boot one microVM in the foreground: its serial console on stdout, exit 0 when the

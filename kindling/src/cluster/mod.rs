@@ -12,7 +12,8 @@
 //! - [`start`](mod@start), [`stop`](mod@stop), [`delete`](mod@delete), [`status`](mod@status)
 //!   (and `list`);
 //! - [`node`]: exec, logs, ip, image load, service, kubectl;
-//! - [`credentials`]: the kubeconfig context and `kindling kubeconfig`.
+//! - [`credentials`]: the kubeconfig context and `kindling kubeconfig`;
+//! - [`addons`](mod@addons): `kindling addons list`.
 //!
 //! What they share:
 //! - [`record`]: the cluster record, its paths and locks;
@@ -21,6 +22,7 @@
 //! - [`ports`]: the API server port and the NodePort range on the host;
 //! - [`kubeconfig`]: merging the cluster's context into the user's kubeconfig.
 
+mod addons;
 pub mod agent;
 mod credentials;
 mod delete;
@@ -34,6 +36,7 @@ mod start;
 mod status;
 mod stop;
 
+pub use addons::{addons, AddonStatus};
 use credentials::*;
 pub use credentials::{kubeconfig, KubeconfigSource};
 pub use delete::{delete, DeleteReport};
