@@ -100,12 +100,15 @@ pub fn deploy_after_ready(paths: &Paths, reaper: std::sync::Arc<Reaper>) {
 fn deploy_storage(reaper: &Reaper, kubectl: &str, admin: &str, manifest: &Path) -> Result<()> {
     let t0 = Instant::now();
     let file = manifest.display().to_string();
-    loop {
+    for attempt in 1.. {
         let last = match reaper.run(&[kubectl, "--kubeconfig", admin, "apply", "-f", &file]) {
             Ok((0, _)) => break,
             Ok((code, out)) => format!("exit {code}: {}", out.trim()),
             Err(e) => format!("{e:#}"),
         };
+        if attempt == 1 {
+            phase::log(format!("add-on {STORAGE_PROVISIONER}: kubectl apply failed ({last}); retrying every 2s"));
+        }
         anyhow::ensure!(
             t0.elapsed() < APPLY_LIMIT,
             "kubectl apply -f {file} still fails after {}s ({last}); it is applied again at the next boot",
