@@ -83,6 +83,7 @@ pub fn deploy_after_ready(paths: &Paths, reaper: std::sync::Arc<Reaper>) {
     let manifest = manifest_path(paths, STORAGE_PROVISIONER);
     let (ctr, sock) = (paths.bin("ctr"), paths.containerd_socket().display().to_string());
     let (archive, image) = (paths.images().join(STORAGE_ARCHIVE), Images::from_versions(paths).provisioner);
+    let ready_at = Instant::now();
     std::thread::spawn(move || {
         let imported = (|| {
             let (_, have) = reaper.run(&[&ctr, "--address", &sock, "-n", "k8s.io", "images", "ls", "-q"])?;
@@ -91,14 +92,14 @@ pub fn deploy_after_ready(paths: &Paths, reaper: std::sync::Arc<Reaper>) {
             }
             anyhow::Ok(())
         })();
-        if let Err(e) = imported.and_then(|()| deploy_storage(&reaper, &kubectl, &admin, &manifest)) {
+        if let Err(e) = imported.and_then(|()| deploy_storage(&reaper, &kubectl, &admin, &manifest, ready_at)) {
             phase::log(format!("add-on {STORAGE_PROVISIONER}: {e:#}"));
         }
     });
 }
 
-fn deploy_storage(reaper: &Reaper, kubectl: &str, admin: &str, manifest: &Path) -> Result<()> {
-    let t0 = Instant::now();
+/// `t0`: when the node became Ready (the times on the console count from there).
+fn deploy_storage(reaper: &Reaper, kubectl: &str, admin: &str, manifest: &Path, t0: Instant) -> Result<()> {
     let file = manifest.display().to_string();
     for attempt in 1.. {
         let last = match reaper.run(&[kubectl, "--kubeconfig", admin, "apply", "-f", &file]) {
@@ -116,7 +117,7 @@ fn deploy_storage(reaper: &Reaper, kubectl: &str, admin: &str, manifest: &Path) 
         );
         std::thread::sleep(Duration::from_secs(2));
     }
-    phase::log(format!("add-on {STORAGE_PROVISIONER}: applied in {:.1}s", t0.elapsed().as_secs_f64()));
+    phase::log(format!("add-on {STORAGE_PROVISIONER}: applied {:.1}s after node-ready", t0.elapsed().as_secs_f64()));
     loop {
         let available = reaper
             .run(&[
