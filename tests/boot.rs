@@ -175,6 +175,21 @@ fn a_killed_kindling_boot_leaves_no_vm_behind() {
     assert!(left.is_empty(), "processes of the killed VM still run: {left:?}");
 }
 
+/// `kindling boot` of Debian's kernel and the busybox initramfs without a network, for
+/// the level-1 VM's tests; `None` (the test is skipped) where the emulated runner is not
+/// used.
+fn emulated_busybox_boot() -> Option<std::process::Command> {
+    if !matches!(kindling::runner::probe_kvm(), kindling::runner::KvmStatus::Unusable(_)) {
+        eprintln!("skipped: the emulated runner is not used here");
+        return None;
+    }
+    let (kernel, initrd) = (debian_kernel(), busybox_initramfs());
+    let mut cmd = kindling();
+    cmd.arg("boot").args(["--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
+    cmd.args(["--net", "none"]);
+    Some(cmd)
+}
+
 /// A level-1 VM that goes silent (a stall injected on purpose at the L1 side's
 /// `vm-build` step, with a short bound) is started again once, as the guest has not run
 /// yet; stalling again, it ends `kindling boot` with the stall's exit status and an
@@ -182,20 +197,8 @@ fn a_killed_kindling_boot_leaves_no_vm_behind() {
 /// within twice the bound: no silent hang. Emulated runner only.
 #[test]
 fn a_stalled_level_1_vm_is_stopped_with_an_error_that_says_where() {
-    if !matches!(kindling::runner::probe_kvm(), kindling::runner::KvmStatus::Unusable(_)) {
-        eprintln!("skipped: the emulated runner is not used here");
-        return;
-    }
-    let (kernel, initrd) = (debian_kernel(), busybox_initramfs());
-    let mut cmd = kindling();
-    cmd.env("KINDLING_TEST_L1_STALL", "vm-build").env("KINDLING_L1_STALL_SECS", "30").arg("boot").args([
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--net",
-        "none",
-    ]);
+    let Some(mut cmd) = emulated_busybox_boot() else { return };
+    cmd.env("KINDLING_TEST_L1_STALL", "vm-build").env("KINDLING_L1_STALL_SECS", "30");
     let t0 = std::time::Instant::now();
     let out = run_with_timeout(cmd, std::time::Duration::from_secs(300));
     let secs = t0.elapsed().as_secs();
@@ -221,20 +224,8 @@ fn a_stalled_level_1_vm_is_stopped_with_an_error_that_says_where() {
 /// starts): QEMU must take it, and L1 and the guest must go on as if nothing happened.
 #[test]
 fn dropping_the_level_1_translations_leaves_it_running() {
-    if !matches!(kindling::runner::probe_kvm(), kindling::runner::KvmStatus::Unusable(_)) {
-        eprintln!("skipped: the emulated runner is not used here");
-        return;
-    }
-    let (kernel, initrd) = (debian_kernel(), busybox_initramfs());
-    let mut cmd = kindling();
-    cmd.env("KINDLING_TEST_L1_NUDGE", "vm-run").arg("boot").args([
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--net",
-        "none",
-    ]);
+    let Some(mut cmd) = emulated_busybox_boot() else { return };
+    cmd.env("KINDLING_TEST_L1_NUDGE", "vm-run");
     let out = run_with_timeout(cmd, std::time::Duration::from_secs(300));
     let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("kindling: test: QEMU dropped its translations at 0xffffffff"), "{log}");

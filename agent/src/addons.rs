@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use crate::node::{versions, Paths};
+use crate::paths::{versions, Paths};
 use crate::phase;
 use crate::supervisor::Reaper;
 
@@ -88,7 +88,7 @@ pub fn deploy_after_ready(paths: &Paths, reaper: std::sync::Arc<Reaper>) {
         let imported = (|| {
             let (_, have) = reaper.run(&[&ctr, "--address", &sock, "-n", "k8s.io", "images", "ls", "-q"])?;
             if !have.lines().any(|l| l.trim() == image) {
-                crate::node::import_archive(&reaper, &ctr, &sock, &archive)?;
+                crate::images::import_archive(&reaper, &ctr, &sock, &archive)?;
             }
             anyhow::Ok(())
         })();

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use kindling_proto::agent::{Reply, Request, MAX_ARGS, MAX_CHUNK, MAX_LINE, UNIX_SOCKET, VSOCK_PORT};
 
-use crate::node::Paths;
+use crate::paths::Paths;
 use crate::phase;
 use crate::supervisor::Reaper;
 

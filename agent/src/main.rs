@@ -5,8 +5,10 @@
 
 mod addons;
 mod control;
+mod images;
 mod init;
 mod node;
+mod paths;
 mod phase;
 mod pki;
 mod ports;
@@ -14,7 +16,8 @@ mod seed;
 mod selftest;
 mod supervisor;
 
-use node::{NodeConfig, Paths};
+use node::NodeConfig;
+use paths::Paths;
 
 fn main() {
     if std::process::id() != 1 {

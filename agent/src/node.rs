@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 
 use kindling_proto::seed;
 
+use crate::paths::{versions, Paths};
 use crate::phase;
 use crate::pki::{NodeIdentity, Pki};
 use crate::supervisor::{Component, Reaper, Spec};
@@ -70,61 +71,6 @@ impl NodeConfig {
     fn shows(&self, component: &str) -> bool {
         self.console.iter().any(|c| c == "all" || c == component)
     }
-}
-
-/// Where the node keeps things, under `root`.
-#[derive(Clone, Debug)]
-pub struct Paths {
-    pub root: PathBuf,
-}
-
-impl Paths {
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
-    }
-    fn at(&self, p: &str) -> PathBuf {
-        self.root.join(p.trim_start_matches('/'))
-    }
-    pub fn pki(&self) -> PathBuf {
-        self.at("/var/lib/kindling/pki")
-    }
-    pub fn config(&self) -> PathBuf {
-        self.at("/etc/kindling")
-    }
-    pub fn logs(&self) -> PathBuf {
-        self.at("/var/log/kindling")
-    }
-    pub fn images(&self) -> PathBuf {
-        self.at("/var/lib/kindling/images")
-    }
-    pub fn etcd_data(&self) -> PathBuf {
-        self.at("/var/lib/etcd")
-    }
-    pub fn kubeconfig(&self, name: &str) -> PathBuf {
-        self.config().join(format!("{name}.conf"))
-    }
-    pub fn containerd_socket(&self) -> PathBuf {
-        self.at("/run/containerd/containerd.sock")
-    }
-    pub fn bin(&self, name: &str) -> String {
-        for dir in ["/usr/local/bin", "/usr/bin", "/usr/sbin", "/sbin"] {
-            let p = self.at(dir).join(name);
-            if p.exists() {
-                return p.display().to_string();
-            }
-        }
-        name.to_string()
-    }
-}
-
-/// Image names the rootfs recipe recorded in /etc/kindling/versions.env.
-pub fn versions(paths: &Paths) -> HashMap<String, String> {
-    std::fs::read_to_string(paths.config().join("versions.env"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
-        .collect()
 }
 
 /// Writes PKI, kubeconfigs, kubelet/CNI configuration and the CoreDNS add-on.
@@ -398,7 +344,7 @@ pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Nod
 
     wait_for("containerd", comps, || reaper.run(&[&ctr, "--address", &sock, "version"]).is_ok_and(|(c, _)| c == 0));
     // The add-ons' archives are imported after node-ready, by the add-ons themselves.
-    import_images(&reaper, &ctr, &sock, &paths.images(), crate::addons::ARCHIVES)?;
+    crate::images::import_images(&reaper, &ctr, &sock, &paths.images(), crate::addons::ARCHIVES)?;
     if reached("containerd-ready") {
         return Ok(BringUp::StoppedAfter("containerd-ready".into()));
     }
@@ -450,53 +396,6 @@ pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Nod
     });
     phase::report("dns-ready");
     Ok(BringUp::Complete)
-}
-
-/// Imports the preloaded OCI archives into containerd's k8s.io namespace (idempotent),
-/// except those named in `skip`.
-fn import_images(reaper: &Reaper, ctr: &str, sock: &str, dir: &Path, skip: &[&str]) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        phase::log(format!("no preloaded images in {}", dir.display()));
-        return Ok(());
-    };
-    let (_, have) = reaper.run(&[ctr, "--address", sock, "-n", "k8s.io", "images", "ls", "-q"])?;
-    let marker = dir.join(".imported");
-    let stamp = std::fs::read_to_string(&marker).unwrap_or_default();
-    let mut archives: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "tar"))
-        .filter(|p| !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| skip.contains(&n)))
-        .collect();
-    archives.sort();
-    let wanted: String = archives.iter().map(|a| a.display().to_string()).collect::<Vec<_>>().join("\n");
-    if stamp == wanted && !have.trim().is_empty() {
-        return Ok(());
-    }
-    for a in &archives {
-        import_archive(reaper, ctr, sock, a)?;
-    }
-    let _ = std::fs::write(&marker, wanted);
-    Ok(())
-}
-
-/// Imports one OCI archive into containerd's k8s.io namespace (unpacked on first use).
-pub fn import_archive(reaper: &Reaper, ctr: &str, sock: &str, archive: &Path) -> Result<()> {
-    let t = Instant::now();
-    let (code, out) = reaper.run(&[
-        ctr,
-        "--address",
-        sock,
-        "-n",
-        "k8s.io",
-        "images",
-        "import",
-        "--no-unpack",
-        &archive.display().to_string(),
-    ])?;
-    anyhow::ensure!(code == 0, "importing {}: {out}", archive.display());
-    phase::log(format!("imported {} in {:.1}s", archive.display(), t.elapsed().as_secs_f64()));
-    Ok(())
 }
 
 fn etcd_healthy() -> bool {

@@ -5,7 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::node::{versions, Paths, SERVICE_IP};
+use crate::node::SERVICE_IP;
+use crate::paths::{versions, Paths};
 use crate::phase;
 use crate::supervisor::Reaper;
 
