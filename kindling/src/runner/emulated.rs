@@ -622,20 +622,6 @@ fn test_nudge_step() -> Option<String> {
     std::env::var("KINDLING_TEST_L1_NUDGE").ok().filter(|s| !s.is_empty())
 }
 
-/// The L1 kernel's idle loop (`do_idle`), where a healthy L1 spends its time; 0 when its
-/// symbols are unknown.
-fn test_nudge_address(system_map: Option<&Path>) -> u64 {
-    let map = system_map.and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
-    map.lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            let addr = f.next()?;
-            (f.next()?.eq_ignore_ascii_case("t") && f.next()? == "do_idle")
-                .then(|| u64::from_str_radix(addr, 16).ok())?
-        })
-        .unwrap_or(0)
-}
-
 /// A free TCP port on the host's loopback (for QEMU's hostfwd).
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -775,6 +761,7 @@ pub fn run_job_with(
     let bound = l1watch::stall_bound();
     let mut sandboxed = false;
     let mut attempt = 1;
+    let test_nudge = test_nudge_step();
     let (status, watch) = 'attempts: loop {
         let l1_log = work.path().join(format!("l1-{attempt}.log"));
         let qmp = work.path().join(format!("qmp-{attempt}.sock"));
@@ -828,11 +815,11 @@ pub fn run_job_with(
                     }
                 }
             }
-            if let Some(step) = test_nudge_step() {
-                if nudges == 0 && watch.reached(&step) {
+            if let Some(step) = &test_nudge {
+                if nudges == 0 && watch.reached(step) {
                     // Tests: the translation drop at a step, on a healthy L1.
                     nudges += 1;
-                    let addr = test_nudge_address(l1.system_map().as_deref());
+                    let addr = l1watch::symbol_address(l1.system_map().as_deref(), "do_idle").unwrap_or(0);
                     match l1watch::drop_translations(&gdb, &qmp, addr) {
                         Ok(()) => eprintln!("kindling: test: QEMU dropped its translations at {addr:#x}"),
                         Err(e) => eprintln!("kindling: test: dropping translations at {addr:#x} failed: {e}"),

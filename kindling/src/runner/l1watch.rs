@@ -538,6 +538,12 @@ fn symbols(map: &str) -> Vec<(u64, String)> {
     v
 }
 
+/// The address of the text symbol `name` in the System.map at `system_map`.
+pub fn symbol_address(system_map: Option<&Path>, name: &str) -> Option<u64> {
+    let map = symbols(&std::fs::read_to_string(system_map?).ok()?);
+    map.iter().find(|(_, n)| n == name).map(|(a, _)| *a)
+}
+
 fn symbolize(map: &[(u64, String)], rip: u64) -> Option<String> {
     let i = map.partition_point(|(a, _)| *a <= rip).checked_sub(1)?;
     let (addr, name) = &map[i];
