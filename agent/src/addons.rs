@@ -1,22 +1,42 @@
-//! The add-ons the agent deploys once the node is Ready (`kindling_proto::addon`), so
-//! they never delay node-ready. Each add-on's objects are generated here, as JSON values
-//! (serde_json, so every string, including the files inside a ConfigMap, is quoted
-//! correctly), written under /etc/kindling/addons/ with the other configuration files,
-//! and applied with the node's kubectl from a thread of their own after node-ready;
-//! applying is idempotent, so every boot applies them again. Their image archives are
-//! imported into containerd in that thread too (bring-up skips [`ARCHIVES`]).
+//! The add-ons of `kindling_proto::addon`: which the node runs ([`Addons`], from
+//! `kindling.addons=` at boot and `{"op":"addon"}` requests after it), their objects, and
+//! deploying or removing them. Nothing here runs before node-ready, so an add-on never
+//! delays it.
+//!
+//! Each add-on's objects are generated here, as JSON values (serde_json, so every string,
+//! including the files inside a ConfigMap, is quoted correctly), written under
+//! /etc/kindling/addons/ with the other configuration files at every boot. After
+//! node-ready a thread of its own brings every add-on to what is asked: an enabled one is
+//! imported into containerd and unpacked (bring-up skips [`ARCHIVES`]; `images.rs` says
+//! why these are unpacked at import) and applied with the node's
+//! kubectl, then waited for; a disabled one is deleted (`kubectl delete --ignore-not-found
+//! -f` its manifest), so one disabled while the node was stopped goes at the next boot.
+//! Applying and deleting are idempotent, so every boot does it again. One operation on
+//! the add-ons runs at a time ([`Addons::op`]); a request that comes before node-ready is
+//! recorded and done by that thread.
+//!
+//! Removing takes away exactly what the manifest holds (namespace, RBAC, ConfigMap,
+//! Deployment, StorageClass). The storage add-on's PersistentVolumes are not in it: they
+//! stay, bound, and so does their data under [`STORAGE_DIR`] (as minikube keeps it); a
+//! pod can still mount them, a new claim waits until the add-on is back, and a claim
+//! deleted meanwhile leaves its volume until the provisioner returns and removes it.
 //!
 //! storage-provisioner: Rancher's local-path-provisioner in `local-path-storage`, and
 //! the default StorageClass `standard`. A volume is a directory under [`STORAGE_DIR`]
 //! on the node's root disk, which is the cluster's own disk and survives stop and
 //! start; the provisioner's helper pods (busybox, preloaded) create and remove them.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use kindling_proto::addon::{self, AddonState};
 use serde_json::{json, Value};
 
+use crate::kube::Api;
 use crate::paths::{versions, Paths};
 use crate::phase;
 use crate::supervisor::Reaper;
@@ -40,6 +60,8 @@ pub const ARCHIVES: &[&str] = &[STORAGE_ARCHIVE];
 /// available, before it says so on the console and gives up (until the next boot).
 const APPLY_LIMIT: Duration = Duration::from_secs(15 * 60);
 const READY_LIMIT: Duration = Duration::from_secs(20 * 60);
+/// How long an `{"op":"addon"}` request keeps retrying a failing apply or delete.
+const REQUEST_LIMIT: Duration = Duration::from_secs(3 * 60);
 
 /// The images the add-ons run, from /etc/kindling/versions.env (the oci step's names).
 #[derive(Clone, Debug)]
@@ -59,94 +81,285 @@ impl Images {
     }
 }
 
+/// How the agent runs one add-on of the catalogue.
+struct Deployable {
+    name: &'static str,
+    /// Its Deployment, whose availability says it runs.
+    namespace: &'static str,
+    deployment: &'static str,
+    /// Its image archive in /var/lib/kindling/images, and the image it holds.
+    archive: &'static str,
+    image: fn(&Images) -> String,
+    manifest: fn(&Images) -> Value,
+    /// What the console says once it runs.
+    ready_note: &'static str,
+}
+
+const DEPLOYABLE: &[Deployable] = &[Deployable {
+    name: STORAGE_PROVISIONER,
+    namespace: STORAGE_NAMESPACE,
+    deployment: STORAGE_DEPLOYMENT,
+    archive: STORAGE_ARCHIVE,
+    image: |i| i.provisioner.clone(),
+    manifest: storage_manifest,
+    ready_note: "StorageClass standard, volumes in /var/lib/kindling/storage",
+}];
+
+fn deployable(name: &str) -> Option<&'static Deployable> {
+    DEPLOYABLE.iter().find(|d| d.name == name)
+}
+
 /// The add-on's manifest file on the node.
 pub fn manifest_path(paths: &Paths, addon: &str) -> PathBuf {
     paths.config().join("addons").join(format!("{addon}.json"))
 }
 
-/// Writes every add-on's manifest (one `List` each).
+/// Writes every add-on's manifest (one `List` each), enabled or not: removing one
+/// deletes what its manifest names.
 pub fn write_manifests(paths: &Paths) -> Result<()> {
     let images = Images::from_versions(paths);
-    let path = manifest_path(paths, STORAGE_PROVISIONER);
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let text = serde_json::to_string_pretty(&storage_manifest(&images))?;
-    std::fs::write(&path, text).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
-}
-
-/// Applies the add-ons after node-ready, in a thread of its own: bounded retries, then
-/// a bounded wait for the Deployment, with the time each took on the console.
-pub fn deploy_after_ready(paths: &Paths, reaper: std::sync::Arc<Reaper>) {
-    let kubectl = paths.bin("kubectl");
-    let admin = paths.kubeconfig("admin").display().to_string();
-    let manifest = manifest_path(paths, STORAGE_PROVISIONER);
-    let (ctr, sock) = (paths.bin("ctr"), paths.containerd_socket().display().to_string());
-    let (archive, image) = (paths.images().join(STORAGE_ARCHIVE), Images::from_versions(paths).provisioner);
-    let ready_at = Instant::now();
-    std::thread::spawn(move || {
-        let imported = (|| {
-            let (_, have) = reaper.run(&[&ctr, "--address", &sock, "-n", "k8s.io", "images", "ls", "-q"])?;
-            if !have.lines().any(|l| l.trim() == image) {
-                crate::images::import_archive(&reaper, &ctr, &sock, &archive)?;
-            }
-            anyhow::Ok(())
-        })();
-        if let Err(e) = imported.and_then(|()| deploy_storage(&reaper, &kubectl, &admin, &manifest, ready_at)) {
-            phase::log(format!("add-on {STORAGE_PROVISIONER}: {e:#}"));
+    for d in DEPLOYABLE {
+        let path = manifest_path(paths, d.name);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
         }
-    });
-}
-
-/// `t0`: when the node became Ready (the times on the console count from there).
-fn deploy_storage(reaper: &Reaper, kubectl: &str, admin: &str, manifest: &Path, t0: Instant) -> Result<()> {
-    let file = manifest.display().to_string();
-    for attempt in 1.. {
-        let last = match reaper.run(&[kubectl, "--kubeconfig", admin, "apply", "-f", &file]) {
-            Ok((0, _)) => break,
-            Ok((code, out)) => format!("exit {code}: {}", out.trim()),
-            Err(e) => format!("{e:#}"),
-        };
-        if attempt == 1 {
-            phase::log(format!("add-on {STORAGE_PROVISIONER}: kubectl apply failed ({last}); retrying every 2s"));
-        }
-        anyhow::ensure!(
-            t0.elapsed() < APPLY_LIMIT,
-            "kubectl apply -f {file} still fails after {}s ({last}); it is applied again at the next boot",
-            t0.elapsed().as_secs()
-        );
-        std::thread::sleep(Duration::from_secs(2));
+        let text = serde_json::to_string_pretty(&(d.manifest)(&images))?;
+        std::fs::write(&path, text).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     }
-    phase::log(format!("add-on {STORAGE_PROVISIONER}: applied {:.1}s after node-ready", t0.elapsed().as_secs_f64()));
-    loop {
-        let available = reaper
-            .run(&[
-                kubectl,
-                "--kubeconfig",
-                admin,
-                "-n",
-                STORAGE_NAMESPACE,
-                "get",
-                "deploy",
-                STORAGE_DEPLOYMENT,
-                "-o=jsonpath={.status.availableReplicas}",
-            ])
-            .is_ok_and(|(c, o)| c == 0 && o.trim().parse::<u32>().unwrap_or(0) >= 1);
-        if available {
-            break;
-        }
-        anyhow::ensure!(
-            t0.elapsed() < READY_LIMIT,
-            "deployment {STORAGE_NAMESPACE}/{STORAGE_DEPLOYMENT} is not available after {}s; see `kubectl -n {STORAGE_NAMESPACE} describe pods`",
-            t0.elapsed().as_secs()
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
-    phase::log(format!(
-        "add-on {STORAGE_PROVISIONER}: ready {:.1}s after node-ready (StorageClass {STORAGE_CLASS}, volumes in {STORAGE_DIR})",
-        t0.elapsed().as_secs_f64()
-    ));
     Ok(())
+}
+
+/// The add-ons `kindling.addons=` names (`None`: the parameter is absent, so each
+/// add-on's default); names this agent does not know are said on the console and skipped.
+pub fn enabled_at_boot(param: Option<&str>) -> BTreeMap<&'static str, bool> {
+    let named: Option<Vec<&str>> = param.map(|v| v.split(',').map(str::trim).filter(|n| !n.is_empty()).collect());
+    if let Some(names) = &named {
+        for n in names.iter().filter(|n| deployable(n).is_none()) {
+            phase::log(format!("kindling.addons: no add-on named {n:?} in this node image; skipped"));
+        }
+    }
+    addon::ALL
+        .iter()
+        .filter(|a| deployable(a.name).is_some())
+        .map(|a| (a.name, named.as_ref().map_or(a.default_on, |n| n.contains(&a.name))))
+        .collect()
+}
+
+/// Which add-ons the node runs, and the one operation on them at a time.
+pub struct Addons {
+    paths: Paths,
+    reaper: Arc<Reaper>,
+    wanted: Mutex<BTreeMap<&'static str, bool>>,
+    /// Node-ready was reached: requests act at once (before, the boot thread does).
+    ready: AtomicBool,
+    /// Held while an add-on is applied or deleted.
+    op: Mutex<()>,
+    /// The API client for polls, made on first use (the PKI exists from bring-up on).
+    api: OnceLock<Api>,
+}
+
+/// How far an add-on got when it was enabled or disabled.
+#[derive(Debug, PartialEq, Eq)]
+enum Done {
+    Applied,
+    Removed,
+}
+
+impl Addons {
+    pub fn new(paths: Paths, reaper: Arc<Reaper>, wanted: BTreeMap<&'static str, bool>) -> Arc<Self> {
+        Arc::new(Self {
+            paths,
+            reaper,
+            wanted: Mutex::new(wanted),
+            ready: AtomicBool::new(false),
+            op: Mutex::new(()),
+            api: OnceLock::new(),
+        })
+    }
+
+    fn wanted(&self, name: &str) -> bool {
+        self.wanted.lock().unwrap_or_else(|e| e.into_inner()).get(name).copied().unwrap_or(false)
+    }
+
+    fn kubectl(&self, args: &[&str]) -> std::io::Result<(i32, String)> {
+        let kubectl = self.paths.bin("kubectl");
+        let admin = self.paths.kubeconfig("admin").display().to_string();
+        let mut argv = vec![kubectl.as_str(), "--kubeconfig", admin.as_str()];
+        argv.extend_from_slice(args);
+        self.reaper.run(&argv)
+    }
+
+    /// Brings `d` to what is wanted now (one attempt): imports and applies it, or
+    /// deletes its objects.
+    fn reconcile(&self, d: &Deployable) -> Result<Done> {
+        let _op = self.op.lock().unwrap_or_else(|e| e.into_inner());
+        let file = manifest_path(&self.paths, d.name).display().to_string();
+        let run = |args: &[&str]| -> Result<()> {
+            match self.kubectl(args) {
+                Ok((0, _)) => Ok(()),
+                Ok((code, out)) => anyhow::bail!("kubectl {} exited {code}: {}", args.join(" "), out.trim()),
+                Err(e) => anyhow::bail!("kubectl {}: {e}", args.join(" ")),
+            }
+        };
+        if self.wanted(d.name) {
+            let (ctr, sock) = (self.paths.bin("ctr"), self.paths.containerd_socket().display().to_string());
+            let image = (d.image)(&Images::from_versions(&self.paths));
+            let (_, have) = self.reaper.run(&[&ctr, "--address", &sock, "-n", "k8s.io", "images", "ls", "-q"])?;
+            if !have.lines().any(|l| l.trim() == image) {
+                let archive = self.paths.images().join(d.archive);
+                crate::images::import_archive(&self.reaper, &ctr, &sock, &archive, true)?;
+            }
+            // Our own manifests, checked by unit tests: client-side validation would
+            // fetch /openapi/v2, which under emulation can take longer than its timeout.
+            run(&["apply", "--validate=false", "-f", &file])?;
+            Ok(Done::Applied)
+        } else {
+            run(&["delete", "--ignore-not-found", "--timeout=10m", "-f", &file])?;
+            Ok(Done::Removed)
+        }
+    }
+
+    /// [`Self::reconcile`] again every 2 s while it fails, for up to `limit` from `t0`;
+    /// `say` gets the first failure.
+    fn reconcile_patiently(
+        &self,
+        d: &Deployable,
+        t0: Instant,
+        limit: Duration,
+        say: &mut dyn FnMut(&str),
+    ) -> Result<Done> {
+        for attempt in 1.. {
+            let last = match self.reconcile(d) {
+                Ok(done) => return Ok(done),
+                Err(e) => format!("{e:#}"),
+            };
+            if attempt == 1 {
+                say(&format!("add-on {}: {last}; retrying every 2s", d.name));
+            }
+            anyhow::ensure!(
+                t0.elapsed() < limit,
+                "still failing after {}s ({last}); it is done again at the next boot",
+                t0.elapsed().as_secs()
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        unreachable!("the loop returns")
+    }
+
+    fn api(&self) -> Result<&Api> {
+        if let Some(api) = self.api.get() {
+            return Ok(api);
+        }
+        let api = Api::from_pki(&self.paths.pki(), crate::kube::LOCAL_SERVER)?;
+        Ok(self.api.get_or_init(|| api))
+    }
+
+    /// Whether `d`'s Deployment exists, and whether it has an available replica; None
+    /// when the API server does not answer.
+    fn deployment(&self, d: &Deployable) -> Option<(bool, bool)> {
+        self.api().and_then(|api| api.deployment(d.namespace, d.deployment)).ok()
+    }
+
+    /// Waits (bounded) for `d` to run, while it is still wanted; says when it does.
+    fn wait_running(&self, d: &Deployable, t0: Instant, since: &str) {
+        while self.wanted(d.name) {
+            if let Some((_, true)) = self.deployment(d) {
+                phase::log(format!(
+                    "add-on {}: ready {:.1}s after {since} ({})",
+                    d.name,
+                    t0.elapsed().as_secs_f64(),
+                    d.ready_note
+                ));
+                return;
+            }
+            if t0.elapsed() > READY_LIMIT {
+                phase::log(format!(
+                    "add-on {}: deployment {}/{} is not available after {}s; see `kubectl -n {} describe pods`",
+                    d.name,
+                    d.namespace,
+                    d.deployment,
+                    t0.elapsed().as_secs(),
+                    d.namespace
+                ));
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
+    /// After node-ready: brings every add-on to what is wanted, in a thread of its own,
+    /// with the time each took on the console (counted from node-ready).
+    pub fn deploy_after_ready(self: &Arc<Self>) {
+        self.ready.store(true, Ordering::SeqCst);
+        let this = self.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut waits = Vec::new();
+            for d in DEPLOYABLE {
+                match this.reconcile_patiently(d, t0, APPLY_LIMIT, &mut |s| phase::log(s)) {
+                    Ok(Done::Applied) => {
+                        phase::log(format!(
+                            "add-on {}: applied {:.1}s after node-ready",
+                            d.name,
+                            t0.elapsed().as_secs_f64()
+                        ));
+                        waits.push(d);
+                    }
+                    Ok(Done::Removed) => {
+                        phase::log(format!("add-on {}: disabled; its objects are not in the cluster", d.name))
+                    }
+                    Err(e) => phase::log(format!("add-on {}: {e:#}", d.name)),
+                }
+            }
+            for d in waits {
+                this.wait_running(d, t0, "node-ready");
+            }
+        });
+    }
+
+    /// `{"op":"addon"}`: enables or disables `name` now (before node-ready: records it
+    /// for the boot thread); progress goes to `say`. An error says why it was not done.
+    pub fn set(self: &Arc<Self>, name: &str, enable: bool, say: &mut dyn FnMut(&str)) -> Result<()> {
+        let d = deployable(name).ok_or_else(|| {
+            let known: Vec<&str> = DEPLOYABLE.iter().map(|d| d.name).collect();
+            anyhow::anyhow!("no add-on named {name:?} in this node image; it has {}", known.join(", "))
+        })?;
+        self.wanted.lock().unwrap_or_else(|e| e.into_inner()).insert(d.name, enable);
+        let verb = if enable { "enabled" } else { "disabled" };
+        phase::log(format!("add-on {name}: {verb} by request"));
+        if !self.ready.load(Ordering::SeqCst) {
+            say(&format!("the node is not Ready yet: {name} is {verb} once it is (after node-ready)"));
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        say(&format!("{} {name}", if enable { "applying" } else { "removing" }));
+        match self.reconcile_patiently(d, t0, REQUEST_LIMIT, say)? {
+            Done::Applied => {
+                say(&format!("applied {name} in {:.1}s", t0.elapsed().as_secs_f64()));
+                let this = self.clone();
+                std::thread::spawn(move || this.wait_running(d, t0, "it was enabled"));
+            }
+            Done::Removed => say(&format!("removed {name} in {:.1}s", t0.elapsed().as_secs_f64())),
+        }
+        Ok(())
+    }
+
+    /// `{"op":"addons"}`: every add-on's state.
+    pub fn states(&self) -> Vec<AddonState> {
+        let ready = self.ready.load(Ordering::SeqCst);
+        DEPLOYABLE
+            .iter()
+            .map(|d| {
+                let dep = if ready { self.deployment(d) } else { None };
+                AddonState {
+                    name: d.name.to_string(),
+                    enabled: self.wanted(d.name),
+                    deployed: dep.map(|(e, _)| e),
+                    running: dep.map(|(_, r)| r),
+                }
+            })
+            .collect()
+    }
 }
 
 /// The provisioner's configuration: every node keeps its volumes in [`STORAGE_DIR`].
@@ -319,6 +532,39 @@ mod tests {
                 assert_eq!(ns, STORAGE_NAMESPACE, "{i}");
             }
         }
+    }
+
+    #[test]
+    fn every_addon_of_the_catalogue_is_deployable_and_boot_parameters_choose_them() {
+        for a in addon::ALL {
+            assert!(deployable(a.name).is_some(), "the agent cannot deploy {}", a.name);
+        }
+        assert!(DEPLOYABLE.iter().all(|d| addon::find(d.name).is_some()));
+        let defaults = enabled_at_boot(None);
+        assert_eq!(defaults.get(STORAGE_PROVISIONER), Some(&true));
+        assert_eq!(enabled_at_boot(Some("")).get(STORAGE_PROVISIONER), Some(&false), "empty: none");
+        let named = enabled_at_boot(Some("nope,storage-provisioner"));
+        assert_eq!(named.get(STORAGE_PROVISIONER), Some(&true));
+        assert_eq!(named.len(), addon::ALL.len(), "unknown names are skipped");
+        assert_eq!(
+            deployable(STORAGE_PROVISIONER).unwrap().ready_note,
+            format!("StorageClass {STORAGE_CLASS}, volumes in {STORAGE_DIR}")
+        );
+    }
+
+    /// Before node-ready a request is recorded (for the boot thread), runs no command,
+    /// and an unknown name is refused with the known ones.
+    #[test]
+    fn requests_before_node_ready_are_recorded() {
+        let d = tempfile::tempdir().unwrap();
+        let a = Addons::new(Paths::new(d.path()), Reaper::idle(), enabled_at_boot(None));
+        let mut said = Vec::new();
+        a.set(STORAGE_PROVISIONER, false, &mut |s| said.push(s.to_string())).unwrap();
+        assert!(said[0].contains("not Ready yet"), "{said:?}");
+        let s = a.states();
+        assert_eq!((s[0].enabled, s[0].deployed, s[0].running), (false, None, None));
+        let e = a.set("dashbord", true, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("no add-on named \"dashbord\"") && e.contains(STORAGE_PROVISIONER), "{e}");
     }
 
     #[test]

@@ -17,13 +17,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use kindling_proto::agent::{Reply, Request, MAX_ARGS, MAX_CHUNK, MAX_LINE, UNIX_SOCKET, VSOCK_PORT};
 
+use crate::addons::Addons;
 use crate::paths::Paths;
 use crate::phase;
 use crate::supervisor::Reaper;
 
 /// Starts the listener thread: vsock in a VM, a UNIX socket in a container.
-pub fn serve(paths: Paths, reaper: Arc<Reaper>, container: bool) -> Result<()> {
-    let ctx = Arc::new(Ctx { paths, reaper });
+pub fn serve(paths: Paths, reaper: Arc<Reaper>, addons: Arc<Addons>, container: bool) -> Result<()> {
+    let ctx = Arc::new(Ctx { paths, reaper, addons });
     if container {
         let path = ctx.paths.root.join(UNIX_SOCKET.trim_start_matches('/'));
         std::fs::create_dir_all(path.parent().unwrap())?;
@@ -96,6 +97,7 @@ fn vsock_listen(port: u32) -> nix::Result<OwnedFd> {
 struct Ctx {
     paths: Paths,
     reaper: Arc<Reaper>,
+    addons: Arc<Addons>,
 }
 
 fn send(out: &mut impl Write, reply: Reply) -> std::io::Result<()> {
@@ -185,6 +187,18 @@ fn dispatch(ctx: &Ctx, req: Request, input: &mut (dyn Read + Send), out: &mut im
             };
             import(&fifo_dir, bytes, input, out, run)
         }
+        Request::Addon { name, enable } => {
+            // Progress lines go out as they come; a client that went away does not stop
+            // the work (it is recorded and done either way).
+            let result = ctx.addons.set(&name, enable, &mut |line| {
+                let _ = send_out(out, format!("{line}\n").as_bytes());
+            });
+            match result {
+                Ok(()) => send(out, Reply::Exit(0)),
+                Err(e) => error(out, format!("add-on {name}: {e:#}")),
+            }
+        }
+        Request::Addons => send(out, Reply::Addons(ctx.addons.states())),
     }
 }
 
@@ -327,6 +341,12 @@ impl TryCloneStream for std::fs::File {
 mod tests {
     use super::*;
 
+    fn test_ctx(paths: Paths) -> Ctx {
+        let reaper = Reaper::idle();
+        let addons = Addons::new(paths.clone(), reaper.clone(), Default::default());
+        Ctx { paths, reaper, addons }
+    }
+
     /// Splits what the agent wrote into replies, output frames joined: (the replies
     /// other than output, all output bytes).
     fn decode(mut wire: &[u8]) -> (Vec<Reply>, Vec<u8>) {
@@ -360,7 +380,7 @@ mod tests {
     /// be is refused, and so is a request that is not one.
     #[test]
     fn bad_requests_are_refused_with_a_reason() {
-        let ctx = Ctx { paths: Paths::new("/nonexistent"), reaper: Reaper::idle() };
+        let ctx = test_ctx(Paths::new("/nonexistent"));
         for (req, expect) in [
             (vec![b'{'; MAX_LINE + 1], "one line of at most"),
             (b"{\"op\":\"format-disk\"}\n".to_vec(), "bad request"),
@@ -423,7 +443,7 @@ mod tests {
             fn any_request_gets_well_formed_replies(req in request()) {
                 // Never fuzz the requests that act on the machine running the test, nor
                 // a followed log (it streams until the client hangs up, by design).
-                if let Ok(Request::Exec { .. } | Request::Poweroff | Request::Import { .. } | Request::Logs { follow: true, .. }) =
+                if let Ok(Request::Exec { .. } | Request::Poweroff | Request::Import { .. } | Request::Addon { .. } | Request::Logs { follow: true, .. }) =
                     std::str::from_utf8(&req).map_err(|_| String::new()).and_then(Request::parse)
                 {
                     return Ok(());
@@ -432,7 +452,7 @@ mod tests {
                 let paths = Paths::new(d.path());
                 std::fs::create_dir_all(paths.logs()).unwrap();
                 std::fs::write(paths.logs().join("etcd.log"), "etcd says hello\n").unwrap();
-                let ctx = Ctx { paths, reaper: Reaper::idle() };
+                let ctx = test_ctx(paths);
                 let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
                 let writer = std::thread::spawn(move || {
                     let _ = b.write_all(&req);

@@ -30,27 +30,29 @@ pub fn import_images(reaper: &Reaper, ctr: &str, sock: &str, dir: &Path, skip: &
         return Ok(());
     }
     for a in &archives {
-        import_archive(reaper, ctr, sock, a)?;
+        import_archive(reaper, ctr, sock, a, false)?;
     }
     let _ = std::fs::write(&marker, wanted);
     Ok(())
 }
 
-/// Imports one OCI archive into containerd's k8s.io namespace (unpacked on first use).
-pub fn import_archive(reaper: &Reaper, ctr: &str, sock: &str, archive: &Path) -> Result<()> {
+/// Imports one OCI archive into containerd's k8s.io namespace. Unpacked now when
+/// `unpack` (the add-ons, after node-ready: a pod's first CreateContainer then finds
+/// its layers ready, instead of unpacking them within the kubelet's 2-minute runtime
+/// request timeout, which under emulation and beside other unpacks it can miss again
+/// and again, each retry starting over), else on first use (bring-up, where the import
+/// is on the way to node-ready).
+pub fn import_archive(reaper: &Reaper, ctr: &str, sock: &str, archive: &Path, unpack: bool) -> Result<()> {
     let t = Instant::now();
-    let (code, out) = reaper.run(&[
-        ctr,
-        "--address",
-        sock,
-        "-n",
-        "k8s.io",
-        "images",
-        "import",
-        "--no-unpack",
-        &archive.display().to_string(),
-    ])?;
+    let file = archive.display().to_string();
+    let mut argv = vec![ctr, "--address", sock, "-n", "k8s.io", "images", "import"];
+    if !unpack {
+        argv.push("--no-unpack");
+    }
+    argv.push(&file);
+    let (code, out) = reaper.run(&argv)?;
     anyhow::ensure!(code == 0, "importing {}: {out}", archive.display());
-    phase::log(format!("imported {} in {:.1}s", archive.display(), t.elapsed().as_secs_f64()));
+    let how = if unpack { " (unpacked)" } else { "" };
+    phase::log(format!("imported {}{how} in {:.1}s", archive.display(), t.elapsed().as_secs_f64()));
     Ok(())
 }

@@ -7,6 +7,7 @@ mod addons;
 mod control;
 mod images;
 mod init;
+mod kube;
 mod node;
 mod paths;
 mod phase;
@@ -52,7 +53,8 @@ fn main() {
     }
     let paths = Paths::new("/");
     let node = node::Node::default();
-    if let Err(e) = control::serve(paths.clone(), reaper.clone(), init::in_container()) {
+    let addons = addons::Addons::new(paths.clone(), reaper.clone(), addons::enabled_at_boot(cfg.addons.as_deref()));
+    if let Err(e) = control::serve(paths.clone(), reaper.clone(), addons.clone(), init::in_container()) {
         phase::log(format!("control channel: {e:#}"));
     }
     if !init::in_container() {
@@ -62,7 +64,7 @@ fn main() {
     }
     {
         let (cfg, paths, reaper, node) = (cfg.clone(), paths.clone(), reaper.clone(), node.clone());
-        std::thread::spawn(move || match node::bring_up(&cfg, &paths, reaper.clone(), &node) {
+        std::thread::spawn(move || match node::bring_up(&cfg, &paths, reaper.clone(), &node, &addons) {
             Ok(node::BringUp::Complete) if cfg.selftest => {
                 selftest::run(&paths, &reaper);
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(1), nix::sys::signal::Signal::SIGTERM);

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 
 use kindling_proto::seed;
 
+use crate::kube::Api;
 use crate::paths::{versions, Paths};
 use crate::phase;
 use crate::pki::{NodeIdentity, Pki};
@@ -45,6 +46,8 @@ pub struct NodeConfig {
     pub until: Option<String>,
     /// Guest TCP ports offered on vsock (`kindling.expose=6443,30000-32767`).
     pub expose: String,
+    /// The add-ons to run (`kindling.addons=a,b`); None: each add-on's default.
+    pub addons: Option<String>,
 }
 
 impl NodeConfig {
@@ -61,6 +64,7 @@ impl NodeConfig {
             selftest: get(p::SELFTEST).is_some_and(|v| v == "1"),
             until: get(p::UNTIL),
             expose: get(p::EXPOSE).unwrap_or_else(|| crate::ports::DEFAULT_EXPOSE.into()),
+            addons: get(p::ADDONS),
         }
     }
 
@@ -74,6 +78,12 @@ impl NodeConfig {
 }
 
 /// Writes PKI, kubeconfigs, kubelet/CNI configuration and the CoreDNS add-on.
+///
+/// The kubelet's `runtimeRequestTimeout` is 10 minutes, not 2: a pod's first
+/// CreateContainer unpacks its image's layers, and under emulation, beside other
+/// unpacks, that can take longer than 2 minutes; the kubelet then cancels it and the
+/// retry starts over, so CoreDNS and the add-ons' pods could wait in
+/// CreateContainerError for good (seen with three images unpacking at once).
 pub fn write_configs(cfg: &NodeConfig, paths: &Paths) -> Result<()> {
     let pki = Pki::new(paths.pki());
     if !pki.path("ca.key").exists() {
@@ -122,6 +132,7 @@ pub fn write_configs(cfg: &NodeConfig, paths: &Paths) -> Result<()> {
          serializeImagePulls: false\nimageGCHighThresholdPercent: 100\nimageGCLowThresholdPercent: 99\n\
          evictionHard:\n  memory.available: 50Mi\n  nodefs.available: 2%\n  imagefs.available: 2%\n\
          podCIDR: {NODE_POD_CIDR}\nsyncFrequency: 10s\nnodeStatusReportFrequency: 10s\n\
+         runtimeRequestTimeout: 10m\n\
          seccompDefault: true\n",
         ca = p("ca.crt"),
         sock = paths.containerd_socket().display(),
@@ -222,7 +233,9 @@ pub fn specs(cfg: &NodeConfig, paths: &Paths) -> HashMap<&'static str, Spec> {
                 format!("--cluster-signing-key-file={}", p("ca.key")),
                 format!("--root-ca-file={}", p("ca.crt")),
                 format!("--service-account-private-key-file={}", p("sa.key")),
-                "--use-service-account-credentials=true".into(),
+                // One identity for every controller (see pki::clients): no service
+                // account and token to mint per controller before it starts.
+                "--use-service-account-credentials=false".into(),
                 format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 format!("--cluster-cidr={CLUSTER_CIDR}"),
                 "--leader-elect=false".into(),
@@ -305,7 +318,13 @@ pub enum BringUp {
 
 /// Starts everything into `node`, reporting phases; returns once the node is Ready and
 /// cluster DNS is available (or after the `until` phase).
-pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Node) -> Result<BringUp> {
+pub fn bring_up(
+    cfg: &NodeConfig,
+    paths: &Paths,
+    reaper: Arc<Reaper>,
+    node: &Node,
+    addons: &Arc<crate::addons::Addons>,
+) -> Result<BringUp> {
     if let Some(u) = &cfg.until {
         anyhow::ensure!(phase::is_known(u), "kindling.until={u} is not a phase; use one of {}", phase::ALL.join(", "));
     }
@@ -343,57 +362,60 @@ pub fn bring_up(cfg: &NodeConfig, paths: &Paths, reaper: Arc<Reaper>, node: &Nod
     start("kube-apiserver")?;
 
     wait_for("containerd", comps, || reaper.run(&[&ctr, "--address", &sock, "version"]).is_ok_and(|(c, _)| c == 0));
-    // The add-ons' archives are imported after node-ready, by the add-ons themselves.
-    crate::images::import_images(&reaper, &ctr, &sock, &paths.images(), crate::addons::ARCHIVES)?;
     if reached("containerd-ready") {
         return Ok(BringUp::StoppedAfter("containerd-ready".into()));
     }
+    // The add-ons' archives are imported after node-ready, by the add-ons themselves.
+    crate::images::import_images(&reaper, &ctr, &sock, &paths.images(), crate::addons::ARCHIVES)?;
+    if reached("images-ready") {
+        return Ok(BringUp::StoppedAfter("images-ready".into()));
+    }
 
-    wait_for("kube-apiserver", comps, || {
-        reaper
-            .run(&[&kubectl, "--kubeconfig", &admin, "get", "--raw=/readyz"])
-            .is_ok_and(|(c, o)| c == 0 && o.trim() == "ok")
-    });
+    let api = Api::from_pki(&paths.pki(), crate::kube::LOCAL_SERVER)?;
+    wait_for("kube-apiserver", comps, || api.ready());
     if reached("apiserver-ready") {
         return Ok(BringUp::StoppedAfter("apiserver-ready".into()));
     }
     // Everything else talks to the API server. Started earlier, they only retry, and on
     // a slow (emulated) CPU their retries starve the API server's own bootstrap.
+    // The node's status counts from here on: on a restart the Node is there already,
+    // Ready as its last kubelet left it.
+    let kubelet_started = crate::kube::whole_second(std::time::SystemTime::now());
     start("kubelet")?;
     start("kube-proxy")?;
     start("kube-controller-manager")?;
     start("kube-scheduler")?;
-    let coredns = paths.config().join("coredns.yaml").display().to_string();
-    wait_for("kube-apiserver", comps, || {
-        reaper.run(&[&kubectl, "--kubeconfig", &admin, "apply", "-f", &coredns]).is_ok_and(|(c, _)| c == 0)
-    });
-
-    let ready_jsonpath = r#"-o=jsonpath={.status.conditions[?(@.type=="Ready")].status}"#;
-    wait_for("kubelet", comps, || {
-        reaper
-            .run(&[&kubectl, "--kubeconfig", &admin, "get", "node", &cfg.hostname, ready_jsonpath])
-            .is_ok_and(|(c, o)| c == 0 && o.trim() == "True")
-    });
+    // CoreDNS is applied beside the wait for the node, not before it: node-ready does
+    // not depend on it, and on a loaded emulated node one `kubectl apply` (discovery,
+    // then a request per object) took minutes, during which the node's phases went
+    // unseen.
+    let coredns_applied = {
+        let coredns = paths.config().join("coredns.yaml").display().to_string();
+        let (reaper, kubectl, admin) = (reaper.clone(), kubectl.clone(), admin.clone());
+        std::thread::spawn(move || {
+            while !reaper
+                .run(&[&kubectl, "--kubeconfig", &admin, "apply", "--validate=false", "-f", &coredns])
+                .is_ok_and(|(c, _)| c == 0)
+            {
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        })
+    };
+    wait_for("kubelet", comps, || api.node_posted(&cfg.hostname, kubelet_started));
+    if reached("kubelet-registered") {
+        return Ok(BringUp::StoppedAfter("kubelet-registered".into()));
+    }
+    wait_for("kubelet", comps, || api.node_ready(&cfg.hostname, kubelet_started));
     if reached(phase::NODE_READY) {
         return Ok(BringUp::StoppedAfter(phase::NODE_READY.into()));
     }
     // The add-ons deploy after node-ready, beside the wait for DNS, never before it.
-    crate::addons::deploy_after_ready(paths, reaper.clone());
-    wait_for("coredns", comps, || {
-        reaper
-            .run(&[
-                &kubectl,
-                "--kubeconfig",
-                &admin,
-                "-n",
-                "kube-system",
-                "get",
-                "deploy",
-                "coredns",
-                "-o=jsonpath={.status.availableReplicas}",
-            ])
-            .is_ok_and(|(c, o)| c == 0 && o.trim().parse::<u32>().unwrap_or(0) >= 1)
-    });
+    addons.deploy_after_ready();
+    wait_for("coredns", comps, || coredns_applied.is_finished() && api.pods_running("kube-system", "k8s-app=kube-dns"));
+    if reached("coredns-running") {
+        return Ok(BringUp::StoppedAfter("coredns-running".into()));
+    }
+    wait_for("coredns", comps, || api.deployment("kube-system", "coredns").is_ok_and(|(_, available)| available));
     phase::report("dns-ready");
     Ok(BringUp::Complete)
 }
@@ -556,5 +578,7 @@ mod tests {
         assert!(std::fs::read_to_string(paths.config().join("coredns.yaml")).unwrap().contains(DNS_IP));
         let storage = crate::addons::manifest_path(&paths, crate::addons::STORAGE_PROVISIONER);
         assert!(std::fs::read_to_string(storage).unwrap().contains("\"standard\""));
+        let kubelet = std::fs::read_to_string(paths.config().join("kubelet.yaml")).unwrap();
+        assert!(kubelet.contains("runtimeRequestTimeout: 10m\n"), "unpacking under emulation: {kubelet}");
     }
 }

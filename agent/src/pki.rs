@@ -35,7 +35,18 @@ pub struct Client {
 pub fn clients(node: &NodeIdentity) -> Vec<Client> {
     vec![
         Client { name: "admin", user: "kubernetes-admin".into(), groups: vec!["system:masters"] },
-        Client { name: "controller-manager", user: "system:kube-controller-manager".into(), groups: vec![] },
+        // The controllers run with the controller manager's own credentials
+        // (`--use-service-account-credentials=false`): minting a service account and a
+        // token for each of its ~35 controllers, one after another, took 5-15 s each under
+        // emulation and held CoreDNS's Deployment for minutes after node-ready. Those
+        // credentials then need every controller's rights; the controller manager holds
+        // the CA's key (it signs CSRs) and the service-account signing key, so
+        // system:masters gives it nothing it could not mint already.
+        Client {
+            name: "controller-manager",
+            user: "system:kube-controller-manager".into(),
+            groups: vec!["system:masters"],
+        },
         Client { name: "scheduler", user: "system:kube-scheduler".into(), groups: vec![] },
         Client { name: "kube-proxy", user: "system:kube-proxy".into(), groups: vec![] },
         Client { name: "kubelet", user: format!("system:node:{}", node.hostname), groups: vec!["system:nodes"] },
@@ -109,11 +120,14 @@ impl Pki {
             self.write_cert("kubelet-serving", &p, &key, &ca, &kstamp, &mut written)?;
         }
         for c in clients(node) {
-            if !self.path(&format!("{}.crt", c.name)).exists() {
+            // Re-issued when the identity changed (a disk from a kindling that gave it
+            // other groups); the key stays.
+            let stamp = format!("{}|{}", c.user, c.groups.join(","));
+            if self.reissue(c.name, &stamp) {
                 let key = self.key(&format!("{}.key", c.name), &mut written)?;
                 let mut p = leaf_params(&c.user, &c.groups, vec![])?;
                 p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-                self.write_cert(c.name, &p, &key, &ca, "", &mut written)?;
+                self.write_cert(c.name, &p, &key, &ca, &stamp, &mut written)?;
             }
         }
         // Service accounts: the API server signs tokens with sa.key and verifies with sa.pub.
@@ -137,7 +151,9 @@ impl Pki {
         Ok(key)
     }
 
-    /// A serving certificate is re-issued when missing or issued for other addresses.
+    /// A certificate is re-issued when missing or issued for something else than
+    /// `stamp` (a serving certificate's addresses, a client's user and groups), as
+    /// recorded in `<stem>.sans` beside it.
     fn reissue(&self, stem: &str, stamp: &str) -> bool {
         let have = fs::read_to_string(self.path(&format!("{stem}.sans"))).unwrap_or_default();
         !self.path(&format!("{stem}.crt")).exists() || have != stamp
@@ -292,6 +308,21 @@ mod tests {
         assert_eq!(again, vec!["apiserver.crt".to_string(), "kubelet-serving.crt".to_string()]);
         assert!(openssl(&["verify", "-CAfile", ca.to_str().unwrap(), pki.path("apiserver.crt").to_str().unwrap()])
             .contains(": OK"));
+
+        // The controller manager runs every controller with its own credentials.
+        let subject = |c: &str| openssl(&["x509", "-noout", "-subject", "-in", pki.path(c).to_str().unwrap()]);
+        assert!(subject("controller-manager.crt").contains("O = system:masters"));
+        // A disk from before that (a client certificate without its stamp, as every
+        // earlier kindling wrote them): the clients are re-issued once, keys kept.
+        let key_before = fs::read(pki.path("controller-manager.key")).unwrap();
+        for c in ["admin", "controller-manager", "scheduler", "kube-proxy", "kubelet", "apiserver-kubelet-client"] {
+            fs::remove_file(pki.path(&format!("{c}.sans"))).unwrap();
+        }
+        let upgraded = pki.ensure(&moved).unwrap();
+        assert!(upgraded.contains(&"controller-manager.crt".to_string()), "{upgraded:?}");
+        assert!(!upgraded.iter().any(|f| f.ends_with(".key")), "no key is replaced: {upgraded:?}");
+        assert_eq!(fs::read(pki.path("controller-manager.key")).unwrap(), key_before);
+        assert!(pki.ensure(&moved).unwrap().is_empty());
     }
 
     /// A CA made elsewhere (as the host makes it) is installed and everything the node

@@ -5,12 +5,28 @@
 
 use std::time::{Duration, Instant};
 
+use crate::kube::Api;
 use crate::node::SERVICE_IP;
 use crate::paths::{versions, Paths};
 use crate::phase;
 use crate::supervisor::Reaper;
 
+/// A lookup the way resolvers do it: a few tries, since on a loaded emulated node one
+/// UDP query can go unanswered within busybox's 5 s (the CI run of 2026-12-01 lost
+/// one, right after CoreDNS became available while the storage add-on started). Each
+/// failed try is printed, so a flaky DNS shows in the log even when a later try passes.
+const DNS_SCRIPT: &str = "for i in 1 2 3 4 5; do \
+    nslookup kubernetes.default.svc.cluster.local && exit 0; \
+    echo \"try $i failed\"; sleep 3; done; exit 1";
+
 pub fn run(paths: &Paths, reaper: &Reaper) -> bool {
+    let api = match Api::from_pki(&paths.pki(), crate::kube::LOCAL_SERVER) {
+        Ok(api) => api,
+        Err(e) => {
+            phase::log(format!("selftest FAILED: no API client: {e:#}"));
+            return false;
+        }
+    };
     let kubectl = paths.bin("kubectl");
     let admin = paths.kubeconfig("admin").display().to_string();
     let busybox = versions(paths).get("BUSYBOX_IMAGE").cloned().unwrap_or_else(|| "kindling.local/busybox:1.35".into());
@@ -40,8 +56,8 @@ pub fn run(paths: &Paths, reaper: &Reaper) -> bool {
         }
         let t0 = Instant::now();
         loop {
-            let (_, phase) = k(&["get", "pod", name, "-o=jsonpath={.status.phase}"]);
-            match phase.trim() {
+            let phase = api.pod_phase("default", name).ok().flatten().unwrap_or_default();
+            match phase.as_str() {
                 "Succeeded" => return Ok(k(&["logs", name]).1),
                 "Failed" => return Err(format!("pod failed: {}", k(&["logs", name]).1)),
                 _ if t0.elapsed() > Duration::from_secs(600) => {
@@ -91,8 +107,12 @@ pub fn run(paths: &Paths, reaper: &Reaper) -> bool {
     });
     check(
         "dns",
-        pod_output("selftest-dns", "nslookup kubernetes.default.svc.cluster.local").and_then(|o| {
+        pod_output("selftest-dns", DNS_SCRIPT).and_then(|o| {
             if o.contains(SERVICE_IP) {
+                let failed = o.lines().filter(|l| l.starts_with("try ")).count();
+                if failed > 0 {
+                    phase::log(format!("selftest dns: answered after {failed} unanswered tries"));
+                }
                 Ok(())
             } else {
                 Err(format!("lookup answered {o:?}"))

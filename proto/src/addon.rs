@@ -3,6 +3,8 @@
 //! Their images are built from pinned sources at image-build time (`images/`) and
 //! preloaded into the root disk; nothing is pulled at run time.
 
+use serde::{Deserialize, Serialize};
+
 /// One add-on: its name on the command line, the upstream version its image is built
 /// from, whether a new cluster has it, and what it gives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +37,43 @@ pub fn find(name: &str) -> Option<&'static Addon> {
     ALL.iter().find(|a| a.name == name)
 }
 
+/// The add-on called `name`, or an error that names the known ones.
+pub fn lookup(name: &str) -> Result<&'static Addon, String> {
+    find(name).ok_or_else(|| {
+        let known: Vec<&str> = ALL.iter().map(|a| a.name).collect();
+        format!("no add-on named {name:?}; the add-ons are: {}", known.join(", "))
+    })
+}
+
+/// A comma-separated list of add-on names (`--addons a,b`, `kindling.addons=a,b`), in
+/// the order given, without repeats; empty items are skipped, an unknown name is an
+/// error that names the known ones.
+pub fn parse_list(list: &str) -> Result<Vec<&'static Addon>, String> {
+    let mut out: Vec<&'static Addon> = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let a = lookup(name)?;
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    Ok(out)
+}
+
+/// What the node's agent says of an add-on (`{"op":"addons"}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddonState {
+    /// The add-on's name.
+    pub name: String,
+    /// Whether the agent is to run it (from its boot parameters and later requests).
+    pub enabled: bool,
+    /// Its objects are in the cluster (its Deployment exists); None: unknown (the node
+    /// is not Ready, or its API server does not answer).
+    pub deployed: Option<bool>,
+    /// Its Deployment has an available replica; None: unknown.
+    pub running: Option<bool>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,5 +85,15 @@ mod tests {
             assert_eq!(ALL.iter().filter(|b| b.name == a.name).count(), 1);
         }
         assert!(find("nope").is_none());
+    }
+
+    #[test]
+    fn lists_parse_and_unknown_names_say_which_are_known() {
+        let l = parse_list("storage-provisioner, ,storage-provisioner,").unwrap();
+        assert_eq!(l.iter().map(|a| a.name).collect::<Vec<_>>(), [STORAGE_PROVISIONER]);
+        assert!(parse_list("").unwrap().is_empty());
+        let e = parse_list("storage-provisioner,dashbord").unwrap_err();
+        assert!(e.starts_with("no add-on named \"dashbord\"; the add-ons are: storage-provisioner"), "{e}");
+        assert_eq!(lookup("x").unwrap_err(), format!("no add-on named \"x\"; the add-ons are: {STORAGE_PROVISIONER}"));
     }
 }

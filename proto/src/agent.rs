@@ -11,6 +11,8 @@
 //! | `{"op":"logs","component":"etcd","follow":false}` | `{"out":N}` + N bytes, …, then `{"exit":0}` |
 //! | `{"op":"poweroff"}` | `{"ok":true}`, then an orderly shutdown |
 //! | `{"op":"import","bytes":N}` + N raw bytes | `{"out":N}` + N bytes, …, then `{"exit":0}` |
+//! | `{"op":"addon","name":"storage-provisioner","enable":false}` | `{"out":N}` + N bytes (progress), …, then `{"exit":0}` |
+//! | `{"op":"addons"}` | `{"addons":[{"name":"storage-provisioner","enabled":true,"deployed":true,"running":true}]}` |
 //!
 //! Output travels as raw bytes after an `{"out":N}` line, so it arrives byte for byte
 //! (binary output, and characters split between chunks, are not altered). A refused
@@ -21,6 +23,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::addon::AddonState;
 use crate::phase::Phase;
 
 /// vsock port the agent listens on.
@@ -64,6 +67,16 @@ pub enum Request {
         /// The archive's size.
         bytes: u64,
     },
+    /// Enables (deploys) or disables (removes) an add-on of `crate::addon` now, or after
+    /// node-ready when the node is not Ready yet; the exit code says whether it was done.
+    Addon {
+        /// The add-on's name.
+        name: String,
+        /// Deploy it (true) or remove it (false).
+        enable: bool,
+    },
+    /// The state of every add-on, as the agent sees it.
+    Addons,
 }
 
 impl Request {
@@ -86,6 +99,8 @@ pub enum Reply {
     Ok(bool),
     /// The phases reached so far, in order.
     Phases(Vec<Phase>),
+    /// Every add-on's state, in the catalogue's order.
+    Addons(Vec<AddonState>),
     /// N raw bytes of output follow this line.
     Out(u32),
     /// The command ended with this exit code (final).
@@ -152,10 +167,20 @@ mod tests {
             Request::Exec { argv: vec!["a b".into()] },
             Request::Logs { component: "etcd".into(), follow: true },
             Request::Import { bytes: 7 },
+            Request::Addon { name: "storage-provisioner".into(), enable: false },
+            Request::Addons,
         ] {
             assert_eq!(serde_json::from_str::<Request>(&r.to_line()).unwrap(), r);
         }
-        for r in [Reply::Ok(true), Reply::Out(3), Reply::Exit(2), Reply::Error("x".into()), Reply::Phases(vec![])] {
+        let state = AddonState { name: "a".into(), enabled: true, deployed: Some(true), running: None };
+        for r in [
+            Reply::Ok(true),
+            Reply::Out(3),
+            Reply::Exit(2),
+            Reply::Error("x".into()),
+            Reply::Phases(vec![]),
+            Reply::Addons(vec![state]),
+        ] {
             assert_eq!(serde_json::from_str::<Reply>(&r.to_line()).unwrap(), r);
         }
         assert_eq!(
@@ -165,6 +190,11 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"op":"import"}"#).is_err(), "the size is required");
         assert!(serde_json::from_str::<Request>(r#"{"op":"import","bytes":-1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"format-disk"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"addon","name":"x"}"#).is_err(), "enable is required");
+        assert_eq!(
+            Request::Addon { name: "x".into(), enable: true }.to_line(),
+            "{\"op\":\"addon\",\"name\":\"x\",\"enable\":true}\n"
+        );
         assert!(Request::parse("not json").unwrap_err().contains("bad request"));
         assert!(serde_json::from_str::<Reply>(r#"{"what":1}"#).is_err());
         assert!(serde_json::from_str::<Reply>(r#"{"out":-1}"#).is_err());

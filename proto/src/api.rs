@@ -144,6 +144,9 @@ pub enum VmStatus {
     Running,
     /// Its process has exited.
     Stopped,
+    /// Its process has exited after writing a snapshot of the VM (`POST
+    /// /v1/vms/{name}/snapshot`): the next start resumes it from there.
+    Suspended,
 }
 
 impl std::fmt::Display for VmStatus {
@@ -152,6 +155,7 @@ impl std::fmt::Display for VmStatus {
             VmStatus::Created => "created",
             VmStatus::Running => "running",
             VmStatus::Stopped => "stopped",
+            VmStatus::Suspended => "suspended",
         })
     }
 }
@@ -184,7 +188,52 @@ pub struct Vm {
     pub started_at: Option<u64>,
     /// When its last run ended.
     pub stopped_at: Option<u64>,
+    /// The snapshot the next start resumes from (status `suspended`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInfo>,
+    /// The current (or last) run was resumed from a snapshot rather than booted.
+    #[serde(default)]
+    pub resumed: bool,
 }
+
+/// A suspended VM's snapshot, in its directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// The snapshot file (machine state and guest memory).
+    pub path: PathBuf,
+    /// Bytes it takes on disk (zero pages are holes).
+    pub disk_bytes: u64,
+    /// Guest memory it holds, in MiB.
+    pub memory_mib: u64,
+    /// When it was written, in seconds since the Unix epoch.
+    pub taken_at: u64,
+}
+
+/// Body of `POST /v1/vms/{name}/start` (optional).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// Boot the VM afresh and drop its snapshot, if it has one (default: resume from it).
+    #[serde(default)]
+    pub cold: bool,
+    /// On a resume, the guest's clocks go on from the snapshot's moment instead of moving
+    /// on by the time it was away: no timer in the guest fires early, and something in
+    /// the guest sets its wall clock (kindling's node agent does, when asked).
+    #[serde(default)]
+    pub keep_clock: bool,
+}
+
+/// Body of `POST /v1/vms/{name}/snapshot` (optional).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Seconds to wait for the snapshot to be written (default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+/// How long a snapshot may take to be written before the daemon gives up on it.
+pub const DEFAULT_SNAPSHOT_TIMEOUT_SECS: u64 = 600;
 
 /// Body of `POST /v1/vms/{name}/stop` (optional).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -24,6 +24,9 @@ pub const UNTIL: &str = "until";
 pub const SELFTEST: &str = "selftest";
 /// `kindling.expose=6443,30000-32767`: guest TCP ports offered on vsock.
 pub const EXPOSE: &str = "expose";
+/// `kindling.addons=NAME[,NAME]`: the add-ons (`crate::addon`) the node runs; the others
+/// it removes. Empty: none. Absent: each add-on's default.
+pub const ADDONS: &str = "addons";
 
 /// The `kindling.*` parameters of a command line as (name without the `kindling.`
 /// prefix, value) pairs, in order.

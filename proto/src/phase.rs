@@ -9,8 +9,21 @@ pub const AGENT_START: &str = "agent-start";
 /// The phase `kindling start` waits for: the node is Ready in the API.
 pub const NODE_READY: &str = "node-ready";
 
-/// Every phase, in the order the agent reaches them.
-pub const ALL: [&str; 6] = [AGENT_START, "etcd-ready", "containerd-ready", "apiserver-ready", NODE_READY, "dns-ready"];
+/// Every phase, in the order the agent reaches them: PID 1 runs; etcd is healthy;
+/// containerd answers; the preloaded images are imported; the API server's /readyz is
+/// ok; the kubelet has registered the Node; the Node is Ready; CoreDNS's pod (the first
+/// pod) runs; CoreDNS is available.
+pub const ALL: [&str; 9] = [
+    AGENT_START,
+    "etcd-ready",
+    "containerd-ready",
+    "images-ready",
+    "apiserver-ready",
+    "kubelet-registered",
+    NODE_READY,
+    "coredns-running",
+    "dns-ready",
+];
 
 /// What starts every phase line on the console.
 pub const LINE_PREFIX: &str = "kindling-agent: phase ";
