@@ -177,6 +177,23 @@ fn a_snapshotted_guest_goes_on_counting_after_a_restore_from_the_file() {
     report(&log2, "microVM restored from");
     drop(vm);
 
+    // 2b. With --restore-clock keep the guest's clocks go on from the snapshot's moment:
+    // to the guest no time passed while it was away.
+    std::thread::sleep(AWAY);
+    let (vm, rx) = start(&["--restore", snap_s, "--restore-clock", "keep", "--net", "none", "--vsock", vsock_s]);
+    let mut log3 = String::new();
+    let kept = wait_for(&rx, &mut log3, Duration::from_secs(600), |l| count(l).zip(clock(l)));
+    let (kept, clock_kept) =
+        kept.unwrap_or_else(|| panic!("the guest restored keeping its clock did not count\n{log3}"));
+    assert!(kept > last && kept <= last + 2, "the count {kept} does not continue the snapshot's {last}\n{log3}");
+    let moved = (clock_kept - clock_last).rem_euclid(86_400);
+    assert!(
+        moved <= 3,
+        "with --restore-clock keep the guest's wall clock moved {moved}s (away {:.0}s)\n{log3}",
+        asked.elapsed().as_secs_f64()
+    );
+    drop(vm);
+
     // 3. The same snapshot with other devices (a disk it did not have) is refused.
     let extra = dir.path().join("extra.img");
     std::fs::write(&extra, vec![0u8; 1 << 20]).unwrap();

@@ -215,6 +215,8 @@ pub struct MicroVm {
     input: Option<RawFd>,
     /// The seccomp filter each vCPU thread installs before it first enters the guest.
     vcpu_filter: Option<Arc<seccompiler::BpfProgram>>,
+    /// Called on each vCPU thread (with its index) once its filter is in place.
+    after_vcpu_filter: Option<fn(u8)>,
     /// What a snapshot of this VM says about it (format, CPU, devices, size).
     identity: Header,
     /// The guest's MAC address (a restore keeps it: the guest's driver read it once).
@@ -348,6 +350,19 @@ fn disk_size(path: &Path) -> Result<u64, BuildError> {
     Ok(f.seek(SeekFrom::End(0)).map_err(open)?)
 }
 
+/// What a restored guest's clocks do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RestoreClock {
+    /// They move on by the time the snapshot was away (KVM_CLOCK_REALTIME), so the
+    /// guest's wall clock is right; every timer that fell due meanwhile fires at once.
+    #[default]
+    Advance,
+    /// They go on from the snapshot's moment: to the guest the time away never
+    /// happened (no timer fires early, no timeout expires), and something in the guest
+    /// sets its wall clock (kindling's node agent does, when the host asks).
+    Keep,
+}
+
 impl MicroVm {
     /// Validates the config and builds everything short of running vCPUs.
     pub fn build(config: &VmConfig, host: HostResources) -> Result<Self, BuildError> {
@@ -407,8 +422,15 @@ impl MicroVm {
     /// CPU, other devices, another size. Memory is mapped privately and lazily from the
     /// file, so the file must stay in place while the VM runs. Every vsock connection
     /// is reset (the guest gets a transport reset event); the network device gets the
-    /// new backend and keeps the guest's MAC address.
-    pub fn restore(path: &Path, config: &VmConfig, host: HostResources) -> Result<Self, BuildError> {
+    /// new backend and keeps the guest's MAC address. The guest's clocks move on by the
+    /// time since the snapshot, or with [`RestoreClock::Keep`] go on from the
+    /// snapshot's moment.
+    pub fn restore(
+        path: &Path,
+        config: &VmConfig,
+        host: HostResources,
+        clock: RestoreClock,
+    ) -> Result<Self, BuildError> {
         let started = Instant::now();
         let mut file =
             File::open(path).map_err(|err| SnapshotError::Io { what: format!("opening {}", path.display()), err })?;
@@ -457,7 +479,10 @@ impl MicroVm {
         };
         // The interrupt controllers first, then the vCPUs' LAPICs, then the devices,
         // which may raise interrupts as they come back.
-        state.vm.restore(&vm.fd).map_err(restoring("the VM's interrupt controllers and clock"))?;
+        state
+            .vm
+            .restore(&vm.fd, clock == RestoreClock::Advance)
+            .map_err(restoring("the VM's interrupt controllers and clock"))?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for (i, s) in state.vcpus.iter().enumerate() {
             let v = Vcpu::new(&vm, i as u8, cpus, None)?;
@@ -512,6 +537,7 @@ impl MicroVm {
             net_mac,
             _ged_irq: ged_irq,
             vcpu_filter: None,
+            after_vcpu_filter: None,
             started,
         }
     }
@@ -521,6 +547,13 @@ impl MicroVm {
     /// install it stops the VM with [`ExitReason::Error`] instead of running unfiltered.
     pub fn set_vcpu_filter(&mut self, filter: seccompiler::BpfProgram) {
         self.vcpu_filter = Some(Arc::new(filter));
+    }
+
+    /// Has every vCPU thread call `after` with its index once its filter (see
+    /// [`Self::set_vcpu_filter`]) is in place, before it first enters the guest: kindling's
+    /// test switch that makes a call the filter forbids there.
+    pub fn after_vcpu_filter(&mut self, after: fn(u8)) {
+        self.after_vcpu_filter = Some(after);
     }
 
     /// Runs the guest until it powers off, resets or fails.
@@ -549,6 +582,7 @@ impl MicroVm {
             net_mac,
             _ged_irq,
             vcpu_filter,
+            after_vcpu_filter,
             started,
         } = self;
         let epoll = Epoll::new().map_err(setup("epoll"))?;
@@ -572,7 +606,14 @@ impl MicroVm {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for v in vcpus {
-            threads.push(v.spawn(pio.clone(), mmio.clone(), exit.clone(), stop.clone(), vcpu_filter.clone())?);
+            threads.push(v.spawn(
+                pio.clone(),
+                mmio.clone(),
+                exit.clone(),
+                stop.clone(),
+                vcpu_filter.clone(),
+                after_vcpu_filter,
+            )?);
         }
         tracing::debug!("vCPUs running {:?} after start", started.elapsed());
         let parts = SnapshotParts {

@@ -244,6 +244,10 @@ pub fn write(file: &File, mut header: Header, state: &[u8], mem: &GuestMemoryMma
     Ok(header)
 }
 
+/// BLKZEROOUT, `_IO(0x12, 127)` in <linux/fs.h> (libc does not export it): zeroes a
+/// range of a block device. `kindling`'s seccomp filters allow it by this name.
+pub const BLKZEROOUT: libc::c_ulong = vmm_sys_util::ioctl::ioctl_expr(vmm_sys_util::ioctl::_IOC_NONE, 0x12, 127, 0);
+
 /// Zeroes `len` bytes of the block device `file` at `offset`: a hole punched (the
 /// device may unmap the range; the emulated runner's QEMU drive then punches a hole in
 /// its file), or, where the device cannot, zeroes written (BLKZEROOUT).
@@ -259,7 +263,6 @@ fn zero_out(file: &File, offset: u64, len: u64) -> Result<(), SnapshotError> {
     if r == 0 {
         return Ok(());
     }
-    const BLKZEROOUT: libc::c_ulong = 0x127f;
     let range: [u64; 2] = [offset, len];
     // SAFETY: BLKZEROOUT reads two u64s (start, length) from the pointer, which points
     // to `range`, alive for the call.
@@ -287,6 +290,20 @@ fn is_zero(b: &[u8]) -> bool {
 
 /// Reads a snapshot's header and machine state.
 pub fn read(file: &mut File) -> Result<(Header, Vec<u8>), SnapshotError> {
+    let header = read_header(file)?;
+    let mut state = Vec::new();
+    let mut reader = std::io::Read::by_ref(file);
+    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(header.state_offset)).map_err(io("seeking"))?;
+    reader.take(header.state_len).read_to_end(&mut state).map_err(io("reading the machine state"))?;
+    if state.len() as u64 != header.state_len {
+        return Err(SnapshotError::Corrupt("the file ends inside the machine state".into()));
+    }
+    Ok((header, state))
+}
+
+/// Reads a snapshot's header only (what it needs, and where its parts are), checking
+/// that the parts' places are in range.
+pub fn read_header(file: &File) -> Result<Header, SnapshotError> {
     let mut first = vec![0u8; STATE_OFFSET as usize];
     file.read_exact_at(&mut first, 0).map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => {
@@ -312,14 +329,7 @@ pub fn read(file: &mut File) -> Result<(Header, Vec<u8>), SnapshotError> {
     {
         return Err(SnapshotError::Corrupt("the memory image's place or size is out of range".into()));
     }
-    let mut state = Vec::new();
-    let mut reader = std::io::Read::by_ref(file);
-    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(header.state_offset)).map_err(io("seeking"))?;
-    reader.take(header.state_len).read_to_end(&mut state).map_err(io("reading the machine state"))?;
-    if state.len() as u64 != header.state_len {
-        return Err(SnapshotError::Corrupt("the file ends inside the machine state".into()));
-    }
-    Ok((header, state))
+    Ok(header)
 }
 
 /// Maps the snapshot's guest memory from `file` privately (copy on write) and lazily:
@@ -360,10 +370,175 @@ pub fn map_memory(file: &File, header: &Header) -> Result<Arc<GuestMemoryMmap>, 
         .map_err(|e| SnapshotError::Corrupt(format!("the memory ranges: {e}")))
 }
 
+/// The most extents [`data_extents`] returns (and [`parse_extents`] takes): closer
+/// extents are merged to stay under it, which reads a few zero pages more.
+pub const MAX_EXTENTS: usize = 4096;
+
+/// Where a snapshot file (a regular, sparse file) holds memory: the data ranges of its
+/// memory image as (file offset, length), from SEEK_DATA and SEEK_HOLE, merged across
+/// the smallest gaps to at most [`MAX_EXTENTS`]. Empty where the file system cannot say.
+pub fn data_extents(file: &File, header: &Header) -> Vec<(u64, u64)> {
+    use std::os::unix::io::AsRawFd;
+    let (start, end) = (header.memory_offset, header.memory_offset + (header.memory_mib << 20));
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    let mut at = start;
+    while at < end {
+        let Ok(off) = libc::off_t::try_from(at) else { break };
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+        if data < 0 || data as u64 >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        extents.push((data as u64, hole - data as u64));
+        at = hole;
+    }
+    merge_to(extents, MAX_EXTENTS)
+}
+
+/// Merges neighbouring extents across the smallest gaps until at most `max` are left:
+/// every gap up to the one that has to go is closed, in one pass.
+fn merge_to(extents: Vec<(u64, u64)>, max: usize) -> Vec<(u64, u64)> {
+    if extents.len() <= max {
+        return extents;
+    }
+    let gap = |w: &[(u64, u64)]| w[1].0 - (w[0].0 + w[0].1);
+    let mut gaps: Vec<u64> = extents.windows(2).map(gap).collect();
+    gaps.sort_unstable();
+    // Closing the smallest len - max gaps leaves max extents; ties may close a few more.
+    let limit = gaps[extents.len() - max - 1];
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(max);
+    for (o, l) in extents {
+        match out.last_mut() {
+            Some(last) if o - (last.0 + last.1) <= limit => last.1 = o + l - last.0,
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
+/// Writes extents as `OFFSET:LENGTH,...` (what `kindling boot --restore-prefetch` takes).
+pub fn format_extents(extents: &[(u64, u64)]) -> String {
+    extents.iter().map(|(o, l)| format!("{o}:{l}")).collect::<Vec<_>>().join(",")
+}
+
+/// Reads `OFFSET:LENGTH,...`: at most [`MAX_EXTENTS`], each inside the memory image of
+/// `header`, in order and not overlapping.
+pub fn parse_extents(text: &str, header: &Header) -> Result<Vec<(u64, u64)>, String> {
+    let (start, end) = (header.memory_offset, header.memory_offset + (header.memory_mib << 20));
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for item in text.split(',').filter(|i| !i.is_empty()) {
+        if out.len() == MAX_EXTENTS {
+            return Err(format!("more than {MAX_EXTENTS} extents"));
+        }
+        let (o, l) = item.split_once(':').ok_or_else(|| format!("{item:?} is not OFFSET:LENGTH"))?;
+        let (o, l): (u64, u64) = match (o.parse(), l.parse()) {
+            (Ok(o), Ok(l)) => (o, l),
+            _ => return Err(format!("{item:?} is not OFFSET:LENGTH in bytes")),
+        };
+        let after = out.last().map_or(start, |(po, pl)| po + pl);
+        if o < after || l == 0 || o.checked_add(l).is_none_or(|e| e > end) {
+            return Err(format!("extent {item:?} is outside the memory image or out of order"));
+        }
+        out.push((o, l));
+    }
+    Ok(out)
+}
+
+/// Reads the given extents of a snapshot once, in large sequential reads, so that the
+/// guest's first touch of a page finds it in the page cache instead of waiting for a
+/// read of its own (under the emulated runner each such read is a trip through the
+/// level-1 VM's virtio disk). Returns the bytes read; stops at the first error.
+pub fn prefetch(file: &File, extents: &[(u64, u64)]) -> std::io::Result<u64> {
+    const CHUNK: usize = 2 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0;
+    for &(offset, len) in extents {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            let got = file.read_at(&mut buf[..n], offset + done)?;
+            if got == 0 {
+                return Ok(total);
+            }
+            done += got as u64;
+            total += got as u64;
+        }
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    /// A new sparse file as long as a snapshot with `h`'s memory (in its own directory).
+    fn sparse_file(h: &Header) -> (tempfile::TempDir, File) {
+        let d = tempfile::tempdir().unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(d.path().join("s")).unwrap();
+        f.set_len(h.memory_offset + (h.memory_mib << 20)).unwrap();
+        (d, f)
+    }
+
+    #[test]
+    fn data_extents_are_merged_to_the_bound() {
+        let mut h = header();
+        h.memory_offset = 2 << 20;
+        let n = MAX_EXTENTS as u64 + 10;
+        h.memory_mib = (n * 8192).div_ceil(1 << 20);
+        let (_d, f) = sparse_file(&h);
+        for i in 0..n {
+            f.write_all_at(&[7u8; 4096], h.memory_offset + i * 8192).unwrap();
+        }
+        let ext = data_extents(&f, &h);
+        if ext.is_empty() {
+            return; // a file system that does not track holes
+        }
+        assert!(ext.len() <= MAX_EXTENTS, "{} extents", ext.len());
+        // Every written page is still covered.
+        for i in 0..n {
+            let at = h.memory_offset + i * 8192;
+            assert!(ext.iter().any(|(o, l)| *o <= at && at + 4096 <= o + l), "page {i} left out");
+        }
+        parse_extents(&format_extents(&ext), &h).unwrap();
+    }
+
+    #[test]
+    fn data_extents_find_the_written_pages_and_parse_back() {
+        let mut h = header();
+        h.memory_offset = 2 << 20;
+        h.memory_mib = 4;
+        let (_d, f) = sparse_file(&h);
+        f.write_all_at(&[1u8; 8192], h.memory_offset + (1 << 20)).unwrap();
+        f.write_all_at(&[2u8; 4096], h.memory_offset + (3 << 20)).unwrap();
+        let ext = data_extents(&f, &h);
+        // Where the file system tracks holes (ext4, tmpfs, xfs): the two written ranges,
+        // at file-system block granularity.
+        if !ext.is_empty() {
+            assert!(
+                ext.iter()
+                    .any(|(o, l)| *o <= h.memory_offset + (1 << 20) && o + l >= h.memory_offset + (1 << 20) + 8192),
+                "{ext:?}"
+            );
+            assert!(ext.iter().all(|(o, _)| *o >= h.memory_offset), "{ext:?}");
+            assert!(ext.iter().map(|(_, l)| l).sum::<u64>() < 4 << 20, "the holes are left out: {ext:?}");
+        }
+        let text = format_extents(&ext);
+        assert_eq!(parse_extents(&text, &h).unwrap(), ext);
+        assert_eq!(prefetch(&f, &ext).unwrap(), ext.iter().map(|(_, l)| l).sum::<u64>());
+        // Hostile or mistaken lists are refused with the reason.
+        let o = h.memory_offset;
+        assert!(parse_extents(&format!("{}:4096", o - 4096), &h).unwrap_err().contains("outside"));
+        assert!(parse_extents(&format!("{o}:{}", 5 << 20), &h).unwrap_err().contains("outside"));
+        assert!(parse_extents(&format!("{}:4096,{o}:4096", o + 8192), &h).unwrap_err().contains("out of order"));
+        assert!(parse_extents(&format!("{o}:{}", u64::MAX), &h).is_err());
+        assert!(parse_extents("12", &h).unwrap_err().contains("OFFSET:LENGTH"));
+        let many: Vec<String> = (0..=MAX_EXTENTS as u64).map(|i| format!("{}:1", o + i * 2)).collect();
+        assert!(parse_extents(&many.join(","), &h).unwrap_err().contains("more than"));
+    }
 
     fn header() -> Header {
         Header {

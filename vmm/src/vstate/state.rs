@@ -181,21 +181,25 @@ impl VmState {
         Ok(Self { irqchips, pit: fd.get_pit2().map_err(kvm("KVM_GET_PIT2"))?, clock })
     }
 
-    /// Puts the state back into a VM that has its irqchip and PIT.
-    pub fn restore(&self, fd: &VmFd) -> Result<(), StateError> {
+    /// Puts the state back into a VM that has its irqchip and PIT. With `advance`, the
+    /// guest's clocks move on by the time since the snapshot (when the snapshot has the
+    /// host's wall clock); otherwise they go on from the snapshot's moment, as if the
+    /// guest had not been away.
+    pub fn restore(&self, fd: &VmFd, advance: bool) -> Result<(), StateError> {
         let ids: Vec<u32> = self.irqchips.iter().map(|c| c.chip_id).collect();
         if ids != [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
             return Err(StateError::Invalid(format!("interrupt controllers {ids:?}, not the two PICs and the IOAPIC")));
         }
         fd.set_pit2(&self.pit).map_err(kvm("KVM_SET_PIT2"))?;
-        if let Err(e) = fd.set_clock(&self.clock) {
+        let value_only = kvm_clock_data { clock: self.clock.clock, ..Default::default() };
+        let clock = if advance { self.clock } else { value_only };
+        if let Err(e) = fd.set_clock(&clock) {
             // A host whose clock is not TSC-based (or an older KVM) takes the value only:
             // the guest's clocks then go on from the snapshot's moment.
-            if self.clock.flags & KVM_CLOCK_REALTIME == 0 {
+            if clock.flags & KVM_CLOCK_REALTIME == 0 {
                 return Err(StateError::Kvm { op: "KVM_SET_CLOCK", err: e });
             }
             tracing::warn!("KVM_SET_CLOCK with the wall clock: {e}; the guest's clock goes on from the snapshot");
-            let value_only = kvm_clock_data { clock: self.clock.clock, ..Default::default() };
             fd.set_clock(&value_only).map_err(kvm("KVM_SET_CLOCK"))?;
         }
         for chip in &self.irqchips {

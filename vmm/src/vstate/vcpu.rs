@@ -113,6 +113,7 @@ impl Vcpu {
         exit: Arc<ExitSignal>,
         stop: Arc<AtomicBool>,
         filter: Option<Arc<seccompiler::BpfProgram>>,
+        after_filter: Option<fn(u8)>,
     ) -> Result<VcpuHandle, VcpuError> {
         // Idempotent: the handler only exists so the kick signal interrupts KVM_RUN.
         let _ = register_signal_handler(kick_signal(), noop_handler);
@@ -128,6 +129,9 @@ impl Vcpu {
                         tracing::error!("vCPU {}: installing its seccomp filter: {e}", self.index);
                         exit.request(ExitReason::Error);
                         return;
+                    }
+                    if let Some(after) = after_filter {
+                        after(self.index);
                     }
                 }
                 if self.index == 0 {

@@ -19,12 +19,21 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
 };
 
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_WRITE};
+
 use super::{Backend, VNET_HDR_LEN};
 use crate::devices::guest_log::guest_warn;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+// The tun driver's requests, as <linux/if_tun.h> defines them (libc does not export
+// them): _IOW('T', nr, int) for TUNSETIFF and TUNSETVNETHDRSZ, _IOW('T', nr, unsigned
+// int) for TUNSETOFFLOAD. `kindling`'s seccomp filters allow TUNSETOFFLOAD by this name.
+const TUN_IOCTL: libc::c_uint = b'T' as libc::c_uint;
+const INT_SIZE: libc::c_uint = std::mem::size_of::<libc::c_int>() as libc::c_uint;
+const TUNSETIFF: libc::c_ulong = ioctl_expr(_IOC_WRITE, TUN_IOCTL, 202, INT_SIZE);
+/// TUNSETOFFLOAD, which the device issues whenever the guest's driver acks features or
+/// resets (on the vCPU thread that wrote the register).
+pub const TUNSETOFFLOAD: libc::c_ulong = ioctl_expr(_IOC_WRITE, TUN_IOCTL, 208, INT_SIZE);
+const TUNSETVNETHDRSZ: libc::c_ulong = ioctl_expr(_IOC_WRITE, TUN_IOCTL, 216, INT_SIZE);
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
