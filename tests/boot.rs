@@ -129,11 +129,14 @@ fn elf_vmlinux_boots_and_guest_reboot_ends_the_vm() {
 }
 
 /// Killing `kindling boot` (SIGKILL: no chance to clean up) ends the whole VM, the
-/// emulated runner's level-1 QEMU included; nothing keeps running unseen.
+/// emulated runner's level-1 QEMU included; nothing keeps running unseen. The work
+/// directory it could not remove goes at the next emulated run.
 #[test]
 fn a_killed_kindling_boot_leaves_no_vm_behind() {
     let initrd = busybox_initramfs();
+    let tmp = tempfile::tempdir().unwrap();
     let mut child = kindling()
+        .env("TMPDIR", tmp.path())
         .args(["boot", "--kernel", debian_kernel().to_str().unwrap(), "--initrd", initrd.to_str().unwrap()])
         .args(["--memory", "256", "--cmdline", "console=ttyS0 panic=1 kindling.run=sleep+600"])
         .stdin(std::process::Stdio::null())
@@ -173,6 +176,21 @@ fn a_killed_kindling_boot_leaves_no_vm_behind() {
         .map(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default())
         .collect();
     assert!(left.is_empty(), "processes of the killed VM still run: {left:?}");
+
+    let work_dirs = || -> Vec<String> {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("kindling-l1-"))
+            .collect()
+    };
+    let Some(mut next) = emulated_busybox_boot() else { return };
+    let left = work_dirs();
+    assert_eq!(left.len(), 1, "the killed run's work directory: {left:?}");
+    let out = next.env("TMPDIR", tmp.path()).args(["--memory", "256"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(work_dirs(), Vec::<String>::new(), "the next run removes what the killed one left, and its own");
 }
 
 /// `kindling boot` of Debian's kernel and the busybox initramfs without a network, for
@@ -230,6 +248,22 @@ fn dropping_the_level_1_translations_leaves_it_running() {
     let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("kindling: test: QEMU dropped its translations at 0xffffffff"), "{log}");
     assert!(log.contains("KINDLING-INIT-OK") && log.contains("KINDLING-POWEROFF"), "{log}");
+    assert_eq!(out.status.code(), Some(0), "{log}");
+}
+
+/// The VMM inside the level-1 VM runs as root (L1's init) and drops root once the VM is
+/// built; its heartbeat must still reach the host after that, or a guest that prints
+/// nothing for longer than the stall bound is stopped as a stalled L1. A quiet guest
+/// (45 s of sleep, no console output) with a 25 s bound runs to its end. Emulated
+/// runner only.
+#[test]
+fn a_quiet_guest_outlives_the_stall_bound_after_the_vmm_dropped_root() {
+    let Some(mut cmd) = emulated_busybox_boot() else { return };
+    cmd.args(["--cmdline", "console=ttyS0 panic=1 quiet kindling.run=sleep+45"]).env("KINDLING_L1_STALL_SECS", "25");
+    let out = run_with_timeout(cmd, std::time::Duration::from_secs(300));
+    let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("dropped root after setup: Uid: 65534 65534 65534 65534"), "{log}");
+    assert!(log.contains("KINDLING-POWEROFF"), "the guest ran to its end:\n{log}");
     assert_eq!(out.status.code(), Some(0), "{log}");
 }
 
@@ -296,7 +330,10 @@ fn sigterm_shuts_the_guest_down_in_order_and_exits_zero() {
 /// The process that faces the guest runs under seccomp with no_new_privs: `kindling
 /// boot` itself on KVM; under the emulated runner its host side (the relay) on the host
 /// and the VMM inside the level-1 VM. A system call outside the filter kills it with
-/// SIGSYS, on either side, and the boot fails instead of going on.
+/// SIGSYS, on either side, and the boot fails instead of going on; so does ioctl with a
+/// request outside the filter's list: KVM_CREATE_VM on the VMM's (or the relay's)
+/// threads, and on a vCPU's thread TCGETS, which the event loop may make for the
+/// console but a vCPU may not.
 #[test]
 fn the_vmm_runs_under_seccomp_and_a_forbidden_call_kills_it() {
     use std::os::unix::process::ExitStatusExt;
@@ -306,7 +343,7 @@ fn the_vmm_runs_under_seccomp_and_a_forbidden_call_kills_it() {
         cmd.args(["boot", "--kernel", debian_kernel().to_str().unwrap(), "--initrd", initrd.to_str().unwrap()])
             .args(["--memory", "256", "--net", "none", "--cmdline", "console=ttyS0 panic=1 kindling.run=sleep+600"])
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .env_remove("KINDLING_SECCOMP");
         if let Some(side) = violation {
@@ -314,12 +351,17 @@ fn the_vmm_runs_under_seccomp_and_a_forbidden_call_kills_it() {
         }
         cmd
     };
+    let run = |violation: &str| {
+        let out = run_with_timeout(boot(Some(violation)), std::time::Duration::from_secs(300));
+        let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status, log)
+    };
     let emulated = !matches!(kindling::runner::probe_kvm(), kindling::runner::KvmStatus::Usable);
 
     // A running VM: the filter is in place (Seccomp: 2 is filter mode).
-    let mut child = boot(None).spawn().unwrap();
+    let mut child = KillOnDrop(boot(None).stdout(std::process::Stdio::null()).spawn().unwrap());
     let status = |field: &str| -> Option<String> {
-        let text = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+        let text = std::fs::read_to_string(format!("/proc/{}/status", child.0.id())).ok()?;
         text.lines().find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string()))
     };
     let t0 = std::time::Instant::now();
@@ -327,25 +369,42 @@ fn the_vmm_runs_under_seccomp_and_a_forbidden_call_kills_it() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     let (seccomp, nnp) = (status("Seccomp:"), status("NoNewPrivs:"));
-    child.kill().unwrap();
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
+    child.0.kill().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    let log = stderr;
     assert_eq!(seccomp.as_deref(), Some("2"), "no seccomp filter on kindling boot\n{log}");
     assert_eq!(nnp.as_deref(), Some("1"), "no no_new_privs on kindling boot\n{log}");
 
-    // A forbidden call on the host side: the process dies of SIGSYS.
+    // A forbidden call, then a forbidden ioctl request, on the host side: the process
+    // dies of SIGSYS.
     let host_side = if emulated { "relay" } else { "VMM" };
-    let out = boot(Some(host_side)).output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{log}");
+    let (status, log) = run(host_side);
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{log}");
     assert!(log.contains("calling mount(2)"), "{log}");
+    let (status, log) = run(&format!("{host_side}-ioctl"));
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{log}");
+    assert!(log.contains("calling ioctl(KVM_CREATE_VM)"), "{log}");
 
-    // Inside the level-1 VM: the VMM is L1's init, so its death by SIGSYS (31) panics
-    // L1's kernel, and kindling boot fails saying so.
-    if emulated {
-        let out = boot(Some("VMM")).output().unwrap();
-        let log = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{log}");
-        assert!(log.contains("Attempted to kill init! exitcode=0x0000001f"), "{log}");
+    // The VMM's own sides: inside the level-1 VM the VMM is L1's init, so its death by
+    // SIGSYS (31) panics L1's kernel, and kindling boot fails saying so.
+    let vmm_sides: &[(&str, &str)] = if emulated {
+        &[
+            ("VMM", "calling mount(2)"),
+            ("VMM-ioctl", "calling ioctl(KVM_CREATE_VM)"),
+            ("vCPU-ioctl", "calling ioctl(TCGETS)"),
+        ]
+    } else {
+        &[("vCPU-ioctl", "calling ioctl(TCGETS)")]
+    };
+    for (side, says) in vmm_sides {
+        let (status, log) = run(side);
+        assert!(log.contains(says), "{side}: {log}");
+        if emulated {
+            assert!(!status.success(), "{side}: {log}");
+            assert!(log.contains("Attempted to kill init! exitcode=0x0000001f"), "{side}: {log}");
+        } else {
+            assert_eq!(status.signal(), Some(libc::SIGSYS), "{side}: {log}");
+        }
     }
 }

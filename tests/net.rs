@@ -142,6 +142,21 @@ fn tap_guest_reaches_the_host() {
     assert!(text.contains("2 packets transmitted, 2 packets received"), "the guest pings the VMM's host:\n{text}");
     assert!(text.contains("NET-CONFIG ip=172.30."), "guest address in 172.30.N.2/24:\n{text}");
     assert!(text.contains("net: tap kl-"), "the tap device is described:\n{text}");
+    // The VMM made the tap as root, then dropped root before the guest ran (the
+    // exchange above went through the tap as the unprivileged user): it says so with its
+    // credentials from /proc/thread-self/status. Inside the level-1 VM there is no sudo
+    // caller: it becomes nobody.
+    let creds = text
+        .lines()
+        .find_map(|l| l.split_once("dropped root after setup: ").map(|(_, c)| c.to_string()))
+        .unwrap_or_else(|| panic!("the VMM, root for the tap, did not drop root:\n{text}"));
+    let uids: Vec<&str> = creds.split(';').next().unwrap_or("").split_whitespace().skip(1).collect();
+    assert_eq!(uids.len(), 4, "real, effective, saved and filesystem uid: {creds}");
+    assert!(uids.iter().all(|u| *u != "0"), "still root: {creds}");
+    if emulated {
+        assert!(creds.starts_with("Uid: 65534 65534 65534 65534; Gid: 65534 65534 65534 65534; Groups:;"), "{creds}");
+    }
+    assert!(creds.contains("CapEff: 0000000000000000") && creds.contains("NoNewPrivs: 1"), "{creds}");
 }
 
 #[test]

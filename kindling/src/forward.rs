@@ -29,10 +29,36 @@ pub enum ForwardError {
     Refused { port: u32, reply: String },
 }
 
+/// Sockets this process connects to through a descriptor (see [`keep_reachable`]).
+static BY_DESCRIPTOR: std::sync::Mutex<Vec<(PathBuf, std::os::fd::OwnedFd)>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps the socket `uds` reachable for this process's forwards once the VMM dropped
+/// root (see `privileges`): an O_PATH descriptor of it, through which
+/// `/proc/self/fd/N` connects without searching the directories on the way there (a
+/// 0700 directory of root's, such as a root daemon's VM directory). Connecting still
+/// needs write permission on the socket itself, which is handed to the VMM's user.
+pub fn keep_reachable(uds: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fd = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_CLOEXEC).open(uds)?;
+    BY_DESCRIPTOR.lock().unwrap_or_else(|e| e.into_inner()).push((uds.to_path_buf(), fd.into()));
+    Ok(())
+}
+
+/// Where to connect to reach `uds`: its descriptor's `/proc/self/fd/N` when
+/// [`keep_reachable`] kept one, else the path itself.
+fn reachable(uds: &Path) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    let kept = BY_DESCRIPTOR.lock().unwrap_or_else(|e| e.into_inner());
+    match kept.iter().find(|(p, _)| p == uds) {
+        Some((_, fd)) => PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+        None => uds.to_path_buf(),
+    }
+}
+
 /// Opens a stream to guest `port` through the vsock UNIX socket at `uds`.
 pub fn connect_guest(uds: &Path, port: u32) -> Result<UnixStream, ForwardError> {
     let vsock_err = |err| ForwardError::Vsock { path: uds.to_path_buf(), err };
-    let mut s = UnixStream::connect(uds).map_err(vsock_err)?;
+    let mut s = UnixStream::connect(reachable(uds)).map_err(vsock_err)?;
     s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(vsock_err)?;
     // Read the reply a byte at a time: what follows the newline is the guest's data.
     // The VMM answers (or closes) within its own deadline for the guest; wait longer.
@@ -320,6 +346,46 @@ mod tests {
             }
         });
         path
+    }
+
+    /// A VMM that dropped root still reaches its vsock socket in a 0700 directory of
+    /// root's (a root daemon's VM directory), through the descriptor kept before the
+    /// drop; by path it cannot. In a child process (this test run again), as root.
+    #[test]
+    fn the_socket_stays_reachable_after_root_is_dropped() {
+        const CHILD: &str = "KINDLING_TEST_FORWARD_CHILD";
+        const TEST: &str = "forward::tests::the_socket_stays_reachable_after_root_is_dropped";
+        if std::env::var_os(CHILD).is_some() {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::set_permissions(d.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+            let uds = fake_guest(d.path(), true);
+            let target = crate::privileges::Target { uid: 4321, gid: 4321 };
+            crate::privileges::give(target, &uds).unwrap();
+            keep_reachable(&uds).unwrap();
+            crate::privileges::drop_to(target).unwrap();
+            let by_path = UnixStream::connect(&uds).map(drop).map_err(|e| e.kind());
+            assert_eq!(by_path, Err(std::io::ErrorKind::PermissionDenied), "the directory is root's");
+            let mut s = connect_guest(&uds, 6443).unwrap();
+            s.write_all(b"still here").unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            let mut back = String::new();
+            s.read_to_string(&mut back).unwrap();
+            println!("the guest answered {back}");
+            return;
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", TEST, "--nocapture"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("the guest answered STILL HERE"), "{stdout}");
     }
 
     #[test]

@@ -245,17 +245,13 @@ struct BuildLock {
 
 impl BuildLock {
     fn acquire() -> Result<Self, ImageError> {
-        use std::os::unix::io::AsRawFd;
         let dir = cache::dir().join("images");
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         let file = std::fs::File::create(dir.join("build.lock")).map_err(io("creating the build lock"))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let lock = |wait| crate::util::lock_exclusive(&file, wait).map_err(io("locking the image cache"));
+        if !lock(false)? {
             eprintln!("images: another `kindling images build` is running; waiting for it");
-            // SAFETY: as above, blocking this time.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(io("locking the image cache")(std::io::Error::last_os_error()));
-            }
+            lock(true)?;
         }
         Ok(Self { _file: file })
     }

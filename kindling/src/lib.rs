@@ -27,6 +27,7 @@ pub mod forward;
 pub mod hostnet;
 pub mod images;
 pub mod logfile;
+pub mod privileges;
 pub mod runner;
 pub mod sandbox;
 pub mod util;

@@ -3,6 +3,9 @@
 //! stderr (the guest's serial console, the VMM's log lines) through a pipe into PATH,
 //! which is rotated to `PATH.1` whenever it reaches its cap. The guest controls how much
 //! its console prints, so the host disk it may take is bounded: at most twice the cap.
+//! Both files are opened when the log is, and a rotation copies the log into `PATH.1`
+//! and empties it, through those descriptors: it needs no write access to their
+//! directory, which a VMM that dropped root (a root daemon's VM directory) lacks.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -15,21 +18,25 @@ use std::time::Duration;
 /// The default cap of each of the two files.
 pub const DEFAULT_MAX_MIB: u64 = 16;
 
-/// A log file that is renamed to `<path>.1` (replacing the previous one) when it
+/// A log file whose contents move to `<path>.1` (replacing the previous ones) when it
 /// reaches `max` bytes.
 pub struct RotatingLog {
-    path: PathBuf,
     max: u64,
     file: File,
     len: u64,
+    /// `<path>.1`, open for the rotations.
+    older: File,
 }
 
 impl RotatingLog {
-    /// Opens `path` for appending (mode 0600 when it is created).
+    /// Opens `path` for appending and `<path>.1` for the rotations (mode 0600 when they
+    /// are created).
     pub fn open(path: &Path, max: u64) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+        let file = OpenOptions::new().create(true).read(true).append(true).mode(0o600).open(path)?;
+        let older =
+            OpenOptions::new().create(true).write(true).truncate(false).mode(0o600).open(Self::rotated(path))?;
         let len = file.metadata()?.len();
-        Ok(Self { path: path.to_path_buf(), max: max.max(4096), file, len })
+        Ok(Self { max: max.max(4096), file, len, older })
     }
 
     /// The file that holds the older lines.
@@ -39,10 +46,26 @@ impl RotatingLog {
         PathBuf::from(p)
     }
 
+    /// Copies the log over `<path>.1` and empties it, through the open descriptors:
+    /// pread and pwrite (not `io::copy`, whose copy_file_range the VMM's seccomp filter
+    /// does not allow).
     fn rotate(&mut self) -> std::io::Result<()> {
-        self.file.sync_data()?;
-        std::fs::rename(&self.path, Self::rotated(&self.path))?;
-        self.file = OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path)?;
+        use std::os::unix::fs::FileExt;
+        self.older.set_len(0)?;
+        let mut buf = vec![0u8; 64 << 10];
+        let mut at = 0u64;
+        while at < self.len {
+            let want = buf.len().min((self.len - at) as usize);
+            let n = self.file.read_at(&mut buf[..want], at)?;
+            if n == 0 {
+                break;
+            }
+            self.older.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        self.older.sync_data()?;
+        // Appends go to the end, which is 0 from here on.
+        self.file.set_len(0)?;
         self.len = 0;
         Ok(())
     }
@@ -143,5 +166,27 @@ mod tests {
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2, "only the log and one older file");
         // 20000 bytes written: the newest are in the log.
         assert_eq!(len(&path), 20000 % 4096);
+    }
+
+    /// A rotation goes through the open files, not their paths: it works once the
+    /// directory is out of reach (here moved away; for a VMM that dropped root, a
+    /// directory of root's), and the older file holds the lines before the newest.
+    #[test]
+    fn a_rotation_needs_no_access_to_the_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let (first, moved) = (d.path().join("vm"), d.path().join("moved"));
+        std::fs::create_dir(&first).unwrap();
+        let mut log = RotatingLog::open(&first.join("console.log"), 4096).unwrap();
+        std::fs::rename(&first, &moved).unwrap();
+        for i in 0..5u8 {
+            log.write_all(&[b'a' + i; 1000]).unwrap();
+        }
+        assert!(!first.exists(), "nothing was made at the old path");
+        let older = std::fs::read(moved.join("console.log.1")).unwrap();
+        let newer = std::fs::read(moved.join("console.log")).unwrap();
+        assert_eq!(older.len(), 4096);
+        assert_eq!((&older[..1000], &older[3000..4000]), (&[b'a'; 1000][..], &[b'd'; 1000][..]));
+        assert_eq!(newer.len(), 5000 - 4096);
+        assert!(newer.iter().all(|&b| b == b'e'));
     }
 }

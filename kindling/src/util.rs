@@ -38,6 +38,24 @@ pub fn home_dir() -> PathBuf {
     }
 }
 
+/// Takes an exclusive flock on `file`, held until every descriptor of that open file is
+/// closed (the kernel drops it when the holder dies, however it dies). With `wait`
+/// false: Ok(false) when another holds it.
+pub fn lock_exclusive(file: &std::fs::File, wait: bool) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let flags = if wait { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
+    // SAFETY: flock on a descriptor the caller owns, borrowed for the call.
+    if unsafe { libc::flock(file.as_raw_fd(), flags) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) && !wait {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
 /// fsync of a directory, so that a rename in it survives a crash.
 pub fn sync_dir(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {

@@ -12,6 +12,10 @@
 //! this is the code that runs (there kindling is PID 1, which is why the signals must be
 //! blocked rather than left to a default action that init never gets).
 //!
+//! Run as root (`--net tap` needs it for the tap), the VMM drops root once the VM is
+//! built, before its seccomp filters go in and the guest runs (see
+//! [`crate::privileges`]).
+//!
 //! Snapshots, as Firecracker users know them, without an API socket: with
 //! `--snapshot-to FILE`, SIGUSR1 pauses the VM, writes its snapshot to FILE (one file:
 //! state and sparse memory, synced) and ends the VM (`--snapshot-then resume` keeps it
@@ -29,7 +33,7 @@ use clap::Args;
 use kindling_proto::cmdline::NetParams;
 use kindling_proto::exit;
 use kindling_proto::forward::Forward;
-use kindling_vmm::builder::{AfterSnapshot, Console, HostResources, MicroVm, VmControl};
+use kindling_vmm::builder::{AfterSnapshot, Console, HostResources, MicroVm, RestoreClock, VmControl};
 use kindling_vmm::config::{DiskConfig, NetConfig, VmConfig, VsockConfig};
 use kindling_vmm::devices::virtio::net::Backend;
 use kindling_vmm::devices::ExitReason;
@@ -116,6 +120,45 @@ pub struct BootArgs {
     /// touches it.
     #[arg(long, value_name = "FILE")]
     pub restore: Option<PathBuf>,
+    /// With --restore: the guest's clocks move on by the time the snapshot was away
+    /// (`advance`: its wall clock is right, and every timer that fell due meanwhile
+    /// fires at once), or go on from the snapshot's moment (`keep`: to the guest no time
+    /// passed; something in it sets its wall clock, as kindling's node agent does).
+    #[arg(long, value_enum, value_name = "advance|keep", default_value_t = RestoreClockArg::Advance, requires = "restore")]
+    pub restore_clock: RestoreClockArg,
+    /// (internal) With --restore: read these ranges of the snapshot (OFFSET:LENGTH,...)
+    /// once in the background, so the guest's first touches find its memory cached. The
+    /// emulated runner passes the data ranges of the host's sparse file to the VMM in
+    /// the level-1 VM, whose snapshot drive cannot say where its holes are.
+    #[arg(long, value_name = "EXTENTS", hide = true, requires = "restore")]
+    pub restore_prefetch: Option<String>,
+}
+
+/// `--restore-clock`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RestoreClockArg {
+    /// The clocks move on by the time away.
+    Advance,
+    /// The clocks go on from the snapshot's moment.
+    Keep,
+}
+
+impl RestoreClockArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreClockArg::Advance => "advance",
+            RestoreClockArg::Keep => "keep",
+        }
+    }
+}
+
+impl From<RestoreClockArg> for RestoreClock {
+    fn from(c: RestoreClockArg) -> Self {
+        match c {
+            RestoreClockArg::Advance => RestoreClock::Advance,
+            RestoreClockArg::Keep => RestoreClock::Keep,
+        }
+    }
 }
 
 /// `--snapshot-then`.
@@ -248,7 +291,24 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
             if let Some(v) = &config.vsock {
                 crate::forward::start(&args.forwards, &v.uds_path)?;
             }
-            boot_on_kvm(&config, args.restore.as_deref(), backend, &control)
+            let later = LaterWrites {
+                vsock: config.vsock.as_ref().map(|v| v.uds_path.clone()),
+                // The private socket's directory is kindling's; so is L1's /kindling.
+                vsock_dir_is_ours: config.vsock.as_ref().is_some_and(|v| v.uds_path.starts_with(private.path()))
+                    || crate::util::inside_l1(),
+                console_log: args.console_log.clone(),
+                snapshot_to: args.snapshot_to.clone(),
+            };
+            let prefetch = restore_prefetch(args)?;
+            boot_on_kvm(
+                &config,
+                args.restore.as_deref(),
+                args.restore_clock.into(),
+                prefetch,
+                backend,
+                &control,
+                &later,
+            )
         }
         Runner::Emulated => {
             // A restore keeps the snapshot's vCPUs (they are in its state).
@@ -268,6 +328,18 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
             }
             if let Some(path) = &args.restore {
                 job.restore(path, &config);
+                job.args.extend(["--restore-clock".to_string(), args.restore_clock.as_str().to_string()]);
+                // Inside L1 each page the guest touches first would be a read of its
+                // own through the drive: hand in where the snapshot's data is, to be
+                // read ahead in large pieces.
+                let extents = std::fs::File::open(path)
+                    .ok()
+                    .and_then(|f| Some(kindling_vmm::snapshot::data_extents(&f, &snapshot_header(path).ok()?)))
+                    .unwrap_or_default();
+                if !extents.is_empty() {
+                    job.args
+                        .extend(["--restore-prefetch".to_string(), kindling_vmm::snapshot::format_extents(&extents)]);
+                }
             }
             let l1 = Arc::new(match sandbox::enabled() {
                 true => emulated::L1Control::with_seccomp(sandbox::process_filter(
@@ -388,24 +460,125 @@ fn wait_timeout(signals: &SigSet, timeout: Duration) -> Option<Signal> {
     }
 }
 
+/// What the VMM writes once it runs, which must stay within its reach when it drops
+/// root (see [`crate::privileges`]).
+struct LaterWrites {
+    /// The vsock socket: host programs connect to it (the forwards, in this process;
+    /// the relay in L1), and it is removed at exit.
+    vsock: Option<PathBuf>,
+    /// Whether the socket's directory is kindling's own (the private one made for
+    /// forwards; L1's /kindling), so it can be handed over too.
+    vsock_dir_is_ours: bool,
+    /// `--console-log` and its older file: written through descriptors opened at the
+    /// start (rotations too), handed over so that the user owns what the VMM writes.
+    console_log: Option<PathBuf>,
+    /// `--snapshot-to`: created (or replaced) at SIGUSR1.
+    snapshot_to: Option<PathBuf>,
+}
+
+/// Root is not needed once the VM is built: hands what the VMM writes later to the
+/// target user and drops to it (see [`crate::privileges`]). Nothing to do when not root.
+fn drop_root(later: &LaterWrites) -> anyhow::Result<()> {
+    use crate::privileges::{self, check_reachable};
+    let Some(target) = privileges::target() else { return Ok(()) };
+    let give = |path: &Path| {
+        privileges::give(target, path)
+            .map_err(|e| anyhow::anyhow!("handing {} to uid {}: {e}", path.display(), target.uid))
+    };
+    let parent = |p: &Path| p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    if let Some(sock) = &later.vsock {
+        give(sock)?;
+        if later.vsock_dir_is_ours {
+            give(&parent(sock))?;
+        }
+        // The forwards connect to it from this process, whatever its directory.
+        crate::forward::keep_reachable(sock).map_err(|e| anyhow::anyhow!("{}: {e}", sock.display()))?;
+    }
+    if let Some(log) = &later.console_log {
+        give(log)?;
+        give(&crate::logfile::RotatingLog::rotated(log))?;
+    }
+    if let Some(snap) = &later.snapshot_to {
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::metadata(snap) {
+            // Inside L1 the snapshot drive is the VMM's own; a host's block device is
+            // left as it is.
+            Ok(m) if m.file_type().is_block_device() => {
+                if crate::util::inside_l1() {
+                    give(snap)?;
+                }
+            }
+            // It is replaced at the snapshot anyway.
+            Ok(_) => give(snap)?,
+            Err(_) => {}
+        }
+    }
+    if crate::util::inside_l1() {
+        // The exit status is reported through an I/O port only root may open.
+        emulated::grant_exit_port().map_err(|e| anyhow::anyhow!("granting the debug-exit port: {e}"))?;
+    }
+    privileges::drop_to(target)?;
+    tracing::info!("dropped root after setup: {}", privileges::credentials());
+    // What will not work as the target, said now rather than when it fails.
+    if let Some(sock) = &later.vsock {
+        check_reachable(&parent(sock), libc::W_OK | libc::X_OK, "the socket cannot be removed when the VM ends");
+    }
+    if let Some(snap) = &later.snapshot_to {
+        match snap.exists() {
+            true => check_reachable(snap, libc::W_OK, "the snapshot cannot be written"),
+            false => check_reachable(&parent(snap), libc::W_OK | libc::X_OK, "the snapshot cannot be created"),
+        }
+    }
+    Ok(())
+}
+
+/// The snapshot file and the ranges of it to read ahead.
+type Prefetch = (std::fs::File, Vec<(u64, u64)>);
+
+/// `--restore-prefetch`: checks the ranges against the snapshot and returns the file to
+/// read them from, with the ranges; read in the background once the VM is built.
+fn restore_prefetch(args: &BootArgs) -> anyhow::Result<Option<Prefetch>> {
+    let (Some(path), Some(text)) = (&args.restore, &args.restore_prefetch) else { return Ok(None) };
+    let header = snapshot_header(path)?;
+    let extents =
+        kindling_vmm::snapshot::parse_extents(text, &header).map_err(|e| anyhow::anyhow!("--restore-prefetch: {e}"))?;
+    let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("--restore {}: {e}", path.display()))?;
+    Ok(Some((file, extents)))
+}
+
 fn boot_on_kvm(
     config: &VmConfig,
     restore: Option<&Path>,
+    restore_clock: RestoreClock,
+    prefetch: Option<Prefetch>,
     net: Option<Box<dyn Backend>>,
     control: &VmControl,
+    later: &LaterWrites,
 ) -> anyhow::Result<i32> {
     let t0 = Instant::now();
     let console = Console { output: Box::new(std::io::stdout()), input: Some(libc::STDIN_FILENO) };
     l1watch::step("vm-build");
     let host = HostResources { console, net };
     let mut vm = match restore {
-        Some(path) => {
-            MicroVm::restore(path, config, host).map_err(|e| anyhow::anyhow!("--restore {}: {e}", path.display()))?
-        }
+        Some(path) => MicroVm::restore(path, config, host, restore_clock)
+            .map_err(|e| anyhow::anyhow!("--restore {}: {e}", path.display()))?,
         None => MicroVm::build(config, host)?,
     };
+    if let Some((file, extents)) = prefetch {
+        // Alongside the guest, under the same filters once they are in (it only reads).
+        std::thread::Builder::new().name("prefetch".into()).spawn(move || {
+            let t = Instant::now();
+            match kindling_vmm::snapshot::prefetch(&file, &extents) {
+                Ok(n) => {
+                    tracing::info!("read {} MiB of the snapshot ahead in {:.1} s", n >> 20, t.elapsed().as_secs_f64())
+                }
+                Err(e) => tracing::warn!("reading the snapshot ahead: {e} (the guest reads it as it goes)"),
+            }
+        })?;
+    }
     // Everything is open and every helper thread runs: from here on the process only
-    // serves the guest, under its seccomp filters.
+    // serves the guest, without root and under its seccomp filters.
+    drop_root(later)?;
     if sandbox::enabled() {
         let process = if crate::util::inside_l1() {
             sandbox::Process::VmmInL1 { exit_port: emulated::DEBUG_EXIT_PORT }
@@ -414,6 +587,13 @@ fn boot_on_kvm(
         };
         sandbox::install_all_threads(&sandbox::process_filter(process, sandbox::mode())?, "VMM")?;
         vm.set_vcpu_filter(sandbox::vcpu_filter(sandbox::mode())?);
+        if sandbox::violation_asked() {
+            vm.after_vcpu_filter(|index| {
+                if index == 0 {
+                    sandbox::violate_for_tests("vCPU");
+                }
+            });
+        }
     }
     tracing::info!("microVM ready to run in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
     l1watch::step("vm-run");
@@ -459,7 +639,7 @@ mod tests {
     use crate::cli::{Cli, Command};
     use crate::daemon::api::{DiskSpec, VmSpec};
     use crate::daemon::state::Paths;
-    use crate::daemon::vm_process::boot_args;
+    use crate::daemon::vm_process::{boot_args, Launch};
 
     use super::{start_signal_thread, stop_signals};
 
@@ -526,11 +706,23 @@ mod tests {
         let mut spec = VmSpec::new("vm", "/k");
         spec.disks =
             vec![DiskSpec { path: "/d,1".into(), read_only: false }, DiskSpec { path: "/e".into(), read_only: true }];
-        let argv = std::iter::once(OsString::from("kindling")).chain(boot_args(&spec, &Paths::new("/state")));
+        let argv =
+            std::iter::once(OsString::from("kindling")).chain(boot_args(&spec, &Paths::new("/state"), Launch::Boot));
         let Command::Boot(boot) = Cli::try_parse_from(argv).unwrap().command else { panic!("not boot") };
         let disks: Vec<_> = boot.disks.iter().map(|d| kindling_vmm::config::DiskConfig::parse(d).unwrap()).collect();
         assert_eq!((disks[0].path.as_path(), disks[0].read_only), (Path::new("/d,1"), false));
         assert_eq!((disks[1].path.as_path(), disks[1].read_only), (Path::new("/e"), true));
         assert_eq!(boot.memory, 512);
+        assert_eq!(boot.snapshot_to.as_deref(), Some(Path::new("/state/vms/vm/snapshot.next")));
+        // A resume parses too (clap refuses a kernel or memory next to --restore).
+        let argv = std::iter::once(OsString::from("kindling")).chain(boot_args(
+            &spec,
+            &Paths::new("/state"),
+            Launch::Resume { keep_clock: true },
+        ));
+        let Command::Boot(boot) = Cli::try_parse_from(argv).unwrap().command else { panic!("not boot") };
+        assert_eq!(boot.restore.as_deref(), Some(Path::new("/state/vms/vm/snapshot.resumed")));
+        assert_eq!(boot.disks.len(), 2);
+        assert_eq!(boot.restore_clock, super::RestoreClockArg::Keep);
     }
 }

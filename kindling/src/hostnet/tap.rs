@@ -91,6 +91,13 @@ impl Nat {
 
 impl Drop for Nat {
     fn drop(&mut self) {
+        // A VMM that dropped root, or runs under its seccomp filter (no exec), cannot run
+        // iptables or nft: the next `--net tap` removes the rules of a VMM that is gone.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || crate::sandbox::installed() {
+            tracing::info!("NAT rules for the tap are left for the next `kindling boot --net tap` to remove");
+            return;
+        }
         match self {
             Nat::Iptables { rules } => {
                 let Some(iptables) = which("iptables") else { return };

@@ -627,6 +627,48 @@ fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The prefix of a run's work directory (in TMPDIR): its L1 initramfs, logs and sockets.
+const WORK_PREFIX: &str = "kindling-l1-";
+/// In a work directory: the file its run holds an flock on while it lives.
+const WORK_OWNER: &str = "owner.lock";
+
+/// Marks `dir` as in use for as long as the returned file is open: an flock on
+/// [`WORK_OWNER`], taken before the name exists (so a sweep never sees it unlocked).
+fn hold_work_dir(dir: &Path) -> std::io::Result<std::fs::File> {
+    let tmp = dir.join(format!("{WORK_OWNER}.new"));
+    let f = std::fs::File::create(&tmp)?;
+    crate::util::lock_exclusive(&f, true)?;
+    std::fs::rename(&tmp, dir.join(WORK_OWNER))?;
+    Ok(f)
+}
+
+/// Removes the work directories in `tmp` that runs left behind: a SIGKILLed `kindling
+/// boot` cannot remove its own (about 220 MiB each, mostly the initramfs), and dozens
+/// filled a developer's disk. Only directories of this user (not symlinks) whose owner
+/// lock nobody holds; returns how many went.
+fn sweep_stale_work_dirs(tmp: &Path) -> usize {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let uid = nix::unistd::geteuid().as_raw();
+    let Ok(entries) = std::fs::read_dir(tmp) else { return 0 };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(WORK_PREFIX) {
+            continue;
+        }
+        let dir = e.path();
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() && m.uid() == uid => {}
+            _ => continue,
+        }
+        let lock = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(dir.join(WORK_OWNER));
+        let Ok(lock) = lock else { continue };
+        if crate::util::lock_exclusive(&lock, false).unwrap_or(false) && std::fs::remove_dir_all(&dir).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Runs `job` for the guest `config` (its kernel, initrd, disks, vsock) in an L1 VM;
 /// returns kindling's exit status from inside it.
 pub fn run_job(config: &VmConfig, job: &L1Job, forwards: &[Forward]) -> Result<i32, EmulatedError> {
@@ -648,8 +690,12 @@ pub fn run_job_with(
         return Err(EmulatedError::NotStatic(exe));
     }
     let base = base_initramfs(&l1)?;
-    let work =
-        tempfile::Builder::new().prefix("kindling-l1-").tempdir().map_err(io("creating a temporary directory"))?;
+    let work = tempfile::Builder::new().prefix(WORK_PREFIX).tempdir().map_err(io("creating a temporary directory"))?;
+    let _owner = hold_work_dir(work.path()).map_err(io("locking the level-1 work directory"))?;
+    let swept = sweep_stale_work_dirs(&std::env::temp_dir());
+    if swept > 0 {
+        tracing::info!("emulated runner: removed {swept} work directories left by killed runs");
+    }
     let initramfs = work.path().join("initramfs.cpio");
     let per_run = work.path().join("run.cpio");
     let token = Token::generate().map_err(io("making the relay's token"))?;
@@ -932,15 +978,34 @@ fn report_status(status: i32) {
         libc::tcdrain(libc::STDOUT_FILENO);
         libc::tcdrain(libc::STDERR_FILENO);
     }
-    // SAFETY: ioperm grants this (root) process the debug-exit port; the `out` touches
-    // only that port, which QEMU implements.
+    if let Err(e) = grant_exit_port() {
+        eprintln!("kindling-l1: ioperm failed: {e}");
+        return;
+    }
+    // SAFETY: the debug-exit port is granted to this thread (above, or before the VMM
+    // dropped root); the `out` touches only that port, which QEMU implements.
     unsafe {
-        if libc::ioperm(u64::from(DEBUG_EXIT_PORT), 4, 1) != 0 {
-            eprintln!("kindling-l1: ioperm failed: {}", std::io::Error::last_os_error());
-            return;
-        }
         std::arch::asm!("out dx, al", in("dx") DEBUG_EXIT_PORT, in("al") value, options(nomem, nostack));
     }
+}
+
+/// Whether this thread holds the debug-exit port (see [`grant_exit_port`]).
+static EXIT_PORT_GRANTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Inside L1, on the main thread: grants it the debug-exit port (ioperm needs
+/// CAP_SYS_RAWIO), once; the VMM does it before it drops root, so that the exit status
+/// can still be reported after. The grant is the thread's and outlives the drop.
+pub fn grant_exit_port() -> std::io::Result<()> {
+    use std::sync::atomic::Ordering;
+    if EXIT_PORT_GRANTED.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    // SAFETY: ioperm changes this thread's I/O permission bitmap; no memory is passed.
+    if unsafe { libc::ioperm(u64::from(DEBUG_EXIT_PORT), 4, 1) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    EXIT_PORT_GRANTED.store(true, Ordering::SeqCst);
+    Ok(())
 }
 
 /// QEMU's -drive option separates with commas; a literal comma is doubled.
@@ -959,6 +1024,34 @@ fn concat(parts: &[&Path], dest: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sweep_removes_work_dirs_nobody_holds_and_keeps_the_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mk = |name: &str| {
+            let d = tmp.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            d
+        };
+        let live = mk("kindling-l1-live");
+        let _held = hold_work_dir(&live).unwrap();
+        let dead = mk("kindling-l1-dead");
+        drop(hold_work_dir(&dead).unwrap());
+        std::fs::write(dead.join("initramfs.cpio"), b"big").unwrap();
+        let unmarked = mk("kindling-l1-old-version");
+        let other = mk("something-else");
+        std::fs::write(other.join(WORK_OWNER), b"").unwrap();
+        // A symlink to a dead run's directory elsewhere is not followed.
+        let elsewhere = tempfile::tempdir().unwrap();
+        drop(hold_work_dir(elsewhere.path()).unwrap());
+        std::os::unix::fs::symlink(elsewhere.path(), tmp.path().join("kindling-l1-link")).unwrap();
+
+        assert_eq!(sweep_stale_work_dirs(tmp.path()), 1);
+        assert!(!dead.exists());
+        assert!(live.join(WORK_OWNER).exists() && unmarked.exists() && other.exists());
+        assert!(elsewhere.path().join(WORK_OWNER).exists());
+        assert_eq!(sweep_stale_work_dirs(tmp.path()), 0);
+    }
 
     #[test]
     fn busy_guests_get_one_vcpu_unless_smp_is_asked_for() {

@@ -47,13 +47,18 @@ pub fn stall_bound() -> Duration {
 }
 
 /// Inside L1: writes a line into the kernel log, which is L1's progress channel.
-/// Elsewhere (on a host) it does nothing.
+/// Elsewhere (on a host) it does nothing. /dev/kmsg is opened at the first line (L1's
+/// first step, as root) and kept: once the VMM dropped root it could not open it again,
+/// and its steps and heartbeat would stop reaching the host.
 pub fn report(line: &str) {
+    static KMSG: std::sync::OnceLock<Option<std::sync::Mutex<std::fs::File>>> = std::sync::OnceLock::new();
     if !crate::util::inside_l1() {
         return;
     }
-    if let Ok(mut kmsg) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
-        let _ = kmsg.write_all(format!("{PREFIX}{line}\n").as_bytes());
+    let kmsg = KMSG.get_or_init(|| std::fs::OpenOptions::new().write(true).open("/dev/kmsg").ok().map(Into::into));
+    if let Some(kmsg) = kmsg {
+        // One write, one record.
+        let _ = kmsg.lock().unwrap_or_else(|e| e.into_inner()).write_all(format!("{PREFIX}{line}\n").as_bytes());
     }
 }
 
