@@ -11,7 +11,7 @@ use std::process::{Child, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use kindling::daemon::api::{VmSpec, VmStatus};
+use kindling::daemon::api::{StartRequest, VmSpec, VmStatus};
 use kindling::daemon::client::{Client, ClientError, RawResponse};
 use kindling::daemon::vm_process;
 use serde_json::Value;
@@ -200,6 +200,44 @@ fn vm_lifecycle_through_the_daemon_survives_a_daemon_restart() {
     assert_eq!((vm.status, vm.pid), (VmStatus::Running, Some(pid)), "{}", daemon.log_text());
     assert!(daemon.log_text().contains("re-attached"), "{}", daemon.log_text());
     assert_eq!(c.list().unwrap().len(), 1);
+
+    // Suspend: the VMM writes a snapshot and ends; the VM is suspended with it.
+    let t0 = Instant::now();
+    let vm = c.snapshot("vm1", Some(Duration::from_secs(300))).unwrap();
+    eprintln!("snapshot written and the VM ended {:.1}s after the request", t0.elapsed().as_secs_f64());
+    assert_eq!(vm.status, VmStatus::Suspended, "{}", daemon.log_text());
+    let snap = vm.snapshot.clone().expect("a suspended VM reports its snapshot");
+    assert_eq!(snap.memory_mib, 256);
+    assert!(snap.path.starts_with(&vm.dir) && snap.path.is_file(), "{snap:?}");
+    assert!(snap.disk_bytes > 0 && snap.disk_bytes < 256 << 20, "sparse: {snap:?}");
+    assert!(vm_process::session_members(pid).is_empty(), "the VM process has ended");
+    assert_eq!(api_status(c.stop("vm1", None)).0, 409, "stopping a suspended VM");
+    assert_eq!(api_status(c.snapshot("vm1", None)).0, 409, "snapshotting a suspended VM");
+    // Resume: the same guest goes on (its init ran before; it is not run again).
+    let offset = c.console("vm1", None).unwrap().len();
+    let vm = c.start("vm1").unwrap();
+    reaper.watch(vm.pid);
+    assert!(vm.resumed && vm.status == VmStatus::Running && vm.snapshot.is_none(), "{vm:?}");
+    let t0 = Instant::now();
+    loop {
+        let console = c.console("vm1", None).unwrap();
+        let new = console.get(offset..).unwrap_or_default();
+        if new.contains("microVM restored from") {
+            assert!(!new.contains("KINDLING-INIT-OK"), "the resumed guest booted again\n{new}");
+            break;
+        }
+        assert_eq!(c.get("vm1").unwrap().status, VmStatus::Running, "the resumed VM ended\n{new}");
+        assert!(t0.elapsed() < Duration::from_secs(300), "no restore after 5 minutes\n{new}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("resumed {:.1}s after start", t0.elapsed().as_secs_f64());
+    assert!(!vm.dir.join("snapshot.snap").exists(), "the snapshot is used up by the resume");
+    // A cold start drops a snapshot instead of resuming from it.
+    c.snapshot("vm1", Some(Duration::from_secs(300))).unwrap();
+    let vm = c.start_with("vm1", &StartRequest { cold: true, ..Default::default() }).unwrap();
+    reaper.watch(vm.pid);
+    assert!(!vm.resumed && vm.snapshot.is_none() && !vm.dir.join("snapshot.snap").exists(), "{vm:?}");
+    let pid = vm.pid.expect("a running VM has a pid");
 
     let t0 = Instant::now();
     let vm = c.stop("vm1", Some(Duration::from_secs(60))).unwrap();
@@ -472,6 +510,24 @@ fn the_server_matches_openapi_yaml() {
     reaper.watch(v["pid"].as_u64().map(|p| p as u32));
     ck.expect("POST", "/v1/vms/{name}/start", "/v1/vms/real/start", None, 409);
     ck.expect("POST", "/v1/vms/{name}/stop", "/v1/vms/real/stop", Some(r#"{"timeout_secs": "soon"}"#), 400);
+    // Snapshot: bad bodies and VMs (400, 404, 409), then a suspend once the guest runs,
+    // and a resume from it.
+    ck.expect("POST", "/v1/vms/{name}/snapshot", "/v1/vms/real/snapshot", Some(r#"{"timeout_secs": 99999}"#), 400);
+    ck.expect("POST", "/v1/vms/{name}/snapshot", "/v1/vms/nope/snapshot", None, 404);
+    ck.expect("POST", "/v1/vms/{name}/snapshot", "/v1/vms/junk/snapshot", None, 409);
+    ck.expect("POST", "/v1/vms/{name}/start", "/v1/vms/real/start", Some(r#"{"cold": "yes"}"#), 400);
+    let t0 = Instant::now();
+    while !ck.client.console("real", None).unwrap().contains("KINDLING-INIT-OK") {
+        assert!(t0.elapsed() < Duration::from_secs(300), "the real VM's init did not run");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let v =
+        ck.expect("POST", "/v1/vms/{name}/snapshot", "/v1/vms/real/snapshot", Some(r#"{"timeout_secs": 300}"#), 200);
+    assert_eq!(v["status"], "suspended", "{v}");
+    assert_eq!(v["snapshot"]["memory_mib"], 256, "{v}");
+    let v = ck.expect("POST", "/v1/vms/{name}/start", "/v1/vms/real/start", Some(r#"{"cold": false}"#), 200);
+    reaper.watch(v["pid"].as_u64().map(|p| p as u32));
+    assert_eq!((&v["status"], &v["resumed"]), (&serde_json::json!("running"), &serde_json::json!(true)), "{v}");
     let v = ck.expect("POST", "/v1/vms/{name}/stop", "/v1/vms/real/stop", Some(r#"{"timeout_secs": 30}"#), 200);
     assert_eq!(v["status"], "stopped");
 

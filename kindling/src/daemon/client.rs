@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use super::api::{self, Deleted, ErrorBody, StopRequest, VersionInfo, Vm, VmSpec};
+use super::api::{self, Deleted, ErrorBody, SnapshotRequest, StartRequest, StopRequest, VersionInfo, Vm, VmSpec};
 use super::state::{self, Paths};
 
 /// How long `connect_or_spawn` waits for a daemon it started.
@@ -259,7 +259,23 @@ impl Client {
     }
 
     pub fn start(&self, name: &str) -> Result<Vm> {
-        self.call("POST", &format!("/v1/vms/{}/start", encode(name)), None, REQUEST_TIMEOUT)
+        self.start_with(name, &StartRequest::default())
+    }
+
+    /// Starts a VM: resumes it from its snapshot if it has one, unless `req.cold` (which
+    /// drops the snapshot and boots afresh).
+    pub fn start_with(&self, name: &str, req: &StartRequest) -> Result<Vm> {
+        let body = serde_json::to_vec(req).expect("serializes");
+        self.call("POST", &format!("/v1/vms/{}/start", encode(name)), Some(body), REQUEST_TIMEOUT)
+    }
+
+    /// Suspends a running VM: its VMM writes a snapshot and ends (within `timeout`, the
+    /// daemon's default of 600 s when None).
+    pub fn snapshot(&self, name: &str, timeout: Option<Duration>) -> Result<Vm> {
+        let req = SnapshotRequest { timeout_secs: timeout.map(|t| t.as_secs()) };
+        let wait = timeout.unwrap_or(Duration::from_secs(api::DEFAULT_SNAPSHOT_TIMEOUT_SECS)) + STOP_MARGIN;
+        let body = serde_json::to_vec(&req).expect("serializes");
+        self.call("POST", &format!("/v1/vms/{}/snapshot", encode(name)), Some(body), wait)
     }
 
     /// Stops a VM: SIGTERM, then SIGKILL after `timeout` (the daemon's default, 60 s,

@@ -22,9 +22,11 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use super::api::{self, Deleted, ErrorBody, StopRequest, VersionInfo, Vm, VmSpec, VmStatus};
+use super::api::{
+    self, Deleted, ErrorBody, SnapshotRequest, StartRequest, StopRequest, VersionInfo, Vm, VmSpec, VmStatus,
+};
 use super::state::{self, validate_spec, Paths, VmRecord};
-use super::vm_process::{self, Stopped};
+use super::vm_process::{self, Launch, Stopped};
 
 /// Every route the server answers (method, path); the conformance test checks that
 /// openapi.yaml documents exactly these.
@@ -36,6 +38,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/vms/{name}"),
     ("POST", "/v1/vms/{name}/start"),
     ("POST", "/v1/vms/{name}/stop"),
+    ("POST", "/v1/vms/{name}/snapshot"),
     ("GET", "/v1/vms/{name}/console"),
 ];
 
@@ -205,19 +208,26 @@ impl Daemon {
                 rec.name()
             )));
         }
-        // A process this daemon started: let its watcher record the exit status.
+        self.record_exit(slot, pid).await?;
+        tracing::info!("VM {}: stopped ({outcome:?})", rec.name());
+        Ok(())
+    }
+
+    /// After the VM process `pid` has exited: lets its watcher (for a process this daemon
+    /// started) record the exit status, removes the run's TMPDIR and marks the record
+    /// stopped; returns the exit code, when known.
+    async fn record_exit(&self, slot: &Arc<VmSlot>, pid: u32) -> ApiResult<Option<i32>> {
         let exited = slot.exited.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(mut rx) = exited {
             let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|done| *done)).await;
         }
-        vm_process::remove_tmp(&self.paths, rec.name());
         let mut r = slot.rec();
+        vm_process::remove_tmp(&self.paths, r.name());
         if r.status == VmStatus::Running && r.pid == Some(pid) {
             r.mark_stopped();
             self.save(&r)?;
         }
-        tracing::info!("VM {}: stopped ({outcome:?})", r.name());
-        Ok(())
+        Ok(r.exit_code)
     }
 }
 
@@ -253,7 +263,10 @@ async fn watch_exit(
     }
     vm_process::reap_session(pid).await;
     if !slot.deleted.load(Ordering::SeqCst) && slot.rec().pid == Some(pid) {
-        vm_process::remove_tmp(&d.paths, slot.rec().name());
+        let name = slot.rec().name().to_string();
+        vm_process::remove_tmp(&d.paths, &name);
+        // The run's disks have moved on from the snapshot it resumed from.
+        let _ = std::fs::remove_file(d.paths.snapshot_resumed(&name));
     }
     let _ = done.send(true);
 }
@@ -330,8 +343,13 @@ async fn get_vm(State(d): State<Arc<Daemon>>, path: Result<UrlPath<String>, Path
     Ok(Json(d.refresh(&slot).to_vm(&d.paths)))
 }
 
-async fn start(State(d): State<Arc<Daemon>>, path: Result<UrlPath<String>, PathRejection>) -> ApiResult<Json<Vm>> {
+async fn start(
+    State(d): State<Arc<Daemon>>,
+    path: Result<UrlPath<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Vm>> {
     let name = vm_name(path)?;
+    let req: StartRequest = parse_body(body, "a start request: {\"cold\": true} or nothing")?.unwrap_or_default();
     let slot = d.slot(&name)?;
     let _op = slot.op.lock().await;
     d.still_there(&name, &slot)?;
@@ -344,7 +362,9 @@ async fn start(State(d): State<Arc<Daemon>>, path: Result<UrlPath<String>, PathR
     }
     // The files may have gone since the VM was created.
     validate_spec(&rec.spec, &d.paths).map_err(|m| ApiError::bad_request(format!("cannot start VM {name:?}: {m}")))?;
-    let spawned = vm_process::spawn(&d.exe, &rec.spec, &d.paths).map_err(|e| {
+    let resume = take_snapshot_for_start(&d.paths, &name, req.cold)?;
+    let launch = if resume { Launch::Resume { keep_clock: req.keep_clock } } else { Launch::Boot };
+    let spawned = vm_process::spawn(&d.exe, &rec.spec, &d.paths, launch).map_err(|e| {
         ApiError::internal(format!("cannot start VM {name:?}: running `{} boot` failed: {e}", d.exe.display()))
     })?;
     let (pid, start) = (spawned.pid, spawned.start_time);
@@ -358,6 +378,8 @@ async fn start(State(d): State<Arc<Daemon>>, path: Result<UrlPath<String>, PathR
         r.exit_signal = None;
         r.started_at = Some(state::now_secs());
         r.stopped_at = None;
+        r.snapshots = true;
+        r.resumed = resume;
         if let Err(e) = d.save(&r) {
             for p in vm_process::session_members(pid) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), nix::sys::signal::Signal::SIGKILL);
@@ -369,8 +391,90 @@ async fn start(State(d): State<Arc<Daemon>>, path: Result<UrlPath<String>, PathR
     };
     *slot.exited.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
     tokio::spawn(watch_exit(d.clone(), slot.clone(), spawned.child, pid, start, tx));
-    tracing::info!("VM {name}: started (pid {pid}); console in {}", d.paths.console_log(&name).display());
+    tracing::info!(
+        "VM {name}: {} (pid {pid}); console in {}",
+        if resume { "resuming from its snapshot" } else { "started" },
+        d.paths.console_log(&name).display()
+    );
     Ok(Json(vm))
+}
+
+/// Before a start: whether it resumes from the VM's snapshot. The snapshot is moved to
+/// [`state::SNAPSHOT_RESUMED`], where the run reads its memory and which goes when the
+/// run ends: once the VM runs, its disks move on and the snapshot no longer matches
+/// them. A cold start drops it.
+fn take_snapshot_for_start(paths: &Paths, name: &str, cold: bool) -> ApiResult<bool> {
+    let snap = paths.snapshot(name);
+    if !snap.exists() {
+        return Ok(false);
+    }
+    let moved = if cold || state::snapshot_info(paths, name).is_none() {
+        std::fs::remove_file(&snap)
+    } else {
+        std::fs::rename(&snap, paths.snapshot_resumed(name))
+    };
+    moved.map_err(|e| {
+        ApiError::internal(format!(
+            "cannot start VM {name:?}: cannot move its snapshot {}: {e}; check the VM directory's permissions",
+            snap.display()
+        ))
+    })?;
+    crate::util::sync_dir(&paths.vm_dir(name));
+    Ok(!cold && paths.snapshot_resumed(name).exists())
+}
+
+/// `POST /v1/vms/{name}/snapshot`: the VMM pauses the VM, writes its snapshot (machine
+/// state and memory, synced) and ends; the VM is then `suspended` and its next start
+/// resumes it.
+async fn snapshot(
+    State(d): State<Arc<Daemon>>,
+    path: Result<UrlPath<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Vm>> {
+    let name = vm_name(path)?;
+    let req: SnapshotRequest =
+        parse_body(body, "a snapshot request: {\"timeout_secs\": N} or nothing")?.unwrap_or_default();
+    let timeout = timeout_secs(req.timeout_secs, api::DEFAULT_SNAPSHOT_TIMEOUT_SECS)?;
+    let slot = d.slot(&name)?;
+    let _op = slot.op.lock().await;
+    d.still_there(&name, &slot)?;
+    let rec = d.refresh(&slot);
+    require_running(&rec, &d.paths, "only a running VM can be snapshotted")?;
+    let (Some(pid), Some(start), true) = (rec.pid, rec.pid_start_time, rec.snapshots) else {
+        return Err(ApiError::conflict(format!(
+            "VM {name:?} was started by an older kindling that cannot write snapshots; stop it and start it again"
+        )));
+    };
+    tracing::info!("VM {name}: snapshot asked (pid {pid}, SIGUSR1)");
+    let t0 = std::time::Instant::now();
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGUSR1);
+    if !vm_process::wait_exit(pid, start, timeout).await {
+        return Err(ApiError::internal(format!(
+            "VM {name:?}: no snapshot within {} s; the VM keeps running (its console says why: GET /v1/vms/{name}/console); \
+             stop it instead (POST /v1/vms/{name}/stop)",
+            timeout.as_secs()
+        )));
+    }
+    vm_process::reap_session(pid).await;
+    let exit_code = d.record_exit(&slot, pid).await?;
+    let next = d.paths.snapshot_next(&name);
+    let complete = std::fs::File::open(&next).is_ok_and(|f| kindling_vmm::snapshot::read_header(&f).is_ok());
+    if !complete || exit_code.is_some_and(|c| c != 0) {
+        let _ = std::fs::remove_file(&next);
+        return Err(ApiError::internal(format!(
+            "VM {name:?}: its snapshot failed ({}); the VM has stopped and its disks are as it left them: \
+             the console says why (GET /v1/vms/{name}/console), and a start boots it afresh",
+            match exit_code {
+                Some(c) if c != 0 => format!("kindling boot exited with {c}"),
+                _ => "no complete snapshot was written".to_string(),
+            }
+        )));
+    }
+    std::fs::rename(&next, d.paths.snapshot(&name))
+        .map_err(|e| ApiError::internal(format!("VM {name:?}: cannot keep its snapshot {}: {e}", next.display())))?;
+    crate::util::sync_dir(&d.paths.vm_dir(&name));
+    tracing::info!("VM {name}: suspended; snapshot written in {:.1?}", t0.elapsed());
+    Ok(Json(d.refresh(&slot).to_vm(&d.paths)))
 }
 
 async fn stop(
@@ -380,24 +484,35 @@ async fn stop(
 ) -> ApiResult<Json<Vm>> {
     let name = vm_name(path)?;
     let req: StopRequest = parse_body(body, "a stop request: {\"timeout_secs\": N} or nothing")?.unwrap_or_default();
-    let timeout = req.timeout_secs.unwrap_or(api::DEFAULT_STOP_TIMEOUT_SECS);
-    if timeout > MAX_STOP_TIMEOUT_SECS {
-        return Err(ApiError::bad_request(format!(
-            "timeout_secs {timeout}: too long; use at most {MAX_STOP_TIMEOUT_SECS}"
-        )));
-    }
+    let timeout = timeout_secs(req.timeout_secs, api::DEFAULT_STOP_TIMEOUT_SECS)?;
     let slot = d.slot(&name)?;
     let _op = slot.op.lock().await;
     d.still_there(&name, &slot)?;
     let rec = d.refresh(&slot);
-    if rec.status != VmStatus::Running {
-        return Err(ApiError::conflict(format!(
-            "VM {name:?} is not running ({}); nothing to stop (start it with POST /v1/vms/{name}/start)",
-            rec.status
-        )));
-    }
-    d.stop_vm(&slot, Duration::from_secs(timeout)).await?;
+    require_running(&rec, &d.paths, "nothing to stop")?;
+    d.stop_vm(&slot, timeout).await?;
     Ok(Json(d.refresh(&slot).to_vm(&d.paths)))
+}
+
+/// A request's `timeout_secs` (or `default`), at most [`MAX_STOP_TIMEOUT_SECS`].
+fn timeout_secs(asked: Option<u64>, default: u64) -> ApiResult<Duration> {
+    let t = asked.unwrap_or(default);
+    if t > MAX_STOP_TIMEOUT_SECS {
+        return Err(ApiError::bad_request(format!("timeout_secs {t}: too long; use at most {MAX_STOP_TIMEOUT_SECS}")));
+    }
+    Ok(Duration::from_secs(t))
+}
+
+/// Refuses (409) a request that needs the VM running, saying `why` it does.
+fn require_running(rec: &VmRecord, paths: &Paths, why: &str) -> ApiResult<()> {
+    if rec.status == VmStatus::Running {
+        return Ok(());
+    }
+    let name = rec.name();
+    Err(ApiError::conflict(format!(
+        "VM {name:?} is not running ({}); {why} (start it with POST /v1/vms/{name}/start)",
+        rec.to_vm(paths).status
+    )))
 }
 
 /// Is `path` directly inside `dir` (both resolved)?
@@ -414,11 +529,18 @@ fn directly_inside(path: &Path, dir: &Path) -> bool {
 /// unknown files are kept (and then so is the directory).
 fn remove_vm_files(paths: &Paths, spec: &VmSpec) -> Result<Deleted, String> {
     let dir = paths.vm_dir(&spec.name);
-    let mut removable: Vec<PathBuf> =
-        [state::CONSOLE_LOG, state::CONSOLE_LOG_OLD, state::VSOCK_SOCKET, state::VM_JSON_TMP]
-            .iter()
-            .map(|f| dir.join(f))
-            .collect();
+    let mut removable: Vec<PathBuf> = [
+        state::CONSOLE_LOG,
+        state::CONSOLE_LOG_OLD,
+        state::VSOCK_SOCKET,
+        state::VM_JSON_TMP,
+        state::SNAPSHOT,
+        state::SNAPSHOT_NEXT,
+        state::SNAPSHOT_RESUMED,
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .collect();
     let mut kept = Vec::new();
     for disk in &spec.disks {
         if directly_inside(&disk.path, &dir) {
@@ -598,6 +720,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
         .route("/v1/vms/{name}/start", post(start))
         .route("/v1/vms/{name}/stop", post(stop))
+        .route("/v1/vms/{name}/snapshot", post(snapshot))
         .route("/v1/vms/{name}/console", get(console))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -609,7 +732,6 @@ struct StateLock(#[allow(dead_code)] std::fs::File);
 
 fn lock_state_dir(paths: &Paths) -> anyhow::Result<StateLock> {
     use std::io::{Read, Seek, Write};
-    use std::os::fd::AsRawFd;
     let path = paths.lock_file();
     let mut f = std::fs::OpenOptions::new()
         .read(true)
@@ -618,8 +740,7 @@ fn lock_state_dir(paths: &Paths) -> anyhow::Result<StateLock> {
         .truncate(false)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if !crate::util::lock_exclusive(&f, false).with_context(|| format!("cannot lock {}", path.display()))? {
         let mut pid = String::new();
         let _ = f.read_to_string(&mut pid);
         anyhow::bail!(

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use kindling_proto::forward::Forward;
 use kindling_vmm::config::{DiskConfig, VmConfig, VSOCK_PATH_MAX};
 
-use super::api::{Vm, VmSpec, VmStatus};
+use super::api::{SnapshotInfo, Vm, VmSpec, VmStatus};
 
 /// File names inside a VM's directory. These, and the disks of the spec that live in the
 /// directory, are the only files `delete` removes.
@@ -19,6 +19,14 @@ pub const CONSOLE_LOG: &str = "console.log";
 /// The console log's older half (the VM process rotates console.log at its cap).
 pub const CONSOLE_LOG_OLD: &str = "console.log.1";
 pub const VSOCK_SOCKET: &str = "vsock.sock";
+/// A suspended VM's snapshot: the next start resumes from it.
+pub const SNAPSHOT: &str = "snapshot.snap";
+/// Where a running VM's VMM writes a snapshot when asked (`kindling boot --snapshot-to`);
+/// renamed to [`SNAPSHOT`] once it is complete.
+pub const SNAPSHOT_NEXT: &str = "snapshot.next";
+/// The snapshot a running VM was resumed from: its memory is read from it while the VM
+/// runs, and it is removed when the VM ends (the disk has moved on from it).
+pub const SNAPSHOT_RESUMED: &str = "snapshot.resumed";
 /// The VM process's TMPDIR (the emulated runner keeps its level-1 initramfs there), so
 /// that what a killed VM process leaves behind is in the VM directory, and removed.
 pub const VM_TMP: &str = "tmp";
@@ -79,6 +87,15 @@ impl Paths {
     }
     pub fn vsock_socket(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join(VSOCK_SOCKET)
+    }
+    pub fn snapshot(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(SNAPSHOT)
+    }
+    pub fn snapshot_next(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(SNAPSHOT_NEXT)
+    }
+    pub fn snapshot_resumed(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(SNAPSHOT_RESUMED)
     }
     pub fn vm_tmp(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join(VM_TMP)
@@ -209,6 +226,13 @@ pub struct VmRecord {
     pub started_at: Option<u64>,
     #[serde(default)]
     pub stopped_at: Option<u64>,
+    /// The current (or last) run's VMM writes a snapshot at SIGUSR1 (`--snapshot-to`):
+    /// without it SIGUSR1 would kill it.
+    #[serde(default)]
+    pub snapshots: bool,
+    /// The current (or last) run was resumed from a snapshot.
+    #[serde(default)]
+    pub resumed: bool,
 }
 
 impl VmRecord {
@@ -223,6 +247,8 @@ impl VmRecord {
             created_at: now_secs(),
             started_at: None,
             stopped_at: None,
+            snapshots: false,
+            resumed: false,
         }
     }
 
@@ -238,9 +264,10 @@ impl VmRecord {
 
     pub fn to_vm(&self, paths: &Paths) -> Vm {
         let name = self.name();
+        let snapshot = (self.status != VmStatus::Running).then(|| snapshot_info(paths, name)).flatten();
         Vm {
             name: name.to_string(),
-            status: self.status,
+            status: if snapshot.is_some() { VmStatus::Suspended } else { self.status },
             spec: self.spec.clone(),
             pid: self.pid,
             exit_code: self.exit_code,
@@ -251,6 +278,8 @@ impl VmRecord {
             created_at: self.created_at,
             started_at: self.started_at,
             stopped_at: self.stopped_at,
+            snapshot,
+            resumed: self.resumed,
         }
     }
 
@@ -266,6 +295,22 @@ impl VmRecord {
         let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         serde_json::from_slice(&raw).map_err(|e| format!("{}: not a valid VM record ({e})", path.display()))
     }
+}
+
+/// The VM's complete snapshot, if it has one (a suspended VM): only a file whose header
+/// reads is one.
+pub fn snapshot_info(paths: &Paths, name: &str) -> Option<SnapshotInfo> {
+    use std::os::unix::fs::MetadataExt;
+    let path = paths.snapshot(name);
+    let f = std::fs::File::open(&path).ok()?;
+    let header = kindling_vmm::snapshot::read_header(&f).ok()?;
+    let meta = f.metadata().ok()?;
+    Some(SnapshotInfo {
+        path,
+        disk_bytes: meta.blocks() * 512,
+        memory_mib: header.memory_mib,
+        taken_at: meta.mtime().max(0) as u64,
+    })
 }
 
 /// Loads every `<state>/vms/*/vm.json`, sorted by name. Unreadable records are returned

@@ -78,16 +78,41 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
 
-/// The `kindling boot` arguments for `spec`.
-pub fn boot_args(spec: &VmSpec, paths: &Paths) -> Vec<OsString> {
-    let mut a: Vec<OsString> = vec!["boot".into(), "--kernel".into(), spec.kernel.clone().into()];
-    if let Some(initrd) = &spec.initrd {
-        a.extend(["--initrd".into(), initrd.clone().into()]);
+/// How a VM process starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launch {
+    /// A boot of the spec's kernel.
+    Boot,
+    /// A restore from the VM's snapshot (which holds the kernel, memory and vCPUs); with
+    /// `keep_clock`, the guest's clocks go on from the snapshot's moment.
+    Resume { keep_clock: bool },
+}
+
+/// The `kindling boot` arguments for `spec`, launched as `launch` says. Either way
+/// SIGUSR1 makes the VMM write a snapshot to [`Paths::snapshot_next`] and end.
+pub fn boot_args(spec: &VmSpec, paths: &Paths, launch: Launch) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec!["boot".into()];
+    if let Launch::Resume { keep_clock } = launch {
+        a.extend(["--restore".into(), paths.snapshot_resumed(&spec.name).into()]);
+        if keep_clock {
+            a.extend(["--restore-clock".into(), "keep".into()]);
+        }
+    } else {
+        a.extend(["--kernel".into(), spec.kernel.clone().into()]);
+        if let Some(initrd) = &spec.initrd {
+            a.extend(["--initrd".into(), initrd.clone().into()]);
+        }
+        if let Some(cmdline) = &spec.cmdline {
+            a.extend(["--cmdline".into(), cmdline.into()]);
+        }
+        a.extend([
+            "--cpus".into(),
+            spec.cpus.to_string().into(),
+            "--memory".into(),
+            spec.memory_mib.to_string().into(),
+        ]);
     }
-    if let Some(cmdline) = &spec.cmdline {
-        a.extend(["--cmdline".into(), cmdline.into()]);
-    }
-    a.extend(["--cpus".into(), spec.cpus.to_string().into(), "--memory".into(), spec.memory_mib.to_string().into()]);
+    a.extend(["--snapshot-to".into(), paths.snapshot_next(&spec.name).into()]);
     for d in &spec.disks {
         // Always with a flag, so that a comma inside the path is not read as one.
         let mut disk = d.path.clone().into_os_string();
@@ -116,9 +141,9 @@ pub struct Spawned {
 /// Starts `exe boot ...` for `spec`: own session, stdin /dev/null, stdout and stderr
 /// appended to the VM's console.log until the VM process takes it over
 /// (`--console-log`, which caps and rotates it), working directory the VM's directory.
-pub fn spawn(exe: &Path, spec: &VmSpec, paths: &Paths) -> std::io::Result<Spawned> {
+pub fn spawn(exe: &Path, spec: &VmSpec, paths: &Paths, launch: Launch) -> std::io::Result<Spawned> {
     let dir = paths.vm_dir(&spec.name);
-    let args = boot_args(spec, paths);
+    let args = boot_args(spec, paths, launch);
     let mut log = OpenOptions::new().create(true).append(true).open(paths.console_log(&spec.name))?;
     let shown: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     writeln!(
@@ -132,6 +157,15 @@ pub fn spawn(exe: &Path, spec: &VmSpec, paths: &Paths) -> std::io::Result<Spawne
     if spec.vsock {
         // A socket left by an earlier run would make the VMM's bind fail.
         let _ = std::fs::remove_file(paths.vsock_socket(&spec.name));
+    }
+    // A snapshot a run did not finish is no snapshot. The file is made (empty) here
+    // rather than by the VMM, which may have dropped root by the time it writes it and
+    // then could not create a file in this directory.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let next = paths.snapshot_next(&spec.name);
+        let _ = std::fs::remove_file(&next);
+        OpenOptions::new().write(true).create_new(true).mode(0o600).open(&next)?;
     }
     let tmp = paths.vm_tmp(&spec.name);
     remove_tmp(paths, &spec.name);
@@ -273,16 +307,29 @@ mod tests {
         spec.disks =
             vec![DiskSpec { path: "/d,1".into(), read_only: false }, DiskSpec { path: "/e".into(), read_only: true }];
         spec.runner = RunnerKind::Emulated;
-        let a: Vec<String> = boot_args(&spec, &paths).into_iter().map(|s| s.into_string().unwrap()).collect();
+        let a: Vec<String> =
+            boot_args(&spec, &paths, Launch::Boot).into_iter().map(|s| s.into_string().unwrap()).collect();
         assert_eq!(
             a.join(" "),
-            "boot --kernel /k --initrd /i --cmdline console=ttyS0 x=1 --cpus 1 --memory 512 --disk /d,1,rw --disk /e,ro --runner emulated \
-             --console-log /state/vms/vm/console.log"
+            "boot --kernel /k --initrd /i --cmdline console=ttyS0 x=1 --cpus 1 --memory 512 --snapshot-to /state/vms/vm/snapshot.next \
+             --disk /d,1,rw --disk /e,ro --runner emulated --console-log /state/vms/vm/console.log"
         );
         spec.vsock = true;
         spec.forwards = vec!["8080:80".into()];
-        let a: Vec<String> = boot_args(&spec, &paths).into_iter().map(|s| s.into_string().unwrap()).collect();
+        let a: Vec<String> =
+            boot_args(&spec, &paths, Launch::Boot).into_iter().map(|s| s.into_string().unwrap()).collect();
         assert!(a.join(" ").ends_with("--vsock /state/vms/vm/vsock.sock --forward 8080:80 --runner emulated --console-log /state/vms/vm/console.log"), "{a:?}");
+        // A resume: the snapshot holds the kernel, its command line, memory and vCPUs.
+        let a: Vec<String> = boot_args(&spec, &paths, Launch::Resume { keep_clock: true })
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert!(
+            a.join(" ").starts_with(
+                "boot --restore /state/vms/vm/snapshot.resumed --restore-clock keep --snapshot-to /state/vms/vm/snapshot.next --disk /d,1,rw"
+            ),
+            "{a:?}"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -297,7 +344,7 @@ mod tests {
         // ETXTBSY: another test thread may fork while the script is open for writing.
         let mut tries = 0;
         let mut s = loop {
-            match spawn(&exe, &VmSpec::new("t", "/k"), &paths) {
+            match spawn(&exe, &VmSpec::new("t", "/k"), &paths, Launch::Boot) {
                 Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => tries += 1,
                 r => break r.unwrap(),
             }
