@@ -227,7 +227,11 @@ fn agent_brings_up_the_control_plane_supervises_it_and_shuts_down_in_order() {
     c.expect("phase apiserver-ready", Duration::from_secs(300));
     c.expect("bring-up stopped after apiserver-ready", Duration::from_secs(10));
     let log = c.log();
-    assert_eq!(phases(&log), ["agent-start", "etcd-ready", "containerd-ready", "apiserver-ready"], "{log}");
+    assert_eq!(
+        phases(&log),
+        ["agent-start", "etcd-ready", "containerd-ready", "images-ready", "apiserver-ready"],
+        "{log}"
+    );
     assert!(log.contains("PKI: wrote"), "first boot writes the PKI:\n{log}");
 
     // PID 1 duties, seen from inside.

@@ -7,12 +7,14 @@
 //!   seconds, no VM.
 //! - `lifecycle_of_a_node_up_to_its_agent`: kindling's kernel and root disk booted only up
 //!   to the agent (`--until agent-start`): start, status, exec, ip, logs, an orderly stop,
-//!   a restart that keeps the disk's data, delete. A few minutes under the emulated runner.
+//!   a restart that keeps the disk's data (and takes an add-on disabled while stopped to
+//!   the node's command line), delete. A few minutes under the emulated runner.
 //! - `a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly`: the whole
 //!   product: start to Ready, kubectl, image load, a NodePort answering curl from the
 //!   host, stop and start keeping a Deployment and a PersistentVolumeClaim's data (the
-//!   storage-provisioner add-on's default StorageClass), delete leaving nothing. About ten
-//!   minutes under the emulated runner.
+//!   storage-provisioner add-on's default StorageClass; disabled, it goes and stays off
+//!   across the stop and start, enabled again a new claim binds), delete leaving nothing.
+//!   About ten minutes under the emulated runner on an idle machine (33 min loaded).
 
 mod common;
 
@@ -173,6 +175,13 @@ fn errors_say_what_to_do_before_anything_boots() {
     ] {
         env.quick(args).fails_with(nope);
     }
+    env.quick(&["addons", "list", "--name", "nope"]).fails_with(nope);
+    env.quick(&["addons", "disable", "storage-provisioner", "--name", "nope"]).fails_with(nope);
+    // An add-on name that is not one says which are, before the cluster is looked at.
+    let known = "no add-on named \"dashbord\"; the add-ons are: storage-provisioner";
+    env.quick(&["addons", "enable", "dashbord", "--name", "nope"]).fails_with(known);
+    env.quick(&["start", "--addons", "storage-provisioner,dashbord"]).fails_with(&format!("--addons: {known}"));
+    assert!(!env.state().join("clusters/kindling.json").exists(), "nothing was created");
     env.quick(&["image", "load", "/nonexistent/app.tar"])
         .fails_with("image archive /nonexistent/app.tar: cannot open it");
     let none = env.dir.path().join("none.sock");
@@ -332,8 +341,8 @@ fn lifecycle_of_a_node_up_to_its_agent() {
     let r = env.quick(&["start", "--name", name, "--until", "agent-start"]).ok();
     assert!(r.stdout.contains("is already running"), "{}", r.text());
 
-    // An orderly stop, through the agent.
-    let r = env.run(&["stop", "--name", name, "-o", "json"], Duration::from_secs(600)).ok();
+    // An orderly stop, through the agent (a suspend is the default: see the e2e test).
+    let r = env.run(&["stop", "--shutdown", "--name", name, "-o", "json"], Duration::from_secs(600)).ok();
     assert_eq!(
         (r.json()["was_running"].as_bool(), r.json()["orderly"].as_bool()),
         (Some(true), Some(true)),
@@ -345,9 +354,45 @@ fn lifecycle_of_a_node_up_to_its_agent() {
         .fails_with("cluster \"life\" is not running (stopped); start it with `kindling start --name life`");
     assert!(env.quick(&["stop", "--name", name]).ok().stdout.contains("is not running"));
 
-    // A restart keeps the disk (and the API port).
+    // An add-on disabled while the cluster is stopped is recorded for its next start.
+    assert!(cmdline.split_whitespace().any(|p| p == "kindling.addons=storage-provisioner"), "{cmdline}");
+    let r = env.quick(&["addons", "disable", "storage-provisioner", "--name", name, "-o", "json"]).ok();
+    assert_eq!(
+        (r.json()["changed"].as_bool(), r.json()["applied_now"].as_bool()),
+        (Some(true), Some(false)),
+        "{}",
+        r.text()
+    );
+    assert!(r.stderr.contains("at the next start"), "{}", r.text());
+    let storage = |env: &Env| {
+        let r = env.quick(&["addons", "list", "--name", name, "-o", "json"]).ok();
+        let all = r.json();
+        all.as_array().unwrap().iter().find(|a| a["name"] == "storage-provisioner").cloned().unwrap()
+    };
+    let s = storage(&env);
+    assert_eq!((s["enabled"].as_bool(), s["default"].as_bool()), (Some(false), Some(true)), "{s}");
+    assert!(s["deployed"].is_null(), "nothing is known of a stopped node: {s}");
+
+    // A restart keeps the disk (and the API port), and tells the node its add-ons: the
+    // VM is recreated around the disk for the new command line.
     let r = env.run(&start, Duration::from_secs(30 * 60)).ok();
     assert!(r.stdout.contains("starting it again with its data"), "{}", r.text());
+    assert!(r.stdout.contains("updating the VM's command line (add-ons)"), "{}", r.text());
+    let cmdline = env.quick(&["exec", "--name", name, "--", "cat", "/proc/cmdline"]).ok().stdout;
+    assert!(cmdline.split_whitespace().any(|p| p == "kindling.addons="), "storage-provisioner is off: {cmdline}");
+    // Enabled on a running node that is not Ready (here it never will be): its agent
+    // records it for after node-ready.
+    let r = env.quick(&["addons", "enable", "storage-provisioner", "--name", name, "-o", "json"]).ok();
+    assert_eq!(
+        (r.json()["changed"].as_bool(), r.json()["applied_now"].as_bool()),
+        (Some(true), Some(true)),
+        "{}",
+        r.text()
+    );
+    assert!(r.stderr.contains("the node is not Ready yet"), "{}", r.text());
+    let s = storage(&env);
+    assert_eq!(s["enabled"].as_bool(), Some(true), "{s}");
+    assert!(s["deployed"].is_null() && s["running"].is_null(), "not known before node-ready: {s}");
     let r = env.quick(&["exec", "--name", name, "--", "cat", "/var/lib/kindling-test-marker"]).ok();
     assert_eq!(r.stdout.trim(), "kept-across-restarts");
     assert_eq!(env.quick(&["status", "--name", name, "-o", "json"]).ok().json()["api_server"], api.as_str());
@@ -535,6 +580,120 @@ fn a_claim_binds_and_keeps_its_data(env: &Env, name: &str, image: &str) -> Strin
     path
 }
 
+/// The storage add-on's state in `addons list -o json`.
+fn storage_addon(env: &Env, name: &str) -> Value {
+    let r = env.quick(&["addons", "list", "--name", name, "-o", "json"]).ok();
+    let storage = r.json().as_array().unwrap().iter().find(|a| a["name"] == "storage-provisioner").cloned();
+    storage.unwrap_or_else(|| panic!("no storage-provisioner add-on\n{}", r.text()))
+}
+
+/// What the storage add-on adds, by kind and name (kubectl's `kind/name`), as `kubectl
+/// get` finds it now.
+fn storage_objects(env: &Env, name: &str) -> String {
+    let r = env.kubectl(
+        &[
+            "--context",
+            name,
+            "get",
+            "storageclass/standard",
+            "namespace/local-path-storage",
+            "clusterrole/local-path-provisioner-role",
+            "clusterrolebinding/local-path-provisioner-bind",
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ],
+        None,
+    );
+    let r = r.ok();
+    let deploy = env
+        .kubectl(
+            &["--context", name, "-n", "local-path-storage", "get", "deploy", "--ignore-not-found", "-o", "name"],
+            None,
+        )
+        .ok();
+    format!("{}{}", r.stdout, deploy.stdout)
+}
+
+/// `addons disable` on a running cluster removes the StorageClass, the Deployment, its
+/// namespace and RBAC; the bound claim's volume stays.
+fn disabling_storage_removes_what_it_added(env: &Env, name: &str) {
+    assert!(storage_objects(env, name).contains("storageclass.storage.k8s.io/standard"));
+    let r = env.run(&["addons", "disable", "storage-provisioner", "--name", name], Duration::from_secs(20 * 60)).ok();
+    assert!(r.stdout.contains("removed storage-provisioner") && r.stdout.contains("data are kept"), "{}", r.text());
+    let left = storage_objects(env, name);
+    assert_eq!(left.trim(), "", "disable left some of what enable added:\n{left}");
+    let s = storage_addon(env, name);
+    assert_eq!((s["enabled"].as_bool(), s["deployed"].as_bool()), (Some(false), Some(false)), "{s}");
+    let pvc = env.kubectl(&["--context", name, "get", "pvc", "data", "-o=jsonpath={.status.phase}"], None).ok();
+    assert_eq!(pvc.stdout.trim(), "Bound", "the claim keeps its volume\n{}", pvc.text());
+}
+
+/// After the restart the add-on is still off (the node's agent removed nothing, deployed
+/// nothing); `addons enable` deploys it again, and a new claim binds.
+fn storage_stays_disabled_across_a_restart_and_comes_back_when_enabled(env: &Env, name: &str, image: &str) {
+    let t0 = Instant::now();
+    while !env
+        .quick(&["logs", "--name", name])
+        .ok()
+        .stdout
+        .contains("add-on storage-provisioner: disabled; its objects are not in the cluster")
+    {
+        assert!(t0.elapsed() < Duration::from_secs(15 * 60), "the node did not say it keeps storage-provisioner off");
+        std::thread::sleep(Duration::from_secs(10));
+    }
+    assert_eq!(storage_objects(env, name).trim(), "", "storage-provisioner came back after the restart");
+    assert_eq!(storage_addon(env, name)["enabled"].as_bool(), Some(false));
+
+    let t0 = Instant::now();
+    let r = env.run(&["addons", "enable", "storage-provisioner", "--name", name], Duration::from_secs(20 * 60)).ok();
+    assert!(r.stdout.contains("applied storage-provisioner"), "{}", r.text());
+    eprintln!("addons enable storage-provisioner took {:.0?}", t0.elapsed());
+    let sc = "--for=jsonpath={.metadata.annotations.storageclass\\.kubernetes\\.io/is-default-class}=true";
+    env.kubectl(&["--context", name, "wait", sc, "storageclass/standard", "--timeout=60s"], None).ok();
+    env.kubectl(
+        &[
+            "--context",
+            name,
+            "-n",
+            "local-path-storage",
+            "rollout",
+            "status",
+            "deploy/local-path-provisioner",
+            "--timeout=20m",
+        ],
+        None,
+    )
+    .ok();
+    eprintln!("storage-provisioner available {:.0?} after the enable", t0.elapsed());
+    let s = storage_addon(env, name);
+    assert_eq!(
+        (s["enabled"].as_bool(), s["deployed"].as_bool(), s["running"].as_bool()),
+        (Some(true), Some(true), Some(true)),
+        "{s}"
+    );
+    // A new claim binds (its pod runs), and deleting it frees its volume.
+    let claim = CLAIM.replace("name: data}", "name: data2}");
+    env.kubectl(&["--context", name, "apply", "-f", "-"], Some(&claim)).ok();
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pvc-again"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "c", "image": image, "imagePullPolicy": "IfNotPresent",
+                            "command": ["sh", "-c", "echo back >/data/x && cat /data/x"],
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data2"}}]
+        }
+    });
+    env.kubectl(&["--context", name, "apply", "-f", "-"], Some(&pod.to_string())).ok();
+    let done = "--for=jsonpath={.status.phase}=Succeeded";
+    env.kubectl(&["--context", name, "wait", done, "pod/pvc-again", "--timeout=20m"], None).ok();
+    let phase = env.kubectl(&["--context", name, "get", "pvc", "data2", "-o=jsonpath={.status.phase}"], None).ok();
+    assert_eq!(phase.stdout.trim(), "Bound", "{}", phase.text());
+    env.kubectl(&["--context", name, "delete", "pod", "pvc-again", "--timeout=10m"], None).ok();
+    env.kubectl(&["--context", name, "delete", "pvc", "data2", "--timeout=10m"], None).ok();
+}
+
 /// After a stop and start: the data is still there; deleting the claim removes the
 /// volume and its directory on the node (reclaimPolicy Delete, the helper pod's teardown).
 fn the_claim_survives_a_restart_and_its_deletion_frees_the_space(env: &Env, name: &str, image: &str, path: &str) {
@@ -559,6 +718,71 @@ fn the_claim_survives_a_restart_and_its_deletion_frees_the_space(env: &Env, name
         );
         std::thread::sleep(Duration::from_secs(5));
     }
+}
+
+/// The Deployment `web`'s pods: "uid restarts" per pod, sorted.
+fn web_pods(env: &Env, name: &str) -> Vec<String> {
+    let template = r#"{range .items[*]}{.metadata.uid} {.status.containerStatuses[0].restartCount}{"\n"}{end}"#;
+    let r = env
+        .kubectl(&["--context", name, "get", "pods", "-l", "app=web", "-o", &format!("jsonpath={template}")], None)
+        .ok();
+    let mut pods: Vec<String> = r.stdout.lines().map(str::to_string).filter(|l| !l.is_empty()).collect();
+    pods.sort();
+    pods
+}
+
+/// `kindling stop` suspends: `start` resumes the node in seconds with its pods as they
+/// were (same UIDs, no restarts) and its data; a snapshot that no longer reads gives the
+/// reason and a cold boot, and nothing is lost.
+fn a_suspended_cluster_resumes_with_its_pods_and_a_bad_snapshot_boots_afresh(env: &Env, name: &str, url: &str) {
+    let long = Duration::from_secs(90 * 60);
+    env.kubectl(&["--context", name, "create", "configmap", "before-suspend", "--from-literal=kept=yes"], None).ok();
+    let pods = web_pods(env, name);
+    assert!(!pods.is_empty(), "no pods of deployment web");
+    let r = env.run(&["stop", "--name", name, "-o", "json"], Duration::from_secs(20 * 60)).ok();
+    let stop = r.json();
+    assert_eq!(stop["suspended"], true, "{}", r.text());
+    let bytes = stop["snapshot_bytes"].as_u64().unwrap_or(0);
+    assert!(bytes > 64 << 20 && bytes < 4096 << 20, "a 4 GiB node's snapshot of {bytes} bytes\n{}", r.text());
+    eprintln!("suspend: {:.1} s, snapshot {} MiB on disk", stop["seconds"].as_f64().unwrap_or(0.0), bytes >> 20);
+    let st = env.quick(&["status", "--name", name, "-o", "json"]).ok().json();
+    assert_eq!((st["status"].as_str(), st["snapshot_bytes"].as_u64()), (Some("suspended"), Some(bytes)), "{st}");
+    assert!(env.quick(&["status", "--name", name]).ok().stdout.contains("resumes it"));
+
+    let r = env.run(&["start", "--name", name, "-o", "json"], long).ok();
+    let start = r.json();
+    assert_eq!(start["resumed"], true, "{}", r.text());
+    eprintln!("resume to a Ready node: {:.1} s", start["seconds"].as_f64().unwrap_or(0.0));
+    let nodes = env.kubectl(&["--context", name, "get", "nodes", "--no-headers"], None).ok();
+    assert!(nodes.stdout.split_whitespace().nth(1) == Some("Ready"), "{}", nodes.text());
+    let kept =
+        env.kubectl(&["--context", name, "get", "configmap", "before-suspend", "-o", "jsonpath={.data.kept}"], None);
+    assert_eq!(kept.ok().stdout, "yes");
+    assert_eq!(web_pods(env, name), pods, "the pods are the same ones, not restarted");
+    wait_for_body(url, Duration::from_secs(5 * 60));
+    let st = env.quick(&["status", "--name", name, "-o", "json"]).ok().json();
+    assert_eq!((st["status"].as_str(), st["resumed"].as_bool()), (Some("running"), Some(true)), "{st}");
+
+    // Suspend again, damage the snapshot's machine state behind its good header: the
+    // start says why it cannot resume and boots the node from its disk instead.
+    env.kubectl(&["--context", name, "create", "configmap", "before-damage", "--from-literal=kept=yes"], None).ok();
+    env.run(&["stop", "--name", name], Duration::from_secs(20 * 60)).ok();
+    let snap = env.state().join("vms").join(name).join("snapshot.snap");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&snap).unwrap();
+        f.write_all_at(br#"{"vcpus":[{"regs":7}],"vm":"#, 4096).unwrap();
+    }
+    let r = env.run(&["start", "--name", name, "-o", "json"], long).ok();
+    assert!(r.stderr.contains("the snapshot did not resume: "), "{}", r.text());
+    assert!(r.stderr.contains("booting the node afresh"), "{}", r.text());
+    assert_eq!(r.json()["resumed"], false, "{}", r.text());
+    assert!(!snap.exists(), "the damaged snapshot is gone");
+    for cm in ["before-suspend", "before-damage"] {
+        let kept = env.kubectl(&["--context", name, "get", "configmap", cm, "-o", "jsonpath={.data.kept}"], None);
+        assert_eq!(kept.ok().stdout, "yes", "configmap {cm} after the cold boot");
+    }
+    env.kubectl(&["--context", name, "rollout", "status", "deployment/web", "--timeout=30m"], None).ok();
 }
 
 fn wait_for_body(url: &str, limit: Duration) {
@@ -617,6 +841,8 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
 
     // The storage-provisioner add-on (default StorageClass "standard").
     let volume = a_claim_binds_and_keeps_its_data(&env, name, &image);
+    // Disabled, it goes (its volume and data stay), and it stays off across the restart.
+    disabling_storage_removes_what_it_added(&env, name);
 
     // Root in the guest rewrites the node's admin kubeconfig with an exec plugin (it
     // breaks the node's own tools until the agent rewrites it at the next boot): the
@@ -625,7 +851,7 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
                    users:\n- name: x\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /bin/sh\n      args: [-c, touch /tmp/kindling-pwned]\n\
                    contexts:\n- name: x\n  context: {cluster: x, user: x}\ncurrent-context: x\nEOF";
     env.quick(&["exec", "--name", name, "--", "sh", "-c", hostile]).ok();
-    env.run(&["stop", "--name", name], Duration::from_secs(15 * 60)).ok();
+    env.run(&["stop", "--shutdown", "--name", name], Duration::from_secs(15 * 60)).ok();
     assert_eq!(env.quick(&["status", "--name", name, "-o", "json"]).ok().json()["status"], "stopped");
     // The VMM itself ended well (not, say, killed by its seccomp filter on the way out).
     let rec: serde_json::Value =
@@ -651,7 +877,10 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     env.kubectl(&["--context", name, "get", "deployment", "web"], None).ok();
     env.kubectl(&["--context", name, "rollout", "status", "deployment/web", "--timeout=30m"], None).ok();
     wait_for_body(&url, Duration::from_secs(15 * 60));
+    storage_stays_disabled_across_a_restart_and_comes_back_when_enabled(&env, name, &image);
     the_claim_survives_a_restart_and_its_deletion_frees_the_space(&env, name, &image, &volume);
+
+    a_suspended_cluster_resumes_with_its_pods_and_a_bad_snapshot_boots_afresh(&env, name, &url);
 
     env.run(&["delete", "--name", name], Duration::from_secs(15 * 60)).ok();
     assert_eq!(leftovers(&env, name), Vec::<PathBuf>::new(), "no VM directory, disk or record is left");

@@ -146,7 +146,7 @@ fn node_gets_ready_and_passes_the_in_guest_selftest() {
     for l in log.lines().filter(|l| l.starts_with("kindling-agent: phase ")) {
         eprintln!("{l}");
     }
-    for p in ["agent-start", "etcd-ready", "containerd-ready", "apiserver-ready", "node-ready", "dns-ready"] {
+    for p in kindling_proto::phase::ALL {
         assert!(phases.contains(&p), "phase {p} never reported; phases {phases:?}\n{}", tail(&log));
     }
     for check in ["busybox-pod", "configmap", "secret", "dns"] {

@@ -51,7 +51,8 @@ pub enum ClusterCommand {
     Status(StatusArgs),
     /// List the clusters.
     List(ListArgs),
-    /// Stop a cluster in order (the node shuts down through its agent); its data is kept.
+    /// Stop a cluster: suspend it to a snapshot (`start` resumes it in seconds), or with
+    /// --shutdown power it off in order; its data is kept either way.
     Stop(StopArgs),
     /// Delete a cluster: its VM, its disk and its kubeconfig context, cluster and user.
     Delete(DeleteArgs),
@@ -75,15 +76,34 @@ pub enum ClusterCommand {
     /// `kindling boot ... --vsock /tmp/node.sock --forward 16443:6443`, then
     /// `kindling kubeconfig --vsock /tmp/node.sock --server https://127.0.0.1:16443 > kc`.
     Kubeconfig(KubeconfigArgs),
-    /// The cluster's add-ons (storage-provisioner, ...): `kindling addons list`.
+    /// The cluster's add-ons (storage-provisioner, ...): `kindling addons list`,
+    /// `kindling addons disable storage-provisioner`. Remembered per cluster across stop
+    /// and start.
     #[command(subcommand)]
     Addons(AddonsCommand),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum AddonsCommand {
-    /// List the add-ons: name, version, whether the cluster runs them, what they give.
+    /// List the add-ons: name, version, whether the cluster runs them, what the node says
+    /// of them (running, deploying, ...; when it runs), what they give.
     List(AddonsListArgs),
+    /// Enable an add-on for the cluster: deployed now if it runs, else at its next start.
+    Enable(AddonSetArgs),
+    /// Disable an add-on: removes what enabling it added (now if the cluster runs, else at
+    /// its next start). The storage add-on's volumes and their data are kept.
+    Disable(AddonSetArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AddonSetArgs {
+    /// The add-on (see `kindling addons list`).
+    #[arg(value_name = "ADDON")]
+    pub addon: String,
+    #[command(flatten)]
+    pub name: NameArg,
+    #[command(flatten)]
+    pub output: OutputArg,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -134,10 +154,16 @@ pub struct StartArgs {
     /// How long to wait for the node to be Ready, in seconds [default: 2700].
     #[arg(long, value_name = "SECS")]
     pub wait: Option<u64>,
-    /// (testing) Bring the node up only to PHASE (agent-start, etcd-ready,
-    /// containerd-ready, apiserver-ready, node-ready, dns-ready) and wait for it.
+    /// (testing) Bring the node up only to PHASE (one of `kindling_proto::phase::ALL`:
+    /// agent-start, etcd-ready, containerd-ready, images-ready, apiserver-ready,
+    /// kubelet-registered, node-ready, coredns-running, dns-ready) and wait for it.
     #[arg(long, value_name = "PHASE", hide = true)]
     pub until: Option<String>,
+    /// Add-ons to enable, comma-separated: on a new cluster in addition to the default
+    /// ones; on an existing cluster in addition to those it has (remembered; deployed now
+    /// if it is running). It never disables one: `kindling addons disable` does.
+    #[arg(long, value_name = "ADDON[,ADDON]", value_delimiter = ',')]
+    pub addons: Vec<String>,
     #[command(flatten)]
     pub output: OutputArg,
 }
@@ -163,6 +189,10 @@ pub struct StopArgs {
     /// Seconds to wait for the node to power off before its VM process is stopped.
     #[arg(long, value_name = "SECS", default_value_t = cluster::DEFAULT_STOP_WAIT_SECS)]
     pub wait: u64,
+    /// Power the node off in order instead of suspending it to a snapshot (the next
+    /// start then boots it, which takes minutes rather than seconds).
+    #[arg(long)]
+    pub shutdown: bool,
     #[command(flatten)]
     pub output: OutputArg,
 }
@@ -275,7 +305,7 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         ClusterCommand::Stop(a) => {
-            let r = cluster::stop(&a.name.name, Duration::from_secs(a.wait), &say(a.output.output))?;
+            let r = cluster::stop(&a.name.name, Duration::from_secs(a.wait), a.shutdown, &say(a.output.output))?;
             if a.output.output == Output::Json {
                 print_json(&r)?;
             }
@@ -320,15 +350,17 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<i32> {
             match a.output.output {
                 Output::Json => print_json(&all)?,
                 Output::Text => {
-                    println!("{:<20} {:<9} {:<8} WHAT IT GIVES", "NAME", "VERSION", "STATUS");
+                    println!("{:<20} {:<9} {:<9} {:<13} WHAT IT GIVES", "NAME", "VERSION", "STATUS", "ON THE NODE");
                     for s in &all {
                         let status = if s.enabled { "enabled" } else { "disabled" };
-                        println!("{:<20} {:<9} {:<8} {}", s.name, s.version, status, s.gives);
+                        println!("{:<20} {:<9} {:<9} {:<13} {}", s.name, s.version, status, s.state(), s.gives);
                     }
                 }
             }
             Ok(0)
         }
+        ClusterCommand::Addons(AddonsCommand::Enable(a)) => addon_set(&a, true),
+        ClusterCommand::Addons(AddonsCommand::Disable(a)) => addon_set(&a, false),
         ClusterCommand::Service(a) => {
             let urls = cluster::service_urls(&a.name.name, &a.service, &a.namespace)?;
             match a.output.output {
@@ -342,6 +374,14 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<i32> {
     }
 }
 
+fn addon_set(a: &AddonSetArgs, enable: bool) -> anyhow::Result<i32> {
+    let r = cluster::set_addon(&a.name.name, &a.addon, enable, &say(a.output.output))?;
+    if a.output.output == Output::Json {
+        print_json(&r)?;
+    }
+    Ok(0)
+}
+
 fn start(a: &StartArgs) -> anyhow::Result<i32> {
     let out = a.output.output;
     let s = say(out);
@@ -353,6 +393,7 @@ fn start(a: &StartArgs) -> anyhow::Result<i32> {
         runner: a.runner,
         wait: a.wait.map(Duration::from_secs),
         until: a.until.clone(),
+        addons: a.addons.clone(),
     };
     let r = cluster::start(&opts, &s)?;
     if out == Output::Json {
@@ -370,10 +411,14 @@ fn start(a: &StartArgs) -> anyhow::Result<i32> {
     } else {
         format!("reached {}", r.target_phase)
     };
-    println!(
-        "cluster {name:?} {state}: the node took {reached:.1} s from kernel start; `kindling start` took {}",
-        human(r.seconds)
-    );
+    if r.resumed {
+        println!("cluster {name:?} {state}: resumed from its snapshot; `kindling start` took {}", human(r.seconds));
+    } else {
+        println!(
+            "cluster {name:?} {state}: the node took {reached:.1} s from kernel start; `kindling start` took {}",
+            human(r.seconds)
+        );
+    }
     println!("  API server  {}", r.api_server);
     println!("  NodePorts   {} (node ports 30000-32767)", r.node_ports);
     if let Some(k) = &r.kubeconfig {
@@ -398,10 +443,21 @@ fn human(secs: f64) -> String {
     }
 }
 
+/// A duration in words: "42 s", "5 min", "3 h", "2 days".
+fn ago_text(secs: u64) -> String {
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7200 => format!("{} min", secs / 60),
+        7200..172_800 => format!("{} h", secs / 3600),
+        _ => format!("{} days", secs / 86_400),
+    }
+}
+
 fn print_status(s: &ClusterStatus) {
+    let resumed = if s.resumed == Some(true) { ", resumed from a snapshot" } else { "" };
     let state = match s.ready {
-        Some(true) => format!("{} (node Ready)", s.status),
-        Some(false) => format!("{} (node not Ready yet)", s.status),
+        Some(true) => format!("{} (node Ready{resumed})", s.status),
+        Some(false) => format!("{} (node not Ready yet{resumed})", s.status),
         None => s.status.clone(),
     };
     println!("cluster     {}", s.name);
@@ -414,6 +470,17 @@ fn print_status(s: &ClusterStatus) {
             .map(|b| format!(", {:.1} GiB used", b as f64 / (1u64 << 30) as f64))
             .unwrap_or_default();
         println!("resources   {c} vCPU{}, {m} MiB, disk {} GiB{used}", if c == 1 { "" } else { "s" }, s.disk_size_gib);
+    }
+    if let Some(b) = s.snapshot_bytes {
+        println!(
+            "snapshot    {:.0} MiB on disk{}; `{}` resumes it",
+            b as f64 / (1u64 << 20) as f64,
+            s.snapshot_taken_at
+                .and_then(|t| crate::daemon::state::now_secs().checked_sub(t))
+                .map(|ago| format!(", taken {} ago", ago_text(ago)))
+                .unwrap_or_default(),
+            cluster::command_for("start", &s.name)
+        );
     }
     if let Some(r) = &s.runner {
         println!("runner      {r}");
@@ -447,10 +514,10 @@ fn print_list(all: &[ClusterStatus]) {
         println!("no clusters; create one with `kindling start`");
         return;
     }
-    println!("{:<20} {:<9} {:>5} {:>10} {:>9}  API SERVER", "NAME", "STATUS", "CPUS", "MEMORY", "DISK");
+    println!("{:<20} {:<10} {:>5} {:>10} {:>9}  API SERVER", "NAME", "STATUS", "CPUS", "MEMORY", "DISK");
     for s in all {
         println!(
-            "{:<20} {:<9} {:>5} {:>10} {:>9}  {}",
+            "{:<20} {:<10} {:>5} {:>10} {:>9}  {}",
             s.name,
             s.status,
             s.cpus.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
@@ -512,6 +579,11 @@ mod tests {
             (Some(4), Some(8192), Some(40), Some(RunnerKind::Emulated), Some(60))
         );
         assert_eq!(a.output.output, Output::Json);
+        assert!(a.addons.is_empty());
+        let ClusterCommand::Start(a) = parse(&["start", "--addons", "storage-provisioner,x", "--addons", "y"]) else {
+            panic!()
+        };
+        assert_eq!(a.addons, ["storage-provisioner", "x", "y"], "names are checked by `start`, against the catalogue");
         assert!(parse_err(&["start", "--runner", "xen"]).contains("invalid value 'xen'"));
         assert!(parse_err(&["start", "--cpus", "two"]).contains("invalid value 'two'"));
     }
@@ -566,6 +638,21 @@ mod tests {
             panic!()
         };
         assert_eq!((a.name.name.as_str(), a.output.output), ("x", Output::Json));
+        let ClusterCommand::Addons(AddonsCommand::Disable(a)) =
+            parse(&["addons", "disable", "storage-provisioner", "--name", "x", "-o", "json"])
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (a.addon.as_str(), a.name.name.as_str(), a.output.output),
+            ("storage-provisioner", "x", Output::Json)
+        );
+        let ClusterCommand::Addons(AddonsCommand::Enable(a)) = parse(&["addons", "enable", "storage-provisioner"])
+        else {
+            panic!()
+        };
+        assert_eq!((a.addon.as_str(), a.name.name.as_str()), ("storage-provisioner", "kindling"));
+        assert!(parse_err(&["addons", "enable"]).contains("ADDON"));
         assert!(parse_err(&["image", "load"]).contains("ARCHIVE"));
         assert!(parse_err(&["service"]).contains("SERVICE"));
     }
@@ -593,7 +680,7 @@ mod tests {
             assert!(sub.get_about().is_some_and(|a| !a.to_string().is_empty()), "{name} has no help");
         }
         let help = parse_err(&["start", "--help"]);
-        for flag in ["--name", "--cpus", "--memory", "--disk-size", "--runner", "--wait", "--output"] {
+        for flag in ["--name", "--cpus", "--memory", "--disk-size", "--runner", "--wait", "--addons", "--output"] {
             assert!(help.contains(flag), "start --help lacks {flag}:\n{help}");
         }
     }

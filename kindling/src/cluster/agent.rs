@@ -280,6 +280,25 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Enables (deploys) or disables (removes) an add-on in the node now; its progress
+    /// lines go to `on_out`; the exit code says whether it was done. Within `deadline`.
+    pub fn addon(&self, name: &str, enable: bool, deadline: Duration, on_out: &mut dyn FnMut(&[u8])) -> Result<i32> {
+        self.open(&Request::Addon { name: name.to_string(), enable }, Some(deadline))?.stream(on_out)
+    }
+
+    /// Every add-on's state as the node's agent sees it.
+    pub fn addons(&self) -> Result<Vec<kindling_proto::addon::AddonState>> {
+        match self.open(&Request::Addons, Some(ADDONS_TIMEOUT))?.one()? {
+            Reply::Addons(a) => Ok(a),
+            r => Err(AgentError::Broken(format!("unexpected reply {r:?}"))),
+        }
+    }
+}
+
+/// The deadline of `{"op":"addons"}` (the agent asks its API server for each add-on).
+const ADDONS_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The vsock socket of a VM directory.
 pub fn vsock_socket(vm_dir: &Path) -> PathBuf {
     vm_dir.join(crate::daemon::state::VSOCK_SOCKET)

@@ -28,7 +28,7 @@ pub fn delete(name: &str, say: &Say) -> Result<DeleteReport> {
     let mut kept = Vec::new();
     if let Some(vm) = vm {
         if vm.status == VmStatus::Running {
-            stop_locked(&ctx, name, Duration::from_secs(DEFAULT_STOP_WAIT_SECS), say, false)?;
+            stop_locked(&ctx, name, Duration::from_secs(DEFAULT_STOP_WAIT_SECS), false, say, false)?;
         }
         let d = ctx.client.delete(name)?;
         removed.extend(d.removed);

@@ -3,7 +3,8 @@
 //!
 //! A cluster is one daemon VM booting kindling's kernel and root disk, plus a small
 //! record, `<state>/clusters/<name>.json`, holding what must stay stable across restarts:
-//! the host port of its API server and where its NodePort range lands on the host.
+//! the host port of its API server, where its NodePort range lands on the host, and its
+//! add-ons.
 //! Its disk is `<state>/vms/<name>/disk.ext4` (so the daemon's delete removes it). The
 //! node is driven through its agent over vsock ([`agent`]): phases while it starts, the
 //! admin kubeconfig, commands, logs, power-off and image imports.
@@ -13,7 +14,7 @@
 //!   (and `list`);
 //! - [`node`]: exec, logs, ip, image load, service, kubectl;
 //! - [`credentials`]: the kubeconfig context and `kindling kubeconfig`;
-//! - [`addons`](mod@addons): `kindling addons list`.
+//! - [`addons`](mod@addons): `kindling addons list | enable | disable`.
 //!
 //! What they share:
 //! - [`record`]: the cluster record, its paths and locks;
@@ -36,7 +37,7 @@ mod start;
 mod status;
 mod stop;
 
-pub use addons::{addons, AddonStatus};
+pub use addons::{addons, set_addon, AddonReport, AddonStatus};
 use credentials::*;
 pub use credentials::{kubeconfig, KubeconfigSource};
 pub use delete::{delete, DeleteReport};

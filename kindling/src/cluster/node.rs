@@ -250,6 +250,7 @@ mod tests {
             node_port_base: 20000,
             disk_size_gib: 20,
             created_at: 0,
+            addons: Default::default(),
         };
         assert_eq!(
             node_port_urls("NodePort 30080 31000", &r, "web", "default").unwrap(),

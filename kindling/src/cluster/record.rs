@@ -1,7 +1,9 @@
 //! A cluster's record, `<state>/clusters/<name>.json` (what must stay stable across
-//! restarts: the host ports of its API server and NodePort range, its disk size), the
-//! paths beside it, and the locks that serialize commands on one cluster.
+//! restarts: the host ports of its API server and NodePort range, its disk size, the
+//! add-ons enabled or disabled for it), the paths beside it, and the locks that serialize
+//! commands on one cluster.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
@@ -21,9 +23,33 @@ pub struct ClusterRecord {
     pub disk_size_gib: u64,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
+    /// The add-ons enabled (true) or disabled (false) for this cluster by `kindling addons
+    /// enable|disable` and `start --addons`; one not named here has its default, so a
+    /// record from before add-ons had a choice reads as the defaults.
+    #[serde(default)]
+    pub addons: BTreeMap<String, bool>,
 }
 
 impl ClusterRecord {
+    /// Whether the cluster runs `a`: its choice, else the add-on's default.
+    pub fn addon_enabled(&self, a: &kindling_proto::addon::Addon) -> bool {
+        self.addons.get(a.name).copied().unwrap_or(a.default_on)
+    }
+
+    /// The add-ons the cluster runs, in the catalogue's order (what `kindling.addons=`
+    /// tells its node). A name in the record that this kindling does not know (written by
+    /// another version) is ignored.
+    pub fn enabled_addons(&self) -> Vec<&'static str> {
+        kindling_proto::addon::ALL.iter().filter(|a| self.addon_enabled(a)).map(|a| a.name).collect()
+    }
+
+    /// Records the choice for `a`; true when it changes whether the cluster runs it.
+    pub fn set_addon(&mut self, a: &kindling_proto::addon::Addon, enabled: bool) -> bool {
+        let changed = self.addon_enabled(a) != enabled;
+        self.addons.insert(a.name.to_string(), enabled);
+        changed
+    }
+
     pub fn api_url(&self) -> String {
         format!("https://127.0.0.1:{}", self.api_port)
     }
@@ -111,7 +137,6 @@ pub(super) struct Lock {
 
 impl Lock {
     pub(super) fn acquire(path: PathBuf, busy: impl FnOnce() -> String, wait: bool) -> Result<Self> {
-        use std::os::fd::AsRawFd;
         if let Some(dir) = path.parent() {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -125,21 +150,19 @@ impl Lock {
             .write(true)
             .open(&path)
             .with_context(|| format!("cannot open the lock {}", path.display()))?;
-        let flags = if wait { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), flags) } != 0 {
+        if !crate::util::lock_exclusive(&file, wait).with_context(|| format!("cannot lock {}", path.display()))? {
             bail!("{}", busy());
         }
         Ok(Self { file, path })
     }
 
-    /// The lock of one cluster: start, stop and delete take it.
+    /// The lock of one cluster: start, stop, delete and `addons enable|disable` take it.
     pub(super) fn cluster(paths: &Paths, name: &str) -> Result<Self> {
         let path = clusters_dir(paths).join(format!("{name}.lock"));
         Self::acquire(
             path,
             || {
-                format!("another kindling command (start, stop or delete) is working on cluster {name:?} right now; wait for it to finish, then try again")
+                format!("another kindling command (start, stop, delete or addons) is working on cluster {name:?} right now; wait for it to finish, then try again")
             },
             false,
         )
@@ -181,7 +204,14 @@ pub(super) fn new_record(paths: &Paths, name: &str, disk_size_gib: u64) -> Resul
             .find(|b| !bases.iter().any(|o| o == b))
             .context("every host range for NodePorts is taken by other clusters; delete one of them")?,
     };
-    Ok(ClusterRecord { name: name.to_string(), api_port, node_port_base, disk_size_gib, created_at: state::now_secs() })
+    Ok(ClusterRecord {
+        name: name.to_string(),
+        api_port,
+        node_port_base,
+        disk_size_gib,
+        created_at: state::now_secs(),
+        addons: BTreeMap::new(),
+    })
 }
 
 #[cfg(test)]
@@ -199,6 +229,7 @@ mod tests {
             node_port_base: 30000,
             disk_size_gib: 20,
             created_at: 1,
+            addons: BTreeMap::new(),
         };
         save_record(&paths, &r("b", 16444)).unwrap();
         save_record(&paths, &r("a", 16443)).unwrap();
@@ -209,6 +240,36 @@ mod tests {
         assert!(load_record(&paths, "junk").unwrap_err().to_string().contains("not a valid cluster record"));
         assert_eq!(r("a", 16443).api_url(), "https://127.0.0.1:16443");
         assert_eq!(r("a", 16443).node_port_range(), "127.0.0.1:30000-32767");
+    }
+
+    /// A record written before add-ons had a choice reads as the defaults; a choice is
+    /// kept across a save and load; a name this kindling does not know is ignored.
+    #[test]
+    fn add_on_choices_are_remembered_and_old_records_have_the_defaults() {
+        use kindling_proto::addon::{self, STORAGE_PROVISIONER};
+        let d = tempfile::tempdir().unwrap();
+        let paths = Paths::new(d.path());
+        std::fs::create_dir_all(clusters_dir(&paths)).unwrap();
+        std::fs::write(
+            record_path(&paths, "old"),
+            r#"{"name":"old","api_port":16443,"node_port_base":30000,"disk_size_gib":20,"created_at":1}"#,
+        )
+        .unwrap();
+        let mut r = load_record(&paths, "old").unwrap().unwrap();
+        let defaults: Vec<&str> = addon::ALL.iter().filter(|a| a.default_on).map(|a| a.name).collect();
+        assert_eq!(r.enabled_addons(), defaults);
+        let storage = addon::find(STORAGE_PROVISIONER).unwrap();
+        assert!(r.set_addon(storage, false), "a change");
+        assert!(!r.set_addon(storage, false), "no change the second time");
+        r.addons.insert("from-a-newer-kindling".into(), true);
+        save_record(&paths, &r).unwrap();
+        let back = load_record(&paths, "old").unwrap().unwrap();
+        assert_eq!(back, r);
+        assert!(!back.addon_enabled(storage));
+        assert!(!back.enabled_addons().contains(&STORAGE_PROVISIONER));
+        assert!(!back.enabled_addons().contains(&"from-a-newer-kindling"));
+        let text = std::fs::read_to_string(record_path(&paths, "old")).unwrap();
+        assert!(text.contains("\"storage-provisioner\": false"), "{text}");
     }
 
     #[test]

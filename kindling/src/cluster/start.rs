@@ -25,6 +25,10 @@ pub struct StartOptions {
     /// Bring the node up only to this phase (`kindling.until`) and wait for it instead
     /// of node-ready: for tests, and for a control plane where kubelet cannot run.
     pub until: Option<String>,
+    /// Add-ons to enable besides those the cluster has (`--addons a,b`): on a new
+    /// cluster, in addition to the defaults; on an existing one, in addition to what it
+    /// runs (recorded, and deployed now if it is running). Never disables one.
+    pub addons: Vec<String>,
 }
 
 /// What `start` did.
@@ -35,6 +39,8 @@ pub struct StartReport {
     pub already_running: bool,
     /// A stopped cluster was started again (its disk kept).
     pub restarted: bool,
+    /// It was resumed from the snapshot of a suspend (not booted).
+    pub resumed: bool,
     pub api_server: String,
     pub node_ports: String,
     pub kubeconfig: Option<PathBuf>,
@@ -54,6 +60,7 @@ impl StartReport {
             name: r.name.clone(),
             already_running: false,
             restarted: false,
+            resumed: false,
             api_server: r.api_url(),
             node_ports: r.node_port_range(),
             kubeconfig: None,
@@ -119,9 +126,12 @@ pub(super) fn build_images(say: &Say) -> Result<(PathBuf, PathBuf)> {
     Ok((artifact("kernel")?, artifact("rootfs")?))
 }
 
-pub(super) fn cmdline(name: &str, until: Option<&str>) -> String {
-    use kindling_proto::cmdline::{param, HOSTNAME, UNTIL};
-    let mut c = format!("console=ttyS0 panic=1 root=/dev/vda rw {}", param(HOSTNAME, name));
+/// The node's command line: its hostname, the add-ons it runs (`kindling.addons=`,
+/// always given, empty for none), and `--until`.
+pub(super) fn cmdline(name: &str, addons: &[&str], until: Option<&str>) -> String {
+    use kindling_proto::cmdline::{param, ADDONS, HOSTNAME, UNTIL};
+    let mut c =
+        format!("console=ttyS0 panic=1 root=/dev/vda rw {} {}", param(HOSTNAME, name), param(ADDONS, addons.join(",")));
     if let Some(u) = until {
         c.push_str(&format!(" {}", param(UNTIL, u)));
     }
@@ -141,7 +151,7 @@ pub(super) fn spec_for(
     until: Option<&str>,
 ) -> VmSpec {
     let mut spec = VmSpec::new(name, kernel);
-    spec.cmdline = Some(cmdline(name, until));
+    spec.cmdline = Some(cmdline(name, &r.enabled_addons(), until));
     spec.cpus = cpus;
     spec.memory_mib = memory_mib;
     spec.disks = vec![DiskSpec { path: disk, read_only: false }, DiskSpec { path: seed, read_only: true }];
@@ -171,7 +181,18 @@ pub(super) fn check_resources(o: &StartOptions) -> Result<()> {
             bail!("--until {u}: not a phase; use one of {}", phase::ALL.join(", "));
         }
     }
+    start_addons(o)?;
     Ok(())
+}
+
+/// `--addons`, checked: an unknown name is an error that lists the add-ons.
+pub(super) fn start_addons(o: &StartOptions) -> Result<Vec<&'static kindling_proto::addon::Addon>> {
+    kindling_proto::addon::parse_list(&o.addons.join(",")).map_err(|e| anyhow::anyhow!("--addons: {e}"))
+}
+
+/// Records `--addons` in `r` (enabled, besides what it has); the ones newly enabled.
+pub(super) fn record_start_addons(o: &StartOptions, r: &mut ClusterRecord) -> Result<Vec<&'static str>> {
+    Ok(start_addons(o)?.into_iter().filter(|a| r.set_addon(a, true)).map(|a| a.name).collect())
 }
 
 /// Refuses a start whose API port is taken; warns about busy NodePort host ports.
@@ -231,26 +252,42 @@ pub fn start(o: &StartOptions, say: &Say) -> Result<StartReport> {
                 r.api_url(),
                 command_for("status", name)
             ));
-            let mut report = StartReport::of(r, o, t0);
+            // `--addons` on a running cluster enables them now, as minikube does.
+            let mut r = r.clone();
+            let added = record_start_addons(o, &mut r)?;
+            if !added.is_empty() {
+                save_record(&ctx.paths, &r)?;
+                addons::deploy_on_running(&r, vm, &added, say)?;
+            }
+            let mut report = StartReport::of(&r, o, t0);
             report.already_running = true;
             return Ok(report);
         }
     }
     let restarted = vm.is_some();
-    let (record, vm) = match vm {
+    let (mut record, mut vm) = match vm {
         Some(vm) => restart_prepare(&ctx, o, record.expect("checked above"), vm, say)?,
         None => first_start_prepare(&ctx, o, record, say)?,
     };
     check_ports(&record, say)?;
     let console_offset = std::fs::metadata(&vm.console_log).map(|m| m.len()).unwrap_or(0);
-    say.line(format!(
-        "starting cluster {name:?}: {} vCPU{}, {} MiB, disk {} GiB, API server {}",
-        vm.spec.cpus,
-        if vm.spec.cpus == 1 { "" } else { "s" },
-        vm.spec.memory_mib,
-        record.disk_size_gib,
-        record.api_url()
-    ));
+    let mut resuming = vm.status == VmStatus::Suspended;
+    match &vm.snapshot {
+        Some(snap) if resuming => say.line(format!(
+            "resuming cluster {name:?} from its snapshot ({:.0} MiB, taken {} s ago), API server {}",
+            snap.disk_bytes as f64 / (1u64 << 20) as f64,
+            crate::daemon::state::now_secs().saturating_sub(snap.taken_at),
+            record.api_url()
+        )),
+        _ => say.line(format!(
+            "starting cluster {name:?}: {} vCPU{}, {} MiB, disk {} GiB, API server {}",
+            vm.spec.cpus,
+            if vm.spec.cpus == 1 { "" } else { "s" },
+            vm.spec.memory_mib,
+            record.disk_size_gib,
+            record.api_url()
+        )),
+    }
     let target = o.until.clone().unwrap_or_else(|| READY_PHASE.to_string());
     let what = if target == READY_PHASE { "the node to be Ready".to_string() } else { format!("phase {target}") };
     let wait = o.wait.unwrap_or(Duration::from_secs(DEFAULT_WAIT_SECS));
@@ -262,7 +299,32 @@ pub fn start(o: &StartOptions, say: &Say) -> Result<StartReport> {
         } else {
             std::fs::metadata(&vm.console_log).map(|m| m.len()).unwrap_or(0)
         };
-        ctx.client.start(name)?;
+        // A cold start drops a snapshot the VM may still have (one that did not resume).
+        // A resume keeps the guest's clocks where the suspend left them (the agent sets
+        // the wall clock below): had they jumped by the time away, every timeout in
+        // the node would fire at once and each component reconnect and list anew.
+        let req = crate::daemon::api::StartRequest { cold: !resuming, keep_clock: true };
+        ctx.client.start_with(name, &req)?;
+        if resuming {
+            match wait_resumed(&ctx, name, &vm, wait, say) {
+                Ok(phases) => {
+                    addons::sync_on_node(&record, &vm, say);
+                    break phases;
+                }
+                Err(ResumeError::Ended(why)) => {
+                    say.line(format!(
+                        "the snapshot did not resume: {why}; booting the node afresh instead (its disk is as the suspend left it)"
+                    ));
+                    resuming = false;
+                    // The VM's spec may lag behind the cluster's (add-ons changed while
+                    // it was suspended): brought up to date for the boot.
+                    let stopped = ctx.vm(name)?.with_context(|| format!("the VM of cluster {name:?} is gone"))?;
+                    (record, vm) = restart_prepare(&ctx, o, record, stopped, say)?;
+                    continue;
+                }
+                Err(ResumeError::Failed(e)) => return Err(e),
+            }
+        }
         say.line(format!(
             "waiting for {what} (phases in seconds since the guest kernel started; console: `{}`)",
             command_for("logs", name)
@@ -301,7 +363,159 @@ pub fn start(o: &StartOptions, say: &Say) -> Result<StartReport> {
         check_node_identity(&agent, &ctx.paths, name)?;
         Some(write_kubeconfig(&ctx.paths, &record)?)
     };
-    Ok(StartReport { restarted, kubeconfig, phases, ..StartReport::of(&record, o, t0) })
+    Ok(StartReport { restarted, resumed: resuming, kubeconfig, phases, ..StartReport::of(&record, o, t0) })
+}
+
+/// Why a resume did not bring the node back.
+pub(super) enum ResumeError {
+    /// The resumed run ended (a snapshot the VMM refused ends it at once): a cold boot
+    /// is the way on.
+    Ended(String),
+    /// It runs, but the node did not get Ready.
+    Failed(anyhow::Error),
+}
+
+/// Waits until a resumed node is Ready for real: its agent answers (and sets the node's
+/// wall clock, which the resume left at the suspend's moment), and its kubelet has
+/// renewed the node's lease since (the lease from before the suspend proves nothing)
+/// with the node's Ready condition True. Returns the agent's phases.
+pub(super) fn wait_resumed(
+    ctx: &Ctx,
+    name: &str,
+    vm: &Vm,
+    timeout: Duration,
+    say: &Say,
+) -> Result<Vec<Phase>, ResumeError> {
+    let agent = Agent::vsock(agent::vsock_socket(&vm.dir));
+    let t0 = Instant::now();
+    let mut since = String::new();
+    let mut answered = false;
+    let mut last_error: String;
+    loop {
+        let now = ctx.client.get(name).map_err(|e| ResumeError::Failed(e.into()))?;
+        if now.status != VmStatus::Running {
+            return Err(ResumeError::Ended(ended_reason(ctx, &now)));
+        }
+        match agent.phases() {
+            Ok(phases) => {
+                if !answered {
+                    say.line(format!(
+                        "  {:<18}{:>8.1} s after the resume",
+                        "agent answers",
+                        t0.elapsed().as_secs_f64()
+                    ));
+                    since = set_node_clock(&agent).map_err(ResumeError::Failed)?;
+                    answered = true;
+                }
+                match node_renewed_since(&agent, name, &since) {
+                    Ok(true) => {
+                        say.line(format!(
+                            "  {:<18}{:>8.1} s after the resume",
+                            "node Ready",
+                            t0.elapsed().as_secs_f64()
+                        ));
+                        return Ok(phases);
+                    }
+                    Ok(false) => last_error = "its kubelet has not renewed the node's lease yet".into(),
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+            Err(e) => last_error = format!("its agent does not answer over vsock yet ({e})"),
+        }
+        if t0.elapsed() > timeout {
+            return Err(ResumeError::Failed(anyhow::anyhow!(
+                "the resumed node is not Ready after {} s: {last_error}; look at `{}`, or boot it afresh: `kindling stop --shutdown{n}`, then `{}`",
+                t0.elapsed().as_secs(),
+                command_for("logs", name),
+                command_for("start", name),
+                n = if name == DEFAULT_NAME { String::new() } else { format!(" --name {name}") }
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Sets the node's wall clock to this host's (`date -s` in the node, to the
+/// microsecond); returns the time set, in RFC 3339.
+fn set_node_clock(agent: &Agent) -> Result<String> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let at = format!("@{}.{:06}", now.as_secs(), now.subsec_micros());
+    match agent.exec_capture(&["date", "-u", "-s", &at], Duration::from_secs(30)) {
+        Ok((0, _)) => Ok(rfc3339_utc(now.as_secs())),
+        Ok((code, out)) => bail!("setting the node's clock (`date -s {at}`) exited with {code}: {}", out.trim()),
+        Err(e) => bail!("setting the node's clock: {e}"),
+    }
+}
+
+/// Has the node's lease been renewed at or after `since` (RFC 3339, UTC), with the
+/// node's Ready condition True? One kubectl in the node answers both.
+fn node_renewed_since(agent: &Agent, node: &str, since: &str) -> Result<bool> {
+    let template =
+        r#"{range .items[*]}{.kind}={.spec.renewTime}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}"#;
+    let (node_ref, lease_ref) = (format!("node/{node}"), format!("lease/{node}"));
+    let argv = [
+        "kubectl",
+        "--kubeconfig",
+        ADMIN_CONF,
+        "-n",
+        "kube-node-lease",
+        "get",
+        &node_ref,
+        &lease_ref,
+        "-o",
+        &format!("jsonpath={template}"),
+    ];
+    let (code, out) = agent.exec_capture(&argv, Duration::from_secs(30))?;
+    if code != 0 {
+        bail!("kubectl in the node: {}", out.trim());
+    }
+    Ok(lease_fresh_and_ready(&out, since))
+}
+
+/// Reads `Node=True` / `Lease=<renewTime>` lines: Ready, and renewed at or after `since`
+/// (both RFC 3339 in UTC, compared to the second).
+fn lease_fresh_and_ready(out: &str, since: &str) -> bool {
+    let value = |kind: &str| out.lines().find_map(|l| l.trim().strip_prefix(kind)?.strip_prefix('='));
+    let ready = value("Node") == Some("True");
+    let renewed = value("Lease").and_then(|t| t.get(..19)).is_some_and(|t| Some(t) >= since.get(..19));
+    ready && renewed
+}
+
+/// Seconds since the Unix epoch as RFC 3339 in UTC (`2026-12-01T18:05:09Z`), the way
+/// Kubernetes writes times.
+fn rfc3339_utc(secs: u64) -> String {
+    // Days to a civil date (Howard Hinnant's algorithm, for the proleptic Gregorian calendar).
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Longest console line quoted in a message.
+const QUOTED_LINE_MAX: usize = 300;
+
+/// A console line as a message quotes it. The console carries the guest's output too:
+/// no control characters (escape sequences, carriage returns) reach the terminal, and
+/// at most [`QUOTED_LINE_MAX`] characters.
+fn printable(line: &str) -> String {
+    line.chars().filter(|c| !c.is_control()).take(QUOTED_LINE_MAX).collect()
+}
+
+/// Why a resumed run ended: the VMM's line about the snapshot, else its exit status.
+fn ended_reason(ctx: &Ctx, vm: &Vm) -> String {
+    let tail = ctx.client.console(&vm.name, Some(40)).unwrap_or_default();
+    tail.lines()
+        .rev()
+        .find(|l| l.contains("--restore") || l.contains("snapshot"))
+        .map(|l| printable(l.trim().trim_start_matches("kindling: ")))
+        .unwrap_or_else(|| format!("its VM process ended ({})", exit_text(vm)))
 }
 
 /// The cluster's identity (created on its first start) on the node's seed disk; returns
@@ -326,7 +540,7 @@ pub(super) fn first_start_prepare(
     let emulated = check_runner(runner, say)?;
     let (kernel, rootfs) = build_images(say)?;
     let created_record = record.is_none();
-    let record = match record {
+    let mut record = match record {
         Some(mut r) => {
             if let Some(d) = o.disk_size_gib {
                 r.disk_size_gib = d;
@@ -340,6 +554,7 @@ pub(super) fn first_start_prepare(
             r
         }
     };
+    record_start_addons(o, &mut record)?;
     let vm_dir = ctx.paths.vm_dir(name);
     let result = (|| -> Result<Vm> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&vm_dir).map_err(|e| match e.raw_os_error() {
@@ -410,6 +625,11 @@ pub(super) fn restart_prepare(
 ) -> Result<(ClusterRecord, Vm)> {
     let name = o.name.as_str();
     say.line(format!("cluster {name:?} exists ({}); starting it again with its data", vm.status));
+    let added = record_start_addons(o, &mut record)?;
+    if !added.is_empty() {
+        save_record(&ctx.paths, &record)?;
+        say.line(format!("add-ons: enabling {} (--addons)", added.join(", ")));
+    }
     let runner = o.runner.unwrap_or(vm.spec.runner);
     check_runner(runner, say)?;
     let disk_file = vm.spec.disks.first().map(|d| d.path.clone()).unwrap_or_else(|| disk_path(&ctx.paths, name));
@@ -465,16 +685,44 @@ pub(super) fn restart_prepare(
     {
         return Ok((record, vm));
     }
+    let same_but_addons = why.is_empty()
+        && spec.forwards == vm.spec.forwards
+        && spec.disks == vm.spec.disks
+        && without_addons(spec.cmdline.as_deref()) == without_addons(vm.spec.cmdline.as_deref());
+    if same_but_addons && vm.status == VmStatus::Suspended {
+        // The running node takes add-on changes through its agent: resume it and tell
+        // it after (its recorded command line catches up at its next cold boot).
+        say.line("the cluster's add-ons changed while it was suspended: its node applies them after the resume");
+        return Ok((record, vm));
+    }
+    if why.is_empty() && spec.cmdline != vm.spec.cmdline {
+        why.push("command line (add-ons)");
+    }
     if why.is_empty() {
         why.push("settings");
     }
-    say.line(format!("updating the VM's {} (the disk is kept)", why.join(", ")));
+    say.line(format!(
+        "updating the VM's {} (the disk is kept{})",
+        why.join(", "),
+        if vm.status == VmStatus::Suspended {
+            "; its snapshot no longer fits and is dropped, so the node boots afresh"
+        } else {
+            ""
+        }
+    ));
     let vm = recreate(ctx, name, &disk_file, &spec)?;
     Ok((record, vm))
 }
 
+/// A command line without its `kindling.addons=` word.
+fn without_addons(cmdline: Option<&str>) -> Vec<&str> {
+    let prefix = kindling_proto::cmdline::param(kindling_proto::cmdline::ADDONS, "");
+    cmdline.unwrap_or("").split_whitespace().filter(|w| !w.starts_with(&prefix)).collect()
+}
+
 /// Replaces a stopped VM's spec: parks the disk outside the VM directory (the daemon's
-/// delete removes disks inside it), deletes and recreates the VM, puts the disk back.
+/// delete removes disks inside it), deletes and recreates the VM, puts the disk back and
+/// writes the seed disk again.
 /// An interruption leaves the disk parked, and the next start picks it up.
 pub(super) fn recreate(ctx: &Ctx, name: &str, disk_file: &Path, spec: &VmSpec) -> Result<Vm> {
     let parked = parked_disk(&ctx.paths, name);
@@ -485,6 +733,8 @@ pub(super) fn recreate(ctx: &Ctx, name: &str, disk_file: &Path, spec: &VmSpec) -
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(ctx.paths.vm_dir(name))?;
         std::fs::rename(&parked, disk_file)
             .with_context(|| format!("cannot move {} back to {}", parked.display(), disk_file.display()))?;
+        // The delete removed the seed disk with the VM directory's other disks.
+        write_seed(ctx, name)?;
         Ok(ctx.client.create(spec)?)
     })();
     if result.is_err() && parked.exists() && ctx.vm(name).ok().flatten().is_some() {
@@ -519,7 +769,7 @@ pub(super) fn stopped_while_starting(ctx: &Ctx, vm: &Vm) -> anyhow::Error {
     anyhow::anyhow!(
         "the VM of cluster {name:?} stopped while starting ({}); the last 30 lines of its console:\n{}\n(whole console: `{}`; the VMM's own errors are among these lines)",
         exit_text(vm),
-        tail.trim_end(),
+        tail.trim_end().lines().map(printable).collect::<Vec<_>>().join("\n"),
         command_for("logs", &vm.name),
         name = vm.name,
     )
@@ -602,6 +852,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn quoted_console_lines_lose_control_characters_and_stop_at_300_characters() {
+        assert_eq!(printable("ok \u{1b}[2J\u{1b}]0;owned\u{7}\r done"), "ok [2J]0;owned done");
+        let long = "é".repeat(1000);
+        assert_eq!(printable(&long).chars().count(), QUOTED_LINE_MAX);
+    }
+
+    #[test]
     fn the_spec_boots_the_node_with_vsock_and_forwards() {
         let r = ClusterRecord {
             name: "dev".into(),
@@ -609,6 +866,7 @@ mod tests {
             node_port_base: 20000,
             disk_size_gib: 20,
             created_at: 0,
+            addons: Default::default(),
         };
         let s = spec_for(
             "dev",
@@ -621,7 +879,10 @@ mod tests {
             RunnerKind::Auto,
             None,
         );
-        assert_eq!(s.cmdline.as_deref(), Some("console=ttyS0 panic=1 root=/dev/vda rw kindling.hostname=dev"));
+        assert_eq!(
+            s.cmdline.as_deref(),
+            Some("console=ttyS0 panic=1 root=/dev/vda rw kindling.hostname=dev kindling.addons=storage-provisioner")
+        );
         assert!(s.vsock);
         assert_eq!(s.forwards, ["127.0.0.1:16444:6443", "127.0.0.1:20000-22767:30000-32767"]);
         assert_eq!(
@@ -643,8 +904,16 @@ mod tests {
             RunnerKind::Emulated,
             Some("apiserver-ready"),
         );
-        assert!(s.cmdline.unwrap().ends_with("kindling.hostname=dev kindling.until=apiserver-ready"));
+        assert!(s
+            .cmdline
+            .unwrap()
+            .ends_with("kindling.hostname=dev kindling.addons=storage-provisioner kindling.until=apiserver-ready"));
         assert_eq!(s.runner, RunnerKind::Emulated);
+        // A cluster whose add-ons are all disabled tells its node so (an empty list).
+        let mut none = r.clone();
+        none.set_addon(kindling_proto::addon::find("storage-provisioner").unwrap(), false);
+        let s = spec_for("dev", "/k".into(), "/d".into(), "/s".into(), &none, 1, 1024, RunnerKind::Auto, None);
+        assert!(s.cmdline.unwrap().ends_with("kindling.hostname=dev kindling.addons="));
     }
 
     #[test]
@@ -663,10 +932,50 @@ mod tests {
         assert!(check_resources(&o(None, None, Some(0))).unwrap_err().to_string().contains("--disk-size 0"));
         let until = |u: &str| StartOptions { name: "k".into(), until: Some(u.into()), ..Default::default() };
         check_resources(&until("apiserver-ready")).unwrap();
+        let addons = |a: &[&str]| StartOptions {
+            name: "k".into(),
+            addons: a.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        check_resources(&addons(&["storage-provisioner"])).unwrap();
+        let e = check_resources(&addons(&["storage-provisioner", "ingres"])).unwrap_err().to_string();
+        assert_eq!(e, "--addons: no add-on named \"ingres\"; the add-ons are: storage-provisioner");
+        let mut r = new_record(&Paths::new("/nonexistent"), "k", 20).unwrap();
+        r.set_addon(kindling_proto::addon::find("storage-provisioner").unwrap(), false);
+        assert_eq!(record_start_addons(&addons(&["storage-provisioner"]), &mut r).unwrap(), ["storage-provisioner"]);
+        assert!(record_start_addons(&addons(&["storage-provisioner"]), &mut r).unwrap().is_empty(), "already on");
         assert!(check_resources(&until("ready"))
             .unwrap_err()
             .to_string()
             .contains("use one of agent-start, etcd-ready"));
+    }
+
+    #[test]
+    fn command_lines_are_compared_without_their_add_ons() {
+        let a = cmdline("dev", &["storage-provisioner"], None);
+        let b = cmdline("dev", &[], None);
+        assert_ne!(a, b);
+        assert_eq!(without_addons(Some(&a)), without_addons(Some(&b)));
+        assert_ne!(without_addons(Some(&a)), without_addons(Some(&cmdline("dev", &[], Some("agent-start")))));
+    }
+
+    #[test]
+    fn times_are_written_as_kubernetes_writes_them() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_796_148_309), "2026-12-01T18:05:09Z");
+    }
+
+    #[test]
+    fn a_resumed_node_is_ready_once_its_lease_is_renewed() {
+        let since = "2026-12-01T18:05:09Z";
+        assert!(lease_fresh_and_ready("Node=True\nLease=2026-12-01T18:05:12.123456Z\n", since));
+        assert!(lease_fresh_and_ready("Lease=2026-12-01T18:05:09.000001Z\nNode=True\n", since));
+        // The lease from before the suspend.
+        assert!(!lease_fresh_and_ready("Node=True\nLease=2026-12-01T17:59:58.999999Z\n", since));
+        assert!(!lease_fresh_and_ready("Node=Unknown\nLease=2026-12-01T18:05:12.123456Z\n", since));
+        assert!(!lease_fresh_and_ready("Node=True\n", since));
+        assert!(!lease_fresh_and_ready("", since));
     }
 
     #[test]

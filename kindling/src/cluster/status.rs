@@ -11,8 +11,14 @@ use super::*;
 #[derive(Clone, Debug, Serialize)]
 pub struct ClusterStatus {
     pub name: String,
-    /// created, running, stopped, or missing (a record whose VM is gone).
+    /// created, running, stopped, suspended, or missing (a record whose VM is gone).
     pub status: String,
+    /// A suspended cluster's snapshot: bytes on disk.
+    pub snapshot_bytes: Option<u64>,
+    /// When the snapshot was taken (seconds since the Unix epoch).
+    pub snapshot_taken_at: Option<u64>,
+    /// The running node was resumed from a snapshot rather than booted.
+    pub resumed: Option<bool>,
     /// The node reported node-ready (only known while it runs and its agent answers).
     pub ready: Option<bool>,
     pub api_server: String,
@@ -52,6 +58,9 @@ pub(super) fn status_of(paths: &Paths, r: &ClusterRecord, vm: Option<&Vm>, ask_a
     ClusterStatus {
         name: r.name.clone(),
         status: vm.map(|v| v.status.to_string()).unwrap_or_else(|| "missing".into()),
+        snapshot_bytes: vm.and_then(|v| v.snapshot.as_ref()).map(|s| s.disk_bytes),
+        snapshot_taken_at: vm.and_then(|v| v.snapshot.as_ref()).map(|s| s.taken_at),
+        resumed: vm.filter(|v| v.status == VmStatus::Running).map(|v| v.resumed),
         ready: phases.as_ref().map(|p: &Vec<Phase>| p.iter().any(|p| p.name == READY_PHASE)),
         api_server: r.api_url(),
         node_ports: r.node_port_range(),
