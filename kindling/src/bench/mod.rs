@@ -34,6 +34,17 @@
 //! file) and from the signal to the process's exit; the restore from launch to the
 //! first KVM_RUN and to the guest's next console line; the file's size on disk. Under
 //! the emulated runner all of it runs inside the level-1 VM (the file in its tmpfs).
+//!
+//! `kindling bench --workload resume`: a whole cluster, as a user runs it. In a state
+//! directory of its own, this executable's `kindling start` (cold, from a new disk),
+//! then `--runs` rounds of `kindling stop` (a suspend) and `kindling start` (a resume,
+//! which returns once the node's kubelet has renewed its lease and the node is Ready),
+//! then `stop --shutdown` and a cold `start` of the same disk; each timed from the
+//! command's own `--output json` report. The cluster is deleted at the end.
+//!
+//! `kindling bench --workload start`: time to Kubernetes (minikube's time-to-k8s): new
+//! clusters and cold restarts, each timed to every bring-up phase and to an app
+//! answering through its NodePort, with a chart (`start.rs`).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -51,11 +62,17 @@ use crate::util::{inside_l1, which};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Guest kernel (bzImage or vmlinux) both VMMs boot.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    /// Guest kernel (bzImage or vmlinux) both VMMs boot (every workload but resume and start).
+    #[arg(long = "kernel", value_name = "PATH")]
+    pub kernel_arg: Option<PathBuf>,
     /// initramfs whose init prints the marker and powers off (see scripts/busybox-initramfs).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long = "initrd", value_name = "PATH")]
+    pub initrd_arg: Option<PathBuf>,
+    /// `--kernel`, once checked (empty for the resume workload).
+    #[arg(skip)]
+    pub kernel: PathBuf,
+    /// `--initrd`, once checked.
+    #[arg(skip)]
     pub initrd: PathBuf,
     /// Kernel command line for both.
     #[arg(long, default_value = "console=ttyS0 quiet")]
@@ -104,6 +121,16 @@ pub struct BenchArgs {
     /// (internal) Inside the guest of the net workload: serve the benchmark's ports.
     #[arg(long, hide = true)]
     pub guest_server: bool,
+    /// Resume and start workloads: also write the figures to FILE as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Start workload: where to write the SVG chart [default: kindling-bench-start.svg].
+    #[arg(long, value_name = "FILE")]
+    pub chart: Option<PathBuf>,
+    /// Start workload: measure nothing; print the table and draw the chart of a run
+    /// saved with --json.
+    #[arg(long, value_name = "FILE")]
+    pub from_json: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -111,6 +138,10 @@ pub enum Workload {
     Boot,
     Net,
     Snapshot,
+    /// A cluster's cold start against its suspend and resume (`kindling stop`/`start`).
+    Resume,
+    /// Time to Kubernetes: new clusters and cold restarts, to node-ready, DNS and an app.
+    Start,
 }
 
 /// `--compare firecracker=PATH`: the Firecracker binary.
@@ -242,10 +273,23 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
     if args.guest_server {
         return net::guest_server();
     }
+    match args.workload {
+        Workload::Resume => return resume::measure_and_report(args).map(|()| 0),
+        Workload::Start => return start::measure_and_report(args).map(|()| 0),
+        _ => {}
+    }
+    let (Some(kernel), Some(initrd)) = (&args.kernel_arg, &args.initrd_arg) else {
+        anyhow::bail!(
+            "the {:?} workload boots a kernel and initrd: give --kernel and --initrd (scripts/bench-boot finds them)",
+            args.workload
+        );
+    };
     // The net workload's guest runs this executable: add it to the initrd (once: inside
     // the level-1 VM the initrd already has it).
     let _prepared;
     let mut args = args.clone();
+    args.kernel = kernel.clone();
+    args.initrd = initrd.clone();
     if args.workload == Workload::Net && !inside_l1() {
         let dir = tempfile::Builder::new().prefix("kindling-bench-").tempdir()?;
         args.initrd = net::guest_initrd(&args.initrd, dir.path())?;
@@ -280,6 +324,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<i32> {
                 Workload::Boot => measure_and_report(args)?,
                 Workload::Net => net::measure_and_report(args)?,
                 Workload::Snapshot => snapshot::measure_and_report(args)?,
+                Workload::Resume | Workload::Start => unreachable!("measured above, without a runner of its own"),
             }
             Ok(0)
         }
@@ -1198,9 +1243,28 @@ mod snapshot {
     }
 }
 
+mod cluster;
+mod resume;
+mod start;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_resume_workload_needs_no_kernel_and_the_others_say_they_do() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: BenchArgs,
+        }
+        let t = T::try_parse_from(["bench", "--workload", "resume", "--runs", "3"]).unwrap();
+        assert_eq!((t.a.workload, t.a.runs, t.a.kernel_arg), (Workload::Resume, 3, None));
+        let t = T::try_parse_from(["bench", "--workload", "boot"]).unwrap();
+        let e = run(&t.a).unwrap_err().to_string();
+        assert!(e.contains("give --kernel and --initrd"), "{e}");
+    }
 
     #[test]
     fn median_of_odd_and_even() {
