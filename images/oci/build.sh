@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# images/oci/build.sh OUT_DIR COREDNS_DIR LOCAL_PATH_PROVISIONER_DIR
+# images/oci/build.sh OUT_DIR COREDNS_DIR LOCAL_PATH_PROVISIONER_DIR METRICS_SERVER_DIR
 #
 # Builds the guest's preloaded container images as OCI image-layout tarballs
 # (what `ctr -n k8s.io images import FILE` takes), with images/oci/mkoci.py:
@@ -13,8 +13,12 @@
 #                             kindling.local/local-path-provisioner:<version>
 #                             LOCAL_PATH_PROVISIONER_DIR/bin/local-path-provisioner
 #                             (images/local-path-provisioner step; the storage add-on)
+#   OUT_DIR/metrics-server.oci.tar
+#                             kindling.local/metrics-server:<version>
+#                             METRICS_SERVER_DIR/bin/metrics-server
+#                             (images/metrics-server step; the metrics-server add-on)
 #   OUT_DIR/images.env        PAUSE_IMAGE=... BUSYBOX_IMAGE=... COREDNS_IMAGE=...
-#                             LOCAL_PATH_PROVISIONER_IMAGE=...
+#                             LOCAL_PATH_PROVISIONER_IMAGE=... METRICS_SERVER_IMAGE=...
 #   OUT_DIR/images.txt        "<archive> <image name>" per name
 # The archives are byte-for-byte reproducible from the same inputs.
 # No caching here: the orchestrator caches OUT_DIR by a hash of this directory
@@ -22,10 +26,11 @@
 set -euo pipefail
 step=oci
 here=$(cd "$(dirname "$0")" && pwd)
-usage="usage: images/oci/build.sh OUT_DIR COREDNS_DIR LOCAL_PATH_PROVISIONER_DIR"
+usage="usage: images/oci/build.sh OUT_DIR COREDNS_DIR LOCAL_PATH_PROVISIONER_DIR METRICS_SERVER_DIR"
 out=${1:?$usage}
 coredns_dir=${2:?$usage}
 lpp_dir=${3:?$usage}
+ms_dir=${4:?$usage}
 out=$(cd "$out" && pwd)
 here=${here:-$(cd "$(dirname "$0")" && pwd)}
 . "$here/../lib/step.sh"
@@ -57,6 +62,8 @@ need gcc gcc
   { echo "$step: $coredns_dir/bin/coredns or VERSION missing: pass the output directory of images/coredns/build.sh" >&2; exit 1; }
 [ -x "$lpp_dir/bin/local-path-provisioner" ] && [ -f "$lpp_dir/VERSION" ] ||
   { echo "$step: $lpp_dir/bin/local-path-provisioner or VERSION missing: pass the output directory of images/local-path-provisioner/build.sh" >&2; exit 1; }
+[ -x "$ms_dir/bin/metrics-server" ] && [ -f "$ms_dir/VERSION" ] ||
+  { echo "$step: $ms_dir/bin/metrics-server or VERSION missing: pass the output directory of images/metrics-server/build.sh" >&2; exit 1; }
 mkoci() { python3 "$here/mkoci.py" "$@"; }
 
 # --- pause ---------------------------------------------------------------------
@@ -121,15 +128,32 @@ mkoci "$out/local-path-provisioner.oci.tar" --name "$lpp_image" \
   --cmd '["local-path-provisioner"]' \
   --label "org.opencontainers.image.version=$lpp_ver" >"$log" 2>&1 || fail "pack local-path-provisioner image"
 
+# --- metrics-server (the metrics-server add-on) -------------------------------------
+ms_ver=$(cat "$ms_dir/VERSION")
+ms_image=kindling.local/metrics-server:$ms_ver
+progress "packing $ms_image"
+# Like upstream's image (distroless static, nonroot): the binary as /metrics-server, run
+# as 65532 (the Deployment asks for a non-root user, a read-only root filesystem and an
+# emptyDir on /tmp).
+printf '%s\n' 'root:x:0:0:root:/root:/sbin/nologin' 'nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin' >"$work/ms-passwd"
+printf '%s\n' 'root:x:0:' 'nonroot:x:65532:' >"$work/ms-group"
+mkoci "$out/metrics-server.oci.tar" --name "$ms_image" \
+  --file "$ms_dir/bin/metrics-server:/metrics-server:0755" \
+  --file "$work/ms-passwd:/etc/passwd:0644" --file "$work/ms-group:/etc/group:0644" \
+  --dir /tmp:1777 --user 65532:65532 --expose 10250/tcp --entrypoint '["/metrics-server"]' \
+  --label "org.opencontainers.image.version=$ms_ver" >"$log" 2>&1 || fail "pack metrics-server image"
+
 # --- index for the rootfs and the agent ------------------------------------------
 cat >"$out/images.env" <<EOF
 PAUSE_IMAGE=$pause_image
 BUSYBOX_IMAGE=$busybox_image
 COREDNS_IMAGE=$coredns_image
 LOCAL_PATH_PROVISIONER_IMAGE=$lpp_image
+METRICS_SERVER_IMAGE=$ms_image
 EOF
 printf '%s\n' "pause.oci.tar $pause_image" "pause.oci.tar $pause_fallback" \
   "busybox.oci.tar $busybox_image" "busybox.oci.tar kindling.local/busybox:latest" \
-  "coredns.oci.tar $coredns_image" "local-path-provisioner.oci.tar $lpp_image" >"$out/images.txt"
+  "coredns.oci.tar $coredns_image" "local-path-provisioner.oci.tar $lpp_image" \
+  "metrics-server.oci.tar $ms_image" >"$out/images.txt"
 
 progress "done: $(cd "$out" && du -h ./*.oci.tar | awk '{printf "%s %s  ", $2, $1}')"

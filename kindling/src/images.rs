@@ -54,9 +54,10 @@ pub const STEPS: &[Step] = &[
         shared: &["lib"],
         root: false,
     },
+    Step { name: "metrics-server", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"], root: false },
     Step {
         name: "oci",
-        deps: &["coredns", "local-path-provisioner"],
+        deps: &["coredns", "local-path-provisioner", "metrics-server"],
         probes: &[&["gcc", "--version"], &["dpkg-query", "-W", "busybox-static"]],
         artifact: "images.txt",
         shared: &["lib"],
@@ -77,7 +78,7 @@ const GO_VERSION: &[&str] = &["sh", "-c", "PATH=$PATH:/usr/local/go/bin go versi
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("unknown image step '{0}'; steps are: kernel, k8s, etcd, coredns, local-path-provisioner, oci, rootfs")]
+    #[error("unknown image step '{0}'; steps are: kernel, k8s, etcd, coredns, local-path-provisioner, metrics-server, oci, rootfs")]
     UnknownStep(String),
     #[error("step '{step}' failed ({status}); last lines of {log}:\n{tail}")]
     StepFailed { step: String, status: String, log: String, tail: String },
@@ -387,8 +388,11 @@ mod tests {
                 .map(|s| s.name)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(names(&["oci"]), ["coredns", "local-path-provisioner", "oci"]);
-        assert_eq!(names(&["rootfs"]), ["k8s", "etcd", "coredns", "local-path-provisioner", "oci", "rootfs"]);
+        assert_eq!(names(&["oci"]), ["coredns", "local-path-provisioner", "metrics-server", "oci"]);
+        assert_eq!(
+            names(&["rootfs"]),
+            ["k8s", "etcd", "coredns", "local-path-provisioner", "metrics-server", "oci", "rootfs"]
+        );
         assert_eq!(names(&[]).len(), STEPS.len());
         assert!(matches!(plan(&["nope".into()]), Err(ImageError::UnknownStep(_))));
     }
