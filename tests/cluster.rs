@@ -178,7 +178,7 @@ fn errors_say_what_to_do_before_anything_boots() {
     env.quick(&["addons", "list", "--name", "nope"]).fails_with(nope);
     env.quick(&["addons", "disable", "storage-provisioner", "--name", "nope"]).fails_with(nope);
     // An add-on name that is not one says which are, before the cluster is looked at.
-    let known = "no add-on named \"dashbord\"; the add-ons are: storage-provisioner";
+    let known = "no add-on named \"dashbord\"; the add-ons are: storage-provisioner, metrics-server";
     env.quick(&["addons", "enable", "dashbord", "--name", "nope"]).fails_with(known);
     env.quick(&["start", "--addons", "storage-provisioner,dashbord"]).fails_with(&format!("--addons: {known}"));
     assert!(!env.state().join("clusters/kindling.json").exists(), "nothing was created");
@@ -720,6 +720,74 @@ fn the_claim_survives_a_restart_and_its_deletion_frees_the_space(env: &Env, name
     }
 }
 
+/// The metrics-server add-on, enabled on the running cluster: `kubectl top` answers for
+/// the node and for pods, through an APIService whose TLS is verified with the cluster CA
+/// (no `insecureSkipTLSVerify`), from a metrics-server that verifies the kubelet (no
+/// `--kubelet-insecure-tls`). Disabled, the metrics API goes with it.
+fn metrics_server_answers_kubectl_top_and_goes_when_disabled(env: &Env, name: &str) {
+    let t0 = Instant::now();
+    let r = env.run(&["addons", "enable", "metrics-server", "--name", name], Duration::from_secs(20 * 60)).ok();
+    assert!(r.stdout.contains("applied metrics-server"), "{}", r.text());
+    let ctx = ["--context", name];
+    let top = |what: &[&str]| env.kubectl(&[&ctx[..], &["top"], what].concat(), None);
+    let nodes = loop {
+        let r = top(&["nodes", "--no-headers"]);
+        if r.code == Some(0) && r.stdout.contains("kindling") {
+            break r.stdout;
+        }
+        let last = r.text();
+        assert!(
+            t0.elapsed() < Duration::from_secs(20 * 60),
+            "kubectl top nodes did not answer within {:?} of the enable; last:\n{last}\nmetrics-server's log:\n{}",
+            t0.elapsed(),
+            env.kubectl(
+                &[&ctx[..], &["-n", "kube-system", "logs", "deploy/metrics-server", "--tail=40"]].concat(),
+                None
+            )
+            .text()
+        );
+        std::thread::sleep(Duration::from_secs(10));
+    };
+    eprintln!("kubectl top nodes answered {:.0}s after the enable: {}", t0.elapsed().as_secs_f64(), nodes.trim());
+    // "kindling   123m   12%   456Mi   11%": CPU in millicores, memory in Mi.
+    let cols: Vec<&str> = nodes.split_whitespace().collect();
+    assert!(cols.len() >= 5 && cols[1].ends_with('m') && cols[3].ends_with("Mi"), "{nodes}");
+    let pods = loop {
+        let r = top(&["pods", "-n", "kube-system", "--no-headers"]);
+        if r.code == Some(0) && r.stdout.contains("metrics-server") {
+            break r.stdout;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20 * 60), "kubectl top pods did not answer:\n{}", r.text());
+        std::thread::sleep(Duration::from_secs(10));
+    };
+    assert!(pods.contains("coredns"), "{pods}");
+    let api = env
+        .kubectl(&[&ctx[..], &["get", "apiservice", "v1beta1.metrics.k8s.io", "-o", "json"]].concat(), None)
+        .ok()
+        .json();
+    assert!(api["spec"]["insecureSkipTLSVerify"].as_bool() != Some(true), "{api}");
+    assert!(!api["spec"]["caBundle"].as_str().unwrap_or("").is_empty(), "{api}");
+    let deploy = env
+        .kubectl(&[&ctx[..], &["-n", "kube-system", "get", "deploy", "metrics-server", "-o", "json"]].concat(), None)
+        .ok();
+    assert!(!deploy.stdout.contains("insecure"), "{}", deploy.stdout);
+    let s = env.quick(&["addons", "list", "--name", name, "-o", "json"]).ok().json();
+    let ms = s.as_array().unwrap().iter().find(|a| a["name"] == "metrics-server").cloned().unwrap();
+    assert_eq!((ms["enabled"].as_bool(), ms["running"].as_bool()), (Some(true), Some(true)), "{ms}");
+
+    let r = env.run(&["addons", "disable", "metrics-server", "--name", name], Duration::from_secs(20 * 60)).ok();
+    assert!(r.stdout.contains("removed metrics-server"), "{}", r.text());
+    let gone = env
+        .kubectl(
+            &[&ctx[..], &["get", "apiservice", "v1beta1.metrics.k8s.io", "--ignore-not-found", "-o", "name"]].concat(),
+            None,
+        )
+        .ok();
+    assert_eq!(gone.stdout.trim(), "", "the APIService is left");
+    let r = top(&["nodes"]);
+    assert!(r.code != Some(0), "kubectl top still answers after the disable:\n{}", r.text());
+}
+
 /// The Deployment `web`'s pods: "uid restarts" per pod, sorted.
 fn web_pods(env: &Env, name: &str) -> Vec<String> {
     let template = r#"{range .items[*]}{.metadata.uid} {.status.containerStatuses[0].restartCount}{"\n"}{end}"#;
@@ -843,6 +911,7 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     let volume = a_claim_binds_and_keeps_its_data(&env, name, &image);
     // Disabled, it goes (its volume and data stay), and it stays off across the restart.
     disabling_storage_removes_what_it_added(&env, name);
+    metrics_server_answers_kubectl_top_and_goes_when_disabled(&env, name);
 
     // Root in the guest rewrites the node's admin kubeconfig with an exec plugin (it
     // breaks the node's own tools until the agent rewrites it at the next boot): the

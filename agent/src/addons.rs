@@ -25,6 +25,16 @@
 //! the default StorageClass `standard`. A volume is a directory under [`STORAGE_DIR`]
 //! on the node's root disk, which is the cluster's own disk and survives stop and
 //! start; the provisioner's helper pods (busybox, preloaded) create and remove them.
+//!
+//! metrics-server: upstream's manifests (v0.8.0) in `kube-system`, verified TLS both
+//! ways and nothing insecure. It scrapes each kubelet checking the kubelet's serving
+//! certificate against the cluster CA (which signs it, `pki.rs`), not with
+//! `--kubelet-insecure-tls`; it serves with a certificate from the cluster CA (a
+//! Secret in its manifest, so the manifest file is 0600), and its APIService carries
+//! that CA as `caBundle` instead of upstream's `insecureSkipTLSVerify`. The API server
+//! reaches it through the aggregation layer (`node.rs`: `--requestheader-*`,
+//! `--proxy-client-*`). Disabling it deletes its APIService first of all (the manifest's
+//! order), so `metrics.k8s.io` goes with it rather than answering 503.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -39,9 +49,10 @@ use serde_json::{json, Value};
 use crate::kube::Api;
 use crate::paths::{versions, Paths};
 use crate::phase;
+use crate::pki::Pki;
 use crate::supervisor::Reaper;
 
-pub use kindling_proto::addon::STORAGE_PROVISIONER;
+pub use kindling_proto::addon::{METRICS_SERVER, STORAGE_PROVISIONER};
 
 /// Where local-path volumes live on the node: on the root disk (not a tmpfs).
 pub const STORAGE_DIR: &str = "/var/lib/kindling/storage";
@@ -52,9 +63,15 @@ const STORAGE_SA: &str = "local-path-provisioner-service-account";
 const STORAGE_DEPLOYMENT: &str = "local-path-provisioner";
 /// The storage add-on's image archive in /var/lib/kindling/images (the oci step's).
 const STORAGE_ARCHIVE: &str = "local-path-provisioner.oci.tar";
+const METRICS_NAMESPACE: &str = "kube-system";
+const METRICS_NAME: &str = "metrics-server";
+const METRICS_ARCHIVE: &str = "metrics-server.oci.tar";
+const METRICS_TLS_SECRET: &str = "metrics-server-tls";
+/// Where metrics-server's port is (in its pod; upstream's choice).
+const METRICS_PORT: u16 = 10250;
 /// The add-ons' archives: the node's bring-up leaves them to the add-ons, which import
 /// them after node-ready, so they do not delay it.
-pub const ARCHIVES: &[&str] = &[STORAGE_ARCHIVE];
+pub const ARCHIVES: &[&str] = &[STORAGE_ARCHIVE, METRICS_ARCHIVE];
 
 /// How long the agent keeps trying to apply an add-on, and then waits for it to be
 /// available, before it says so on the console and gives up (until the next boot).
@@ -68,6 +85,7 @@ const REQUEST_LIMIT: Duration = Duration::from_secs(3 * 60);
 pub struct Images {
     pub provisioner: String,
     pub busybox: String,
+    pub metrics_server: String,
 }
 
 impl Images {
@@ -77,7 +95,36 @@ impl Images {
         Self {
             provisioner: get("LOCAL_PATH_PROVISIONER_IMAGE", "kindling.local/local-path-provisioner:v0.0.30"),
             busybox: get("BUSYBOX_IMAGE", "kindling.local/busybox:1.35"),
+            metrics_server: get("METRICS_SERVER_IMAGE", "kindling.local/metrics-server:v0.8.0"),
         }
+    }
+}
+
+/// What the manifests are made of: the images, and the PEM files of the node's PKI that
+/// an add-on serves with (metrics-server's certificate and key, and the cluster CA that
+/// clients verify it with).
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    pub images: Images,
+    pub ca_crt: String,
+    pub metrics_crt: String,
+    pub metrics_key: String,
+}
+
+impl Inputs {
+    /// From versions.env and the node's PKI (which bring-up has made by then).
+    pub fn read(paths: &Paths) -> Result<Self> {
+        let pki = Pki::new(paths.pki());
+        let pem = |f: &str| {
+            let path = pki.path(f);
+            std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))
+        };
+        Ok(Self {
+            images: Images::from_versions(paths),
+            ca_crt: pem("ca.crt")?,
+            metrics_crt: pem("metrics-server.crt")?,
+            metrics_key: pem("metrics-server.key")?,
+        })
     }
 }
 
@@ -90,20 +137,31 @@ struct Deployable {
     /// Its image archive in /var/lib/kindling/images, and the image it holds.
     archive: &'static str,
     image: fn(&Images) -> String,
-    manifest: fn(&Images) -> Value,
+    manifest: fn(&Inputs) -> Value,
     /// What the console says once it runs.
     ready_note: &'static str,
 }
 
-const DEPLOYABLE: &[Deployable] = &[Deployable {
-    name: STORAGE_PROVISIONER,
-    namespace: STORAGE_NAMESPACE,
-    deployment: STORAGE_DEPLOYMENT,
-    archive: STORAGE_ARCHIVE,
-    image: |i| i.provisioner.clone(),
-    manifest: storage_manifest,
-    ready_note: "StorageClass standard, volumes in /var/lib/kindling/storage",
-}];
+const DEPLOYABLE: &[Deployable] = &[
+    Deployable {
+        name: STORAGE_PROVISIONER,
+        namespace: STORAGE_NAMESPACE,
+        deployment: STORAGE_DEPLOYMENT,
+        archive: STORAGE_ARCHIVE,
+        image: |i| i.provisioner.clone(),
+        manifest: |i| storage_manifest(&i.images),
+        ready_note: "StorageClass standard, volumes in /var/lib/kindling/storage",
+    },
+    Deployable {
+        name: METRICS_SERVER,
+        namespace: METRICS_NAMESPACE,
+        deployment: METRICS_NAME,
+        archive: METRICS_ARCHIVE,
+        image: |i| i.metrics_server.clone(),
+        manifest: metrics_manifest,
+        ready_note: "metrics.k8s.io served: `kubectl top` answers once it has scraped the kubelet",
+    },
+];
 
 fn deployable(name: &str) -> Option<&'static Deployable> {
     DEPLOYABLE.iter().find(|d| d.name == name)
@@ -115,16 +173,24 @@ pub fn manifest_path(paths: &Paths, addon: &str) -> PathBuf {
 }
 
 /// Writes every add-on's manifest (one `List` each), enabled or not: removing one
-/// deletes what its manifest names.
+/// deletes what its manifest names. Mode 0600: metrics-server's holds its key.
 pub fn write_manifests(paths: &Paths) -> Result<()> {
-    let images = Images::from_versions(paths);
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let inputs = Inputs::read(paths)?;
     for d in DEPLOYABLE {
         let path = manifest_path(paths, d.name);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
-        let text = serde_json::to_string_pretty(&(d.manifest)(&images))?;
-        std::fs::write(&path, text).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        let text = serde_json::to_string_pretty(&(d.manifest)(&inputs))?;
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            f.write_all(text.as_bytes())
+        };
+        write().map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     }
     Ok(())
 }
@@ -481,6 +547,148 @@ pub fn storage_manifest(images: &Images) -> Value {
     json!({"apiVersion": "v1", "kind": "List", "items": items})
 }
 
+/// Upstream's manifests/base (v0.8.0) with kindling's image, verified TLS both ways
+/// (see the module's notes), and probes patient enough for a node under emulation. The
+/// APIService comes first: a delete removes the API before its server.
+pub fn metrics_manifest(inputs: &Inputs) -> Value {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+    let (ns, name) = (METRICS_NAMESPACE, METRICS_NAME);
+    let labels = json!({"k8s-app": name});
+    let sa_subject = json!([{"kind": "ServiceAccount", "name": name, "namespace": ns}]);
+    let tls_dir = "/etc/metrics-server/tls";
+    let probe = |path: &str, initial: u32, failures: u32| {
+        json!({
+            "httpGet": {"path": path, "port": "https", "scheme": "HTTPS"},
+            "initialDelaySeconds": initial, "periodSeconds": 10, "timeoutSeconds": 5,
+            "failureThreshold": failures
+        })
+    };
+    let items = vec![
+        json!({
+            "apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+            "metadata": {"name": "v1beta1.metrics.k8s.io", "labels": labels},
+            "spec": {
+                "service": {"name": name, "namespace": ns, "port": 443},
+                "group": "metrics.k8s.io", "version": "v1beta1",
+                "caBundle": b64(&inputs.ca_crt),
+                "groupPriorityMinimum": 100, "versionPriority": 100
+            }
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "system:aggregated-metrics-reader", "labels": {
+                "k8s-app": name,
+                "rbac.authorization.k8s.io/aggregate-to-view": "true",
+                "rbac.authorization.k8s.io/aggregate-to-edit": "true",
+                "rbac.authorization.k8s.io/aggregate-to-admin": "true"
+            }},
+            "rules": [{"apiGroups": ["metrics.k8s.io"], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]}]
+        }),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns, "labels": labels}}),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "metrics-server-auth-reader", "namespace": ns, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "extension-apiserver-authentication-reader"},
+            "subjects": sa_subject
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "metrics-server:system:auth-delegator", "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"},
+            "subjects": sa_subject
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "system:metrics-server", "labels": labels},
+            "rules": [
+                {"apiGroups": [""], "resources": ["nodes/metrics"], "verbs": ["get"]},
+                {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]}
+            ]
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "system:metrics-server", "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:metrics-server"},
+            "subjects": sa_subject
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": METRICS_TLS_SECRET, "namespace": ns, "labels": labels},
+            "data": {
+                "tls.crt": b64(&inputs.metrics_crt),
+                "tls.key": b64(&inputs.metrics_key),
+                "ca.crt": b64(&inputs.ca_crt)
+            }
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {
+                "selector": labels,
+                "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": "https", "appProtocol": "https"}]
+            }
+        }),
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "strategy": {"rollingUpdate": {"maxUnavailable": 0}},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "serviceAccountName": name,
+                        "priorityClassName": "system-cluster-critical",
+                        "nodeSelector": {"kubernetes.io/os": "linux"},
+                        "containers": [{
+                            "name": name,
+                            "image": inputs.images.metrics_server,
+                            "imagePullPolicy": "IfNotPresent",
+                            "args": [
+                                "--cert-dir=/tmp",
+                                format!("--secure-port={METRICS_PORT}"),
+                                format!("--tls-cert-file={tls_dir}/tls.crt"),
+                                format!("--tls-private-key-file={tls_dir}/tls.key"),
+                                // The kubelet's serving certificate is the cluster CA's.
+                                format!("--kubelet-certificate-authority={tls_dir}/ca.crt"),
+                                "--kubelet-preferred-address-types=InternalIP,Hostname",
+                                "--kubelet-use-node-status-port",
+                                "--metric-resolution=15s"
+                            ],
+                            "ports": [{"name": "https", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+                            "resources": {"requests": {"cpu": "100m", "memory": "200Mi"}},
+                            // Upstream's, with room for a first start on one emulated vCPU.
+                            "readinessProbe": probe("/readyz", 10, 3),
+                            "livenessProbe": probe("/livez", 120, 6),
+                            "securityContext": {
+                                "readOnlyRootFilesystem": true,
+                                "runAsNonRoot": true,
+                                "runAsUser": 65532,
+                                "runAsGroup": 65532,
+                                "allowPrivilegeEscalation": false,
+                                "seccompProfile": {"type": "RuntimeDefault"},
+                                "capabilities": {"drop": ["ALL"]}
+                            },
+                            "volumeMounts": [
+                                {"name": "tmp-dir", "mountPath": "/tmp"},
+                                {"name": "tls", "mountPath": tls_dir, "readOnly": true}
+                            ]
+                        }],
+                        "volumes": [
+                            {"name": "tmp-dir", "emptyDir": {}},
+                            {"name": "tls", "secret": {"secretName": METRICS_TLS_SECRET, "defaultMode": 0o440}}
+                        ],
+                        "securityContext": {"fsGroup": 65532}
+                    }
+                }
+            }
+        }),
+    ];
+    json!({"apiVersion": "v1", "kind": "List", "items": items})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,7 +697,18 @@ mod tests {
         Images {
             provisioner: "kindling.local/local-path-provisioner:v9".into(),
             busybox: "kindling.local/busybox:1.2".into(),
+            metrics_server: "kindling.local/metrics-server:v8".into(),
         }
+    }
+
+    /// A node's PKI in `paths`, as bring-up makes it.
+    fn make_pki(paths: &Paths) {
+        let node = crate::pki::NodeIdentity {
+            hostname: "kindling".into(),
+            addresses: vec!["10.0.2.15".into()],
+            service_ip: "10.96.0.1".into(),
+        };
+        Pki::new(paths.pki()).ensure(&node).unwrap();
     }
 
     fn item<'a>(list: &'a Value, kind: &str) -> &'a Value {
@@ -545,6 +764,8 @@ mod tests {
         assert_eq!(enabled_at_boot(Some("")).get(STORAGE_PROVISIONER), Some(&false), "empty: none");
         let named = enabled_at_boot(Some("nope,storage-provisioner"));
         assert_eq!(named.get(STORAGE_PROVISIONER), Some(&true));
+        assert_eq!(named.get(METRICS_SERVER), Some(&false));
+        assert_eq!(defaults.get(METRICS_SERVER), Some(&false), "off unless asked, as in minikube");
         assert_eq!(named.len(), addon::ALL.len(), "unknown names are skipped");
         assert_eq!(
             deployable(STORAGE_PROVISIONER).unwrap().ready_note,
@@ -579,8 +800,62 @@ mod tests {
         .unwrap();
         let i = Images::from_versions(&paths);
         assert_eq!((i.provisioner.as_str(), i.busybox.as_str()), ("x/lpp:v1", "kindling.local/busybox:7.7"));
+        assert_eq!(i.metrics_server, "kindling.local/metrics-server:v0.8.0", "the default");
+        let e = write_manifests(&paths).unwrap_err().to_string();
+        assert!(e.contains("ca.crt"), "without the PKI it says what is missing: {e}");
+        make_pki(&paths);
         write_manifests(&paths).unwrap();
         let text = std::fs::read_to_string(manifest_path(&paths, STORAGE_PROVISIONER)).unwrap();
         assert!(text.contains("x/lpp:v1") && text.contains("\"kind\": \"List\""), "{text}");
+        use std::os::unix::fs::PermissionsExt;
+        for d in DEPLOYABLE {
+            let mode = std::fs::metadata(manifest_path(&paths, d.name)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}: metrics-server's holds a private key", d.name);
+        }
+    }
+
+    /// metrics-server verifies the kubelet with the cluster CA and is verified by the API
+    /// server with it: no `--kubelet-insecure-tls`, no `insecureSkipTLSVerify`; its
+    /// Secret holds the PKI's certificate and key; nothing is pulled; no Namespace object
+    /// (a disable would delete kube-system); the APIService goes first.
+    #[test]
+    fn metrics_server_verifies_tls_both_ways() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = Paths::new(d.path());
+        make_pki(&paths);
+        let mut inputs = Inputs::read(&paths).unwrap();
+        inputs.images = images();
+        let m = metrics_manifest(&inputs);
+        let text = m.to_string();
+        assert!(!text.contains("insecure"), "{text}");
+        let items = m["items"].as_array().unwrap();
+        assert_eq!(items[0]["kind"], "APIService");
+        assert!(items.iter().all(|i| i["kind"] != "Namespace"));
+        let api = item(&m, "APIService");
+        use base64::Engine;
+        let unb64 = |v: &Value| {
+            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap()).unwrap()
+        };
+        assert_eq!(unb64(&api["spec"]["caBundle"]), inputs.ca_crt);
+        assert_eq!(api["spec"]["service"]["name"], "metrics-server");
+        let secret = item(&m, "Secret");
+        assert_eq!(unb64(&secret["data"]["tls.key"]), inputs.metrics_key);
+        assert_eq!(unb64(&secret["data"]["tls.crt"]), inputs.metrics_crt);
+        assert_eq!(unb64(&secret["data"]["ca.crt"]), inputs.ca_crt);
+        let spec = &item(&m, "Deployment")["spec"]["template"]["spec"];
+        let c = &spec["containers"][0];
+        assert_eq!(
+            (c["image"].as_str(), c["imagePullPolicy"].as_str()),
+            (Some("kindling.local/metrics-server:v8"), Some("IfNotPresent"))
+        );
+        let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        assert!(args.contains(&"--kubelet-certificate-authority=/etc/metrics-server/tls/ca.crt"), "{args:?}");
+        assert!(args.contains(&"--tls-private-key-file=/etc/metrics-server/tls/tls.key"), "{args:?}");
+        assert_eq!(spec["volumes"][1]["secret"]["secretName"], secret["metadata"]["name"]);
+        for i in items {
+            if let Some(ns) = i["metadata"]["namespace"].as_str() {
+                assert_eq!(ns, "kube-system", "{i}");
+            }
+        }
     }
 }

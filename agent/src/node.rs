@@ -220,6 +220,17 @@ pub fn specs(cfg: &NodeConfig, paths: &Paths) -> HashMap<&'static str, Spec> {
                 "--allow-privileged=true".into(),
                 "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
                 "--endpoint-reconciler-type=lease".into(),
+                // The aggregation layer, for extension API servers (the metrics-server
+                // add-on), as kubeadm sets it up; requests reach them at their pods'
+                // addresses (their Endpoints), not through the Service's virtual IP.
+                format!("--requestheader-client-ca-file={}", p("front-proxy-ca.crt")),
+                format!("--requestheader-allowed-names={}", crate::pki::FRONT_PROXY_CLIENT),
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+                "--requestheader-group-headers=X-Remote-Group".into(),
+                "--requestheader-username-headers=X-Remote-User".into(),
+                format!("--proxy-client-cert-file={}", p("front-proxy-client.crt")),
+                format!("--proxy-client-key-file={}", p("front-proxy-client.key")),
+                "--enable-aggregator-routing=true".into(),
             ],
         ),
         spec(

@@ -1,6 +1,8 @@
 //! The cluster's PKI, generated at first boot and kept on the root disk: a cluster CA,
 //! the API server's serving certificate, client certificates for every component, the
-//! kubelet's serving certificate, the service-account key pair, and kubeconfigs.
+//! kubelet's serving certificate, the service-account key pair, and kubeconfigs; for the
+//! aggregation layer, a front-proxy CA of its own and the API server's client certificate
+//! from it, and the metrics-server add-on's serving certificate.
 //! Keys are written 0600. A later boot reuses everything that exists; only the API
 //! server and kubelet serving certificates are re-issued when the node's addresses change.
 
@@ -119,6 +121,33 @@ impl Pki {
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             self.write_cert("kubelet-serving", &p, &key, &ca, &kstamp, &mut written)?;
         }
+        // The aggregation layer (`--requestheader-*`, `--proxy-client-*`): the API server
+        // proxies to an extension API server (metrics-server) with a client certificate
+        // of a CA of its own, as kubeadm's front-proxy-ca, so that no other holder of a
+        // cluster-CA certificate can claim a user through the X-Remote-* headers.
+        let fp_key = self.key("front-proxy-ca.key", &mut written)?;
+        let fp_params = front_proxy_ca_params();
+        if !self.path("front-proxy-ca.crt").exists() {
+            write(&self.path("front-proxy-ca.crt"), fp_params.self_signed(&fp_key)?.pem().as_bytes(), 0o644)?;
+            written.push("front-proxy-ca.crt".into());
+        }
+        let fp = Issuer::new(fp_params, fp_key);
+        if self.reissue("front-proxy-client", FRONT_PROXY_CLIENT) {
+            let key = self.key("front-proxy-client.key", &mut written)?;
+            let mut p = leaf_params(FRONT_PROXY_CLIENT, &[], vec![])?;
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            self.write_cert("front-proxy-client", &p, &key, &fp, FRONT_PROXY_CLIENT, &mut written)?;
+        }
+        // metrics-server's serving certificate, from the cluster CA: its APIService
+        // carries that CA, so the API server verifies whom it proxies to.
+        let ms_sans = service_sans(METRICS_SERVER_SERVICE);
+        let ms_stamp = ms_sans.join(",");
+        if self.reissue("metrics-server", &ms_stamp) {
+            let key = self.key("metrics-server.key", &mut written)?;
+            let mut p = leaf_params(&ms_sans[0], &[], ms_sans.clone())?;
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            self.write_cert("metrics-server", &p, &key, &ca, &ms_stamp, &mut written)?;
+        }
         for c in clients(node) {
             // Re-issued when the identity changed (a disk from a kindling that gave it
             // other groups); the key stays.
@@ -190,6 +219,31 @@ impl Pki {
         );
         write(dest, text.as_bytes(), 0o600)
     }
+}
+
+/// The user of the API server's front-proxy client certificate
+/// (`--requestheader-allowed-names`).
+pub const FRONT_PROXY_CLIENT: &str = "front-proxy-client";
+
+/// The metrics-server add-on's Service (namespace, name).
+pub const METRICS_SERVER_SERVICE: (&str, &str) = ("kube-system", "metrics-server");
+
+/// The names a Service's TLS server answers to; the API server's aggregator asks for
+/// `NAME.NAMESPACE.svc`, the first.
+pub fn service_sans((namespace, name): (&str, &str)) -> Vec<String> {
+    vec![
+        format!("{name}.{namespace}.svc"),
+        format!("{name}.{namespace}.svc.cluster.local"),
+        format!("{name}.{namespace}"),
+        name.to_string(),
+    ]
+}
+
+fn front_proxy_ca_params() -> CertificateParams {
+    let mut p = ca_params();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, "kindling-front-proxy-ca");
+    p
 }
 
 fn ca_params() -> CertificateParams {
@@ -327,6 +381,39 @@ mod tests {
 
     /// A CA made elsewhere (as the host makes it) is installed and everything the node
     /// issues chains to it.
+    /// The aggregation layer's certificates: the front-proxy client from its own CA (not
+    /// the cluster CA, whose other holders must not pass for the API server's proxy), and
+    /// metrics-server's serving certificate from the cluster CA, for the name the API
+    /// server's aggregator verifies.
+    #[test]
+    fn the_aggregation_layer_has_a_ca_of_its_own() {
+        let d = tempfile::tempdir().unwrap();
+        let pki = Pki::new(d.path().join("pki"));
+        pki.ensure(&node()).unwrap();
+        let path = |f: &str| pki.path(f).to_str().unwrap().to_string();
+        let verify = |ca: &str, crt: &str| {
+            let out = Command::new("openssl").args(["verify", "-CAfile", &path(ca), &path(crt)]).output().unwrap();
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(": OK")
+        };
+        assert!(verify("front-proxy-ca.crt", "front-proxy-client.crt"));
+        assert!(!verify("ca.crt", "front-proxy-client.crt"), "the cluster CA must not vouch for the proxy");
+        assert!(!verify("front-proxy-ca.crt", "admin.crt"), "the proxy's CA must not vouch for cluster users");
+        let fp = openssl(&["x509", "-noout", "-text", "-in", &path("front-proxy-client.crt")]);
+        assert!(fp.contains("CN = front-proxy-client") && fp.contains("TLS Web Client Authentication"), "{fp}");
+        assert!(verify("ca.crt", "metrics-server.crt"));
+        let ms = openssl(&["x509", "-noout", "-text", "-in", &path("metrics-server.crt")]);
+        assert!(
+            ms.contains("DNS:metrics-server.kube-system.svc") && ms.contains("TLS Web Server Authentication"),
+            "{ms}"
+        );
+        for k in ["front-proxy-ca.key", "front-proxy-client.key", "metrics-server.key"] {
+            assert_eq!(fs::metadata(pki.path(k)).unwrap().permissions().mode() & 0o777, 0o600, "{k}");
+        }
+        let fp_ca = fs::read(pki.path("front-proxy-ca.crt")).unwrap();
+        assert!(pki.ensure(&node()).unwrap().is_empty(), "a second boot rewrites nothing");
+        assert_eq!(fs::read(pki.path("front-proxy-ca.crt")).unwrap(), fp_ca);
+    }
+
     #[test]
     fn an_installed_ca_signs_the_node_certificates() {
         let d = tempfile::tempdir().unwrap();

@@ -23,14 +23,26 @@ pub struct Addon {
 /// `standard` (volumes are directories on the node's disk).
 pub const STORAGE_PROVISIONER: &str = "storage-provisioner";
 
+/// `metrics-server`: the resource metrics API (`metrics.k8s.io`) behind `kubectl top`
+/// and the HorizontalPodAutoscaler.
+pub const METRICS_SERVER: &str = "metrics-server";
+
 /// Every add-on, in the order `addons list` shows them. A version here must match the
 /// pin in `images/` (the `kindling` crate's tests check it).
-pub const ALL: &[Addon] = &[Addon {
-    name: STORAGE_PROVISIONER,
-    version: "v0.0.30",
-    default_on: true,
-    gives: "default StorageClass \"standard\" (rancher.io/local-path): PVCs bind to directories on the node's disk",
-}];
+pub const ALL: &[Addon] = &[
+    Addon {
+        name: STORAGE_PROVISIONER,
+        version: "v0.0.30",
+        default_on: true,
+        gives: "default StorageClass \"standard\" (rancher.io/local-path): PVCs bind to directories on the node's disk",
+    },
+    Addon {
+        name: METRICS_SERVER,
+        version: "v0.8.0",
+        default_on: false,
+        gives: "resource metrics (metrics.k8s.io): `kubectl top nodes|pods` and CPU/memory autoscaling",
+    },
+];
 
 /// The add-on called `name`.
 pub fn find(name: &str) -> Option<&'static Addon> {
@@ -94,6 +106,11 @@ mod tests {
         assert!(parse_list("").unwrap().is_empty());
         let e = parse_list("storage-provisioner,dashbord").unwrap_err();
         assert!(e.starts_with("no add-on named \"dashbord\"; the add-ons are: storage-provisioner"), "{e}");
-        assert_eq!(lookup("x").unwrap_err(), format!("no add-on named \"x\"; the add-ons are: {STORAGE_PROVISIONER}"));
+        assert_eq!(
+            lookup("x").unwrap_err(),
+            format!("no add-on named \"x\"; the add-ons are: {STORAGE_PROVISIONER}, {METRICS_SERVER}")
+        );
+        let both = parse_list("metrics-server,storage-provisioner").unwrap();
+        assert_eq!(both.iter().map(|a| a.name).collect::<Vec<_>>(), [METRICS_SERVER, STORAGE_PROVISIONER]);
     }
 }

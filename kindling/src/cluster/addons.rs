@@ -246,9 +246,23 @@ mod tests {
     /// The catalogue's version is the one images/ builds (the recipe's go.mod pin).
     #[test]
     fn versions_match_the_recipes_pins() {
-        let s = addon::find(addon::STORAGE_PROVISIONER).unwrap();
-        let gomod = include_str!("../../../images/local-path-provisioner/go.mod");
-        let pin = format!("require github.com/rancher/local-path-provisioner {}\n", s.version);
-        assert!(gomod.contains(&pin), "images/local-path-provisioner/go.mod does not pin {}", s.version);
+        let recipes = [
+            (
+                addon::STORAGE_PROVISIONER,
+                include_str!("../../../images/local-path-provisioner/go.mod"),
+                "github.com/rancher/local-path-provisioner",
+            ),
+            (
+                addon::METRICS_SERVER,
+                include_str!("../../../images/metrics-server/go.mod"),
+                "sigs.k8s.io/metrics-server",
+            ),
+        ];
+        for (name, gomod, module) in recipes {
+            let a = addon::find(name).unwrap();
+            let pin = format!("require {module} {}\n", a.version);
+            assert!(gomod.contains(&pin), "the go.mod of add-on {name} does not pin {module} {}", a.version);
+        }
+        assert_eq!(recipes.len(), addon::ALL.len(), "every add-on's recipe is checked");
     }
 }
