@@ -449,6 +449,15 @@ fn helper_pod(busybox: &str) -> Value {
     })
 }
 
+/// An RBAC (Cluster)RoleBinding of `role` to `subjects`.
+fn binding(kind: &str, metadata: Value, role_kind: &str, role: &str, subjects: &Value) -> Value {
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": metadata,
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": role},
+        "subjects": subjects
+    })
+}
+
 /// Upstream's deploy/local-path-storage.yaml (v0.0.30), with kindling's images, path
 /// and StorageClass.
 pub fn storage_manifest(images: &Images) -> Value {
@@ -477,18 +486,8 @@ pub fn storage_manifest(images: &Images) -> Value {
                 {"apiGroups": ["storage.k8s.io"], "resources": ["storageclasses"], "verbs": ["get", "list", "watch"]}
             ]
         }),
-        json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": {"name": bind, "namespace": ns},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
-            "subjects": sa_subject
-        }),
-        json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": bind},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-            "subjects": sa_subject
-        }),
+        binding("RoleBinding", json!({"name": bind, "namespace": ns}), "Role", role, &sa_subject),
+        binding("ClusterRoleBinding", json!({"name": bind}), "ClusterRole", role, &sa_subject),
         json!({
             "apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": "local-path-config", "namespace": ns},
@@ -586,18 +585,20 @@ pub fn metrics_manifest(inputs: &Inputs) -> Value {
             "rules": [{"apiGroups": ["metrics.k8s.io"], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]}]
         }),
         json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns, "labels": labels}}),
-        json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": {"name": "metrics-server-auth-reader", "namespace": ns, "labels": labels},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "extension-apiserver-authentication-reader"},
-            "subjects": sa_subject
-        }),
-        json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": "metrics-server:system:auth-delegator", "labels": labels},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"},
-            "subjects": sa_subject
-        }),
+        binding(
+            "RoleBinding",
+            json!({"name": "metrics-server-auth-reader", "namespace": ns, "labels": labels}),
+            "Role",
+            "extension-apiserver-authentication-reader",
+            &sa_subject,
+        ),
+        binding(
+            "ClusterRoleBinding",
+            json!({"name": "metrics-server:system:auth-delegator", "labels": labels}),
+            "ClusterRole",
+            "system:auth-delegator",
+            &sa_subject,
+        ),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": {"name": "system:metrics-server", "labels": labels},
@@ -606,12 +607,13 @@ pub fn metrics_manifest(inputs: &Inputs) -> Value {
                 {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]}
             ]
         }),
-        json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": "system:metrics-server", "labels": labels},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:metrics-server"},
-            "subjects": sa_subject
-        }),
+        binding(
+            "ClusterRoleBinding",
+            json!({"name": "system:metrics-server", "labels": labels}),
+            "ClusterRole",
+            "system:metrics-server",
+            &sa_subject,
+        ),
         json!({
             "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
             "metadata": {"name": METRICS_TLS_SECRET, "namespace": ns, "labels": labels},
