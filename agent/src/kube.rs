@@ -17,6 +17,10 @@ use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
 pub const LOCAL_SERVER: &str = "https://127.0.0.1:6443";
 /// The most of a response body read: a node or a Deployment is a few KiB.
 const BODY_LIMIT: u64 = 4 << 20;
+/// The OpenAPI v2 document: about 4 MiB as protobuf for Kubernetes 1.30; its first
+/// build, under emulation, takes tens of seconds.
+const OPENAPI_LIMIT: u64 = 64 << 20;
+const OPENAPI_PATIENCE: Duration = Duration::from_secs(10 * 60);
 
 pub struct Api {
     agent: ureq::Agent,
@@ -61,6 +65,28 @@ impl Api {
             .read_to_string()
             .with_context(|| format!("reading the answer to GET {url}"))?;
         Ok((status, body))
+    }
+
+    /// GETs the API server's OpenAPI v2 document the way kubectl does (protobuf), and
+    /// discards it; returns its size. The API server builds the document on its first
+    /// request and keeps it: under emulation that took longer than the 32 s kubectl
+    /// waits, so a user's first `kubectl apply` right after `kindling start` failed its
+    /// validation ("failed to download openapi"). Bounded in time and size.
+    pub fn warm_openapi(&self) -> Result<u64> {
+        let url = format!("{}/openapi/v2", self.base);
+        let mut resp = self
+            .agent
+            .get(&url)
+            .header("Accept", "application/com.github.proto-openapi.spec.v2@v1.0+protobuf")
+            .config()
+            .timeout_global(Some(OPENAPI_PATIENCE))
+            .build()
+            .call()
+            .with_context(|| format!("GET {url}"))?;
+        let status = resp.status().as_u16();
+        anyhow::ensure!(status == 200, "GET {url}: HTTP {status}");
+        let mut body = resp.body_mut().with_config().limit(OPENAPI_LIMIT).reader();
+        std::io::copy(&mut body, &mut std::io::sink()).with_context(|| format!("reading the answer to GET {url}"))
     }
 
     /// An object: None when it does not exist (404); an error when the server does not
@@ -269,6 +295,12 @@ mod tests {
         let (url, _) = serve_once(d.path(), "403 Forbidden", "forbidden: nope\nmore");
         let e = Api::from_pki(d.path(), &url).unwrap().pod_phase("default", "p").unwrap_err();
         assert!(format!("{e:#}").contains("HTTP 403: forbidden: nope"), "{e:#}");
+        // The OpenAPI document is read to its end and counted, not kept.
+        let (url, _) = serve_once(d.path(), "200 OK", "0123456789");
+        assert_eq!(Api::from_pki(d.path(), &url).unwrap().warm_openapi().unwrap(), 10);
+        let (url, _) = serve_once(d.path(), "503 Service Unavailable", "not yet");
+        let e = Api::from_pki(d.path(), &url).unwrap().warm_openapi().unwrap_err();
+        assert!(format!("{e:#}").contains("HTTP 503"), "{e:#}");
     }
 
     #[test]

@@ -387,6 +387,23 @@ pub fn bring_up(
     if reached("apiserver-ready") {
         return Ok(BringUp::StoppedAfter("apiserver-ready".into()));
     }
+    // The API server builds its OpenAPI document on the first request for it; have it
+    // built now, while the node comes up, so that a user's first `kubectl apply` after
+    // `kindling start` does not wait past kubectl's 32 s for it (and fail validating).
+    {
+        let api = Api::from_pki(&paths.pki(), crate::kube::LOCAL_SERVER)?;
+        std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            match api.warm_openapi() {
+                Ok(n) => phase::log(format!(
+                    "openapi: the API server's OpenAPI document is built ({} KiB, {:.1}s)",
+                    n >> 10,
+                    t0.elapsed().as_secs_f64()
+                )),
+                Err(e) => phase::log(format!("openapi: {e:#}; kubectl builds it on first use")),
+            }
+        });
+    }
     // Everything else talks to the API server. Started earlier, they only retry, and on
     // a slow (emulated) CPU their retries starve the API server's own bootstrap.
     // The node's status counts from here on: on a restart the Node is there already,
