@@ -102,6 +102,22 @@ impl Env {
         self.run(args, Duration::from_secs(120))
     }
 
+    /// `kubectl apply -f -` of `spec` in cluster `name`, as a user runs it (with
+    /// kubectl's validation). Under emulation the API server builds its OpenAPI
+    /// documents for minutes after start (the agent has that begin at apiserver-ready);
+    /// until then kubectl's validation can time out fetching them ("failed to download
+    /// openapi"), and a user runs the command again: so does this, up to 4 times.
+    fn apply(&self, name: &str, spec: &str) -> Run {
+        for attempt in 1.. {
+            let r = self.kubectl(&["--context", name, "apply", "-f", "-"], Some(spec));
+            if r.code == Some(0) || attempt == 4 || !r.stderr.contains("failed to download openapi") {
+                return r;
+            }
+            eprintln!("kubectl apply, attempt {attempt}: the API server's OpenAPI documents are not ready yet; again");
+        }
+        unreachable!("the loop returns")
+    }
+
     /// The host's kubectl against this environment's kubeconfig.
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Run {
         let kubectl = kindling::util::which("kubectl").expect("kubectl on PATH (scripts/setup installs it)");
@@ -472,7 +488,7 @@ fn vsock_probe_pod(env: &Env, name: &str, image: &str, pod: &str, privileged: bo
          securityContext: {{privileged: {privileged}}}\n    volumeMounts: [{{name: probe, mountPath: /probe}}]\n  \
          volumes: [{{name: probe, configMap: {{name: vsock-probe, defaultMode: 0755}}}}]\n"
     );
-    env.kubectl(&["--context", name, "apply", "-f", "-"], Some(&spec)).ok();
+    env.apply(name, &spec).ok();
     let phase = "--for=jsonpath={.status.phase}=Succeeded";
     env.kubectl(&["--context", name, "wait", phase, &format!("pod/{pod}"), "--timeout=20m"], None).ok();
     env.kubectl(&["--context", name, "logs", pod], None).ok().stdout
@@ -515,7 +531,7 @@ fn claim_pod(env: &Env, name: &str, image: &str, pod: &str, script: &str) -> Str
             "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]
         }
     });
-    env.kubectl(&["--context", name, "apply", "-f", "-"], Some(&spec.to_string())).ok();
+    env.apply(name, &spec.to_string()).ok();
     let done = "--for=jsonpath={.status.phase}=Succeeded";
     let waited = env.kubectl(&["--context", name, "wait", done, &format!("pod/{pod}"), "--timeout=20m"], None);
     if waited.code != Some(0) {
@@ -558,7 +574,7 @@ fn a_claim_binds_and_keeps_its_data(env: &Env, name: &str, image: &str) -> Strin
         assert!(t0.elapsed() < Duration::from_secs(20 * 60), "no default StorageClass \"standard\" after 20 minutes");
         std::thread::sleep(Duration::from_secs(10));
     }
-    env.kubectl(&["--context", name, "apply", "-f", "-"], Some(CLAIM)).ok();
+    env.apply(name, CLAIM).ok();
     // WaitForFirstConsumer: no pod, no volume yet.
     std::thread::sleep(Duration::from_secs(5));
     let pvc = env.kubectl(&["--context", name, "get", "pvc", "data", "-o", "json"], None).ok().json();
@@ -674,7 +690,7 @@ fn storage_stays_disabled_across_a_restart_and_comes_back_when_enabled(env: &Env
     );
     // A new claim binds (its pod runs), and deleting it frees its volume.
     let claim = CLAIM.replace("name: data}", "name: data2}");
-    env.kubectl(&["--context", name, "apply", "-f", "-"], Some(&claim)).ok();
+    env.apply(name, &claim).ok();
     let pod = serde_json::json!({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pvc-again"},
         "spec": {
@@ -685,7 +701,7 @@ fn storage_stays_disabled_across_a_restart_and_comes_back_when_enabled(env: &Env
             "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data2"}}]
         }
     });
-    env.kubectl(&["--context", name, "apply", "-f", "-"], Some(&pod.to_string())).ok();
+    env.apply(name, &pod.to_string()).ok();
     let done = "--for=jsonpath={.status.phase}=Succeeded";
     env.kubectl(&["--context", name, "wait", done, "pod/pvc-again", "--timeout=20m"], None).ok();
     let phase = env.kubectl(&["--context", name, "get", "pvc", "data2", "-o=jsonpath={.status.phase}"], None).ok();
@@ -896,7 +912,7 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     let images = env.quick(&["exec", "--name", name, "--", "ctr", "-n", "k8s.io", "images", "ls", "-q"]).ok();
     assert!(images.stdout.contains(&image), "{}", images.text());
 
-    env.kubectl(&["--context", name, "apply", "-f", "-"], Some(&APP.replace("IMAGE", &image))).ok();
+    env.apply(name, &APP.replace("IMAGE", &image)).ok();
     env.kubectl(&["--context", name, "rollout", "status", "deployment/web", "--timeout=30m"], None).ok();
     let url = env.quick(&["service", "web", "--url", "--name", name]).ok().stdout.trim().to_string();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");

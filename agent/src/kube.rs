@@ -17,10 +17,10 @@ use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
 pub const LOCAL_SERVER: &str = "https://127.0.0.1:6443";
 /// The most of a response body read: a node or a Deployment is a few KiB.
 const BODY_LIMIT: u64 = 4 << 20;
-/// The OpenAPI v2 document: about 4 MiB as protobuf for Kubernetes 1.30; its first
-/// build, under emulation, takes tens of seconds.
+/// An OpenAPI document: a few MiB for Kubernetes 1.30; the first build of one, under
+/// emulation, takes a minute or more.
 const OPENAPI_LIMIT: u64 = 64 << 20;
-const OPENAPI_PATIENCE: Duration = Duration::from_secs(10 * 60);
+const OPENAPI_PATIENCE: Duration = Duration::from_secs(5 * 60);
 
 pub struct Api {
     agent: ureq::Agent,
@@ -67,17 +67,21 @@ impl Api {
         Ok((status, body))
     }
 
-    /// GETs the API server's OpenAPI v2 document the way kubectl does (protobuf), and
-    /// discards it; returns its size. The API server builds the document on its first
-    /// request and keeps it: under emulation that took longer than the 32 s kubectl
-    /// waits, so a user's first `kubectl apply` right after `kindling start` failed its
-    /// validation ("failed to download openapi"). Bounded in time and size.
-    pub fn warm_openapi(&self) -> Result<u64> {
-        let url = format!("{}/openapi/v2", self.base);
+    /// GETs one of the API server's OpenAPI documents (`path`: `/openapi/v2`,
+    /// `/openapi/v3/api/v1`, ...) the way kubectl does (protobuf) and discards it;
+    /// returns its size. The API server builds each document on its first request and
+    /// keeps it; under emulation the first build of `/openapi/v3/api/v1` or of
+    /// `/openapi/v2` took longer than the 32 s kubectl waits (and than the API server's
+    /// own 60 s, which answers 504 while the build goes on), so a user's first
+    /// `kubectl apply` right after `kindling start` failed its validation ("failed to
+    /// download openapi"). Bounded in time and size.
+    pub fn openapi(&self, path: &str) -> Result<u64> {
+        let url = format!("{}{path}", self.base);
+        let version = if path.starts_with("/openapi/v2") { "v2" } else { "v3" };
         let mut resp = self
             .agent
             .get(&url)
-            .header("Accept", "application/com.github.proto-openapi.spec.v2@v1.0+protobuf")
+            .header("Accept", format!("application/com.github.proto-openapi.spec.{version}@v1.0+protobuf"))
             .config()
             .timeout_global(Some(OPENAPI_PATIENCE))
             .build()
@@ -297,10 +301,10 @@ mod tests {
         assert!(format!("{e:#}").contains("HTTP 403: forbidden: nope"), "{e:#}");
         // The OpenAPI document is read to its end and counted, not kept.
         let (url, _) = serve_once(d.path(), "200 OK", "0123456789");
-        assert_eq!(Api::from_pki(d.path(), &url).unwrap().warm_openapi().unwrap(), 10);
-        let (url, _) = serve_once(d.path(), "503 Service Unavailable", "not yet");
-        let e = Api::from_pki(d.path(), &url).unwrap().warm_openapi().unwrap_err();
-        assert!(format!("{e:#}").contains("HTTP 503"), "{e:#}");
+        assert_eq!(Api::from_pki(d.path(), &url).unwrap().openapi("/openapi/v3/api/v1").unwrap(), 10);
+        let (url, _) = serve_once(d.path(), "504 Gateway Timeout", "not yet");
+        let e = Api::from_pki(d.path(), &url).unwrap().openapi("/openapi/v2").unwrap_err();
+        assert!(format!("{e:#}").contains("/openapi/v2: HTTP 504"), "{e:#}");
     }
 
     #[test]

@@ -327,6 +327,11 @@ pub enum BringUp {
     StoppedAfter(String),
 }
 
+/// The OpenAPI documents bring-up has the API server build (see [`bring_up`]).
+const OPENAPI_WARM: &[&str] = &["/openapi/v3/api/v1", "/openapi/v3/apis/apps/v1", "/openapi/v2"];
+/// How often each is asked for before bring-up gives up on it.
+const OPENAPI_TRIES: usize = 6;
+
 /// Starts everything into `node`, reporting phases; returns once the node is Ready and
 /// cluster DNS is available (or after the `until` phase).
 pub fn bring_up(
@@ -387,23 +392,36 @@ pub fn bring_up(
     if reached("apiserver-ready") {
         return Ok(BringUp::StoppedAfter("apiserver-ready".into()));
     }
-    // The API server builds its OpenAPI document on the first request for it; have it
-    // built now, while the node comes up, so that a user's first `kubectl apply` after
-    // `kindling start` does not wait past kubectl's 32 s for it (and fail validating).
-    {
+    // The API server builds each OpenAPI document on the first request for it; have
+    // kubectl's (core/v1 and apps/v1 in v3, then v2, its fallback) built now, while the
+    // node comes up, so that a user's first `kubectl apply` after `kindling start` does
+    // not wait past kubectl's 32 s for them and fail validating. A 504 (the API server's
+    // own 60 s) leaves the build going on: ask again.
+    std::thread::spawn({
         let api = Api::from_pki(&paths.pki(), crate::kube::LOCAL_SERVER)?;
-        std::thread::spawn(move || {
-            let t0 = std::time::Instant::now();
-            match api.warm_openapi() {
-                Ok(n) => phase::log(format!(
-                    "openapi: the API server's OpenAPI document is built ({} KiB, {:.1}s)",
-                    n >> 10,
-                    t0.elapsed().as_secs_f64()
-                )),
-                Err(e) => phase::log(format!("openapi: {e:#}; kubectl builds it on first use")),
+        move || {
+            for path in OPENAPI_WARM {
+                let t0 = std::time::Instant::now();
+                let mut last = String::new();
+                let got = (0..OPENAPI_TRIES).find_map(|_| match api.openapi(path) {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        last = format!("{e:#}");
+                        std::thread::sleep(Duration::from_secs(2));
+                        None
+                    }
+                });
+                match got {
+                    Some(n) => phase::log(format!(
+                        "openapi: {path} built ({} KiB, {:.1}s)",
+                        n >> 10,
+                        t0.elapsed().as_secs_f64()
+                    )),
+                    None => phase::log(format!("openapi: {path}: {last}; kubectl has it built on first use")),
+                }
             }
-        });
-    }
+        }
+    });
     // Everything else talks to the API server. Started earlier, they only retry, and on
     // a slow (emulated) CPU their retries starve the API server's own bootstrap.
     // The node's status counts from here on: on a restart the Node is there already,
