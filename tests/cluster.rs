@@ -748,7 +748,7 @@ fn metrics_server_answers_kubectl_top_and_goes_when_disabled(env: &Env, name: &s
     let top = |what: &[&str]| env.kubectl(&[&ctx[..], &["top"], what].concat(), None);
     let nodes = loop {
         let r = top(&["nodes", "--no-headers"]);
-        if r.code == Some(0) && r.stdout.contains("kindling") {
+        if r.code == Some(0) && r.stdout.contains(name) {
             break r.stdout;
         }
         let last = r.text();
@@ -765,7 +765,8 @@ fn metrics_server_answers_kubectl_top_and_goes_when_disabled(env: &Env, name: &s
         std::thread::sleep(Duration::from_secs(10));
     };
     eprintln!("kubectl top nodes answered {:.0}s after the enable: {}", t0.elapsed().as_secs_f64(), nodes.trim());
-    // "kindling   123m   12%   456Mi   11%": CPU in millicores, memory in Mi.
+    // "e2e   759m   75%   536Mi   13%" (the node is named after the cluster): CPU in
+    // millicores, memory in Mi.
     let cols: Vec<&str> = nodes.split_whitespace().collect();
     assert!(cols.len() >= 5 && cols[1].ends_with('m') && cols[3].ends_with("Mi"), "{nodes}");
     let pods = loop {
