@@ -380,12 +380,7 @@ fn lifecycle_of_a_node_up_to_its_agent() {
         r.text()
     );
     assert!(r.stderr.contains("at the next start"), "{}", r.text());
-    let storage = |env: &Env| {
-        let r = env.quick(&["addons", "list", "--name", name, "-o", "json"]).ok();
-        let all = r.json();
-        all.as_array().unwrap().iter().find(|a| a["name"] == "storage-provisioner").cloned().unwrap()
-    };
-    let s = storage(&env);
+    let s = storage_addon(&env, name);
     assert_eq!((s["enabled"].as_bool(), s["default"].as_bool()), (Some(false), Some(true)), "{s}");
     assert!(s["deployed"].is_null(), "nothing is known of a stopped node: {s}");
 
@@ -406,7 +401,7 @@ fn lifecycle_of_a_node_up_to_its_agent() {
         r.text()
     );
     assert!(r.stderr.contains("the node is not Ready yet"), "{}", r.text());
-    let s = storage(&env);
+    let s = storage_addon(&env, name);
     assert_eq!(s["enabled"].as_bool(), Some(true), "{s}");
     assert!(s["deployed"].is_null() && s["running"].is_null(), "not known before node-ready: {s}");
     let r = env.quick(&["exec", "--name", name, "--", "cat", "/var/lib/kindling-test-marker"]).ok();
@@ -596,11 +591,16 @@ fn a_claim_binds_and_keeps_its_data(env: &Env, name: &str, image: &str) -> Strin
     path
 }
 
+/// Add-on `addon`'s state in `addons list -o json` of cluster `name`.
+fn addon_state(env: &Env, name: &str, addon: &str) -> Value {
+    let r = env.quick(&["addons", "list", "--name", name, "-o", "json"]).ok();
+    let state = r.json().as_array().unwrap().iter().find(|a| a["name"] == addon).cloned();
+    state.unwrap_or_else(|| panic!("no {addon} add-on\n{}", r.text()))
+}
+
 /// The storage add-on's state in `addons list -o json`.
 fn storage_addon(env: &Env, name: &str) -> Value {
-    let r = env.quick(&["addons", "list", "--name", name, "-o", "json"]).ok();
-    let storage = r.json().as_array().unwrap().iter().find(|a| a["name"] == "storage-provisioner").cloned();
-    storage.unwrap_or_else(|| panic!("no storage-provisioner add-on\n{}", r.text()))
+    addon_state(env, name, "storage-provisioner")
 }
 
 /// What the storage add-on adds, by kind and name (kubectl's `kind/name`), as `kubectl
@@ -788,8 +788,7 @@ fn metrics_server_answers_kubectl_top_and_goes_when_disabled(env: &Env, name: &s
         .kubectl(&[&ctx[..], &["-n", "kube-system", "get", "deploy", "metrics-server", "-o", "json"]].concat(), None)
         .ok();
     assert!(!deploy.stdout.contains("insecure"), "{}", deploy.stdout);
-    let s = env.quick(&["addons", "list", "--name", name, "-o", "json"]).ok().json();
-    let ms = s.as_array().unwrap().iter().find(|a| a["name"] == "metrics-server").cloned().unwrap();
+    let ms = addon_state(env, name, "metrics-server");
     assert_eq!((ms["enabled"].as_bool(), ms["running"].as_bool()), (Some(true), Some(true)), "{ms}");
 
     let r = env.run(&["addons", "disable", "metrics-server", "--name", name], Duration::from_secs(20 * 60)).ok();
