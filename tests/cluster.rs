@@ -10,8 +10,8 @@
 //!   a restart that keeps the disk's data (and takes an add-on disabled while stopped to
 //!   the node's command line), delete. A few minutes under the emulated runner.
 //! - `a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly`: the whole
-//!   product: start to Ready, kubectl, image load, a NodePort answering curl from the
-//!   host, stop and start keeping a Deployment and a PersistentVolumeClaim's data (the
+//!   product: start to Ready, kubectl, image load, a NodePort and a LoadBalancer
+//!   answering curl from the host, stop and start keeping a Deployment and a PersistentVolumeClaim's data (the
 //!   storage-provisioner add-on's default StorageClass; disabled, it goes and stays off
 //!   across the stop and start, enabled again a new claim binds), delete leaving nothing.
 //!   About ten minutes under the emulated runner on an idle machine (33 min loaded).
@@ -869,6 +869,47 @@ fn a_suspended_cluster_resumes_with_its_pods_and_a_bad_snapshot_boots_afresh(env
     env.kubectl(&["--context", name, "rollout", "status", "deployment/web", "--timeout=30m"], None).ok();
 }
 
+/// The LoadBalancer Service in front of the web Deployment; 18080 is unprivileged, so
+/// the host offers it on itself.
+const LOAD_BALANCER: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: web-lb}
+spec:
+  type: LoadBalancer
+  selector: {app: web}
+  ports: [{port: 18080, targetPort: 8080}]
+"#;
+const LOAD_BALANCER_URL: &str = "http://127.0.0.1:18080";
+
+/// A LoadBalancer Service gets 127.0.0.1 as its address (`kubectl get svc` shows it) and
+/// answers there on the host, with no tunnel command.
+fn a_load_balancer_answers_on_the_host(env: &Env, name: &str) {
+    env.apply(name, LOAD_BALANCER).ok();
+    let t0 = Instant::now();
+    let jsonpath = "jsonpath={.status.loadBalancer.ingress[*].ip} {.status.loadBalancer.ingress[*].ipMode}";
+    loop {
+        let got = env.kubectl(&["--context", name, "get", "service", "web-lb", "-o", jsonpath], None).ok().stdout;
+        if got.trim() == "127.0.0.1 Proxy" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5 * 60), "web-lb's status.loadBalancer after 5 min: {got:?}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    wait_for_body(LOAD_BALANCER_URL, Duration::from_secs(5 * 60));
+    let url = env.quick(&["service", "web-lb", "--url", "--name", name]).ok().stdout;
+    assert_eq!(url.trim(), LOAD_BALANCER_URL);
+}
+
+/// Deleted, the LoadBalancer's host port closes.
+fn a_deleted_load_balancer_closes_its_host_port(env: &Env, name: &str) {
+    env.kubectl(&["--context", name, "delete", "service", "web-lb"], None).ok();
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect("127.0.0.1:18080").is_ok() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "127.0.0.1:18080 still listens 60 s after the service went");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 fn wait_for_body(url: &str, limit: Duration) {
     let t0 = Instant::now();
     loop {
@@ -917,6 +958,7 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     let url = env.quick(&["service", "web", "--url", "--name", name]).ok().stdout.trim().to_string();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     wait_for_body(&url, Duration::from_secs(15 * 60));
+    a_load_balancer_answers_on_the_host(&env, name);
 
     // Pods cannot use the node's agent: a restricted and a privileged pod connect to
     // its port through vsock loopback and get no answer (the agent takes control
@@ -962,6 +1004,9 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     env.kubectl(&["--context", name, "get", "deployment", "web"], None).ok();
     env.kubectl(&["--context", name, "rollout", "status", "deployment/web", "--timeout=30m"], None).ok();
     wait_for_body(&url, Duration::from_secs(15 * 60));
+    // The new VM process follows the node's LoadBalancers again.
+    wait_for_body(LOAD_BALANCER_URL, Duration::from_secs(5 * 60));
+    a_deleted_load_balancer_closes_its_host_port(&env, name);
     storage_stays_disabled_across_a_restart_and_comes_back_when_enabled(&env, name, &image);
     the_claim_survives_a_restart_and_its_deletion_frees_the_space(&env, name, &image, &volume);
 

@@ -65,7 +65,7 @@ pub fn serve(paths: Paths, reaper: Arc<Reaper>, addons: Arc<Addons>, container: 
 /// CID 1) reaches the listener too: a pod, or anything else in the node, must not get
 /// the agent's root shell. (Pods run with seccomp's RuntimeDefault profile, which also
 /// refuses them AF_VSOCK sockets.)
-fn accept_from_host(listener: std::os::fd::RawFd) -> nix::Result<Option<std::fs::File>> {
+pub(crate) fn accept_from_host(listener: std::os::fd::RawFd) -> nix::Result<Option<std::fs::File>> {
     use nix::sys::socket::{getpeername, VsockAddr};
     let conn = nix::sys::socket::accept(listener)?;
     // SAFETY: accept returned a new descriptor that nothing else owns.
@@ -86,7 +86,7 @@ fn accept_from_host(listener: std::os::fd::RawFd) -> nix::Result<Option<std::fs:
     }
 }
 
-fn vsock_listen(port: u32) -> nix::Result<OwnedFd> {
+pub(crate) fn vsock_listen(port: u32) -> nix::Result<OwnedFd> {
     use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
     let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;

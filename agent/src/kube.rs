@@ -3,7 +3,8 @@
 //! against the cluster CA. Each poll used to spawn `kubectl` (the 115 MB Kubernetes
 //! multi-call binary), about a second of CPU under emulation, every second, on the one
 //! vCPU the API server itself needs; a GET over a kept-alive connection costs a few
-//! milliseconds. Writes (apply, delete, run) stay with kubectl, once each.
+//! milliseconds. Writes (apply, delete, run) stay with kubectl, once each; the one
+//! write made here is the LoadBalancer controller's status patch.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -91,6 +92,24 @@ impl Api {
         anyhow::ensure!(status == 200, "GET {url}: HTTP {status}");
         let mut body = resp.body_mut().with_config().limit(OPENAPI_LIMIT).reader();
         std::io::copy(&mut body, &mut std::io::sink()).with_context(|| format!("reading the answer to GET {url}"))
+    }
+
+    /// A JSON merge patch of `path` (an object or its status); an error names the
+    /// answer when it is not 200.
+    pub fn merge_patch(&self, path: &str, patch: &Value) -> Result<()> {
+        let url = format!("{}{path}", self.base);
+        let mut resp = self
+            .agent
+            .patch(&url)
+            .header("Content-Type", "application/merge-patch+json")
+            .send(patch.to_string())
+            .with_context(|| format!("PATCH {url}"))?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            let body = resp.body_mut().with_config().limit(BODY_LIMIT).read_to_string().unwrap_or_default();
+            anyhow::bail!("PATCH {path}: HTTP {status}: {}", first_line(&body));
+        }
+        Ok(())
     }
 
     /// An object: None when it does not exist (404); an error when the server does not

@@ -8,6 +8,7 @@ mod control;
 mod images;
 mod init;
 mod kube;
+mod loadbalancer;
 mod node;
 mod paths;
 mod phase;

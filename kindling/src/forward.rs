@@ -12,7 +12,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kindling_proto::forward::Forward;
+use kindling_proto::forward::{
+    parse_guest_forwards, Forward, GuestForward, GUEST_FORWARDS_PORT, MAX_GUEST_FORWARDS_BYTES,
+};
 use kindling_vmm::devices::virtio::vsock::connection::REQUEST_TIMEOUT;
 
 #[derive(Debug, thiserror::Error)]
@@ -250,22 +252,164 @@ fn accept_loop(listeners: Vec<Listener>, uds: PathBuf, total: ConnLimit) {
                     continue;
                 }
             };
-            let (uds, port) = (uds.clone(), *port);
-            let spawned = std::thread::Builder::new().name("forward".into()).spawn(move || {
-                let _slots = (slot, total_slot);
-                match connect_guest(&uds, u32::from(port)) {
-                    Ok(guest) => splice(conn, guest),
-                    Err(e) => {
-                        tracing::warn!("forward {peer} -> guest port {port}: {e}");
-                        let _ = conn.shutdown(Shutdown::Both);
-                    }
-                }
-            });
-            // Out of threads: this connection is dropped (closed), the forward goes on.
-            if let Err(e) = spawned {
-                tracing::warn!("forward to guest port {port}: cannot start a thread: {e}");
+            carry(conn, peer, &uds, *port, (slot, total_slot));
+        }
+    }
+}
+
+/// Carries the accepted `conn` to guest `port` on a thread of its own, holding `slots`
+/// until it ends.
+fn carry(conn: TcpStream, peer: SocketAddr, uds: &Path, port: u16, slots: (Slot, Slot)) {
+    let uds = uds.to_path_buf();
+    let spawned = std::thread::Builder::new().name("forward".into()).spawn(move || {
+        let _slots = slots;
+        match connect_guest(&uds, u32::from(port)) {
+            Ok(guest) => splice(conn, guest),
+            Err(e) => {
+                tracing::warn!("forward {peer} -> guest port {port}: {e}");
+                let _ = conn.shutdown(Shutdown::Both);
             }
         }
+    });
+    // Out of threads: this connection is dropped (closed), the forward goes on.
+    if let Err(e) = spawned {
+        tracing::warn!("forward to guest port {port}: cannot start a thread: {e}");
+    }
+}
+
+/// How often the guest's list of forwards is asked for.
+const GUEST_POLL: Duration = Duration::from_secs(2);
+/// Connections all of a guest's own forwards carry at once: with [`MAX_FORWARDED`],
+/// three quarters of the vsock device's 1024.
+pub const MAX_GUEST_FORWARDED: usize = 256;
+
+/// Follows the forwards the guest asks for (`kindling boot --guest-forwards`): every
+/// [`GUEST_POLL`] asks vsock port [`GUEST_FORWARDS_PORT`] for the list, listens on
+/// 127.0.0.1 for each new host port, and stops listening on those no longer listed
+/// (their open connections go on). A guest that does not answer keeps what it had:
+/// while it boots, or is paused for a snapshot. A list that breaks the rules
+/// ([`parse_guest_forwards`]) is refused whole and said once. A host port in use is
+/// said once and tried again while listed.
+pub fn follow_guest(uds: &Path) -> Result<(), ForwardError> {
+    let uds = uds.to_path_buf();
+    std::thread::Builder::new()
+        .name("guest-forwards".into())
+        .spawn(move || {
+            let total = ConnLimit::new(MAX_GUEST_FORWARDED);
+            let mut open: std::collections::BTreeMap<GuestForward, GuestListener> = Default::default();
+            let mut said = String::new();
+            loop {
+                std::thread::sleep(GUEST_POLL);
+                let wanted = match guest_list(&uds) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        if e != said {
+                            tracing::debug!("guest forwards: {e}");
+                            said = e;
+                        }
+                        continue;
+                    }
+                };
+                open.retain(|f, _| {
+                    let keep = wanted.contains(f);
+                    if !keep {
+                        tracing::info!(
+                            "guest forward 127.0.0.1:{} -> guest port {}: no longer asked for, closed",
+                            f.host_port,
+                            f.guest_port
+                        );
+                    }
+                    keep
+                });
+                for f in wanted {
+                    if open.contains_key(&f) {
+                        continue;
+                    }
+                    match GuestListener::start(f, &uds, &total) {
+                        Ok(l) => {
+                            tracing::info!(
+                                "guest forward 127.0.0.1:{} -> guest port {}: listening",
+                                f.host_port,
+                                f.guest_port
+                            );
+                            open.insert(f, l);
+                        }
+                        Err(e) => {
+                            let e =
+                                format!("guest forward 127.0.0.1:{} -> guest port {}: {e}", f.host_port, f.guest_port);
+                            if e != said {
+                                tracing::warn!("{e}");
+                                said = e;
+                            }
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|err| ForwardError::Thread { err })?;
+    Ok(())
+}
+
+/// The guest's list, read through a short-lived vsock connection (bounded in size and time).
+fn guest_list(uds: &Path) -> Result<Vec<GuestForward>, String> {
+    let mut s = connect_guest(uds, GUEST_FORWARDS_PORT).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    let mut text = Vec::new();
+    (&mut s)
+        .take(MAX_GUEST_FORWARDS_BYTES as u64 + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| format!("reading the guest's forward list: {e}"))?;
+    parse_guest_forwards(&text)
+}
+
+/// A host port listening for one of the guest's forwards, until dropped.
+struct GuestListener {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for GuestListener {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl GuestListener {
+    fn start(f: GuestForward, uds: &Path, total: &ConnLimit) -> std::io::Result<Self> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let listener = TcpListener::bind(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, f.host_port)))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, uds, total, limit) =
+            (stop.clone(), uds.to_path_buf(), total.clone(), ConnLimit::new(MAX_PER_FORWARD));
+        std::thread::Builder::new().name("guest-forward".into()).spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                if limit.used() >= limit.max || total.used() >= total.max {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                // Polled, so that a stop is seen within 200 ms (the sandbox allows no
+                // ioctl for a non-blocking listener).
+                match poll(&mut fds, PollTimeout::from(200u16)) {
+                    Ok(0) => continue,
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => {
+                        tracing::error!("guest forward to guest port {}: poll: {e}", f.guest_port);
+                        return;
+                    }
+                }
+                let (Some(slot), Some(total_slot)) = (limit.take(), total.take()) else { continue };
+                match listener.accept() {
+                    Ok((conn, peer)) => carry(conn, peer, &uds, f.guest_port, (slot, total_slot)),
+                    Err(e) => {
+                        tracing::warn!("guest forward to guest port {}: accept: {e}", f.guest_port);
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })?;
+        Ok(Self { stop })
     }
 }
 

@@ -55,6 +55,9 @@ pub struct VmSpec {
     /// Host-to-guest TCP port forwards, `[ADDR:]HOSTPORT:GUESTPORT` or `[ADDR:]A-B:C-D`.
     #[serde(default)]
     pub forwards: Vec<String>,
+    /// Forward the host ports the guest asks for (`kindling boot --guest-forwards`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest_forwards: bool,
     /// Where the VM runs.
     #[serde(default)]
     pub runner: RunnerKind,
@@ -73,6 +76,7 @@ impl VmSpec {
             disks: Vec::new(),
             vsock: false,
             forwards: Vec::new(),
+            guest_forwards: false,
             runner: RunnerKind::Auto,
         }
     }

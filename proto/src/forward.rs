@@ -2,6 +2,13 @@
 //! `[ADDR:]A-B:C-D`. ADDR is an IPv4 address or an IPv6 address in brackets and
 //! defaults to 127.0.0.1. `kindling boot --forward` and the daemon's `forwards` field
 //! take this grammar.
+//!
+//! Guest forwards (`kindling boot --guest-forwards`): the guest lists the host ports it
+//! asks for on vsock port [`GUEST_FORWARDS_PORT`], one `HOSTPORT GUESTPORT` line each,
+//! and the VM process forwards 127.0.0.1:HOSTPORT to guest port GUESTPORT while they
+//! are listed: how a cluster's LoadBalancer Services reach the host. The guest is
+//! untrusted, so the list is bounded ([`MAX_GUEST_FORWARDS`], [`MAX_GUEST_FORWARDS_BYTES`])
+//! and asks only for unprivileged ports on the host's loopback.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -102,9 +109,115 @@ impl fmt::Display for Forward {
     }
 }
 
+/// The vsock port where the guest lists the forwards it asks the host for.
+pub const GUEST_FORWARDS_PORT: u32 = 1025;
+/// The most forwards a guest may ask for at once.
+pub const MAX_GUEST_FORWARDS: usize = 32;
+/// The most bytes of a guest's list read (32 lines of two ports fit in 384).
+pub const MAX_GUEST_FORWARDS_BYTES: usize = 1024;
+/// The lowest host port a guest may ask for: below are the privileged ports, which
+/// the system's own services own (and which the VM process, without root, cannot bind).
+pub const FIRST_GUEST_FORWARD_PORT: u16 = 1024;
+/// A Service port below [`FIRST_GUEST_FORWARD_PORT`] is offered on the host at itself
+/// plus this (80 on 8080, 443 on 8443), as rootless container engines do.
+pub const LOW_PORT_SHIFT: u16 = 8000;
+
+/// One forward a guest asks for: 127.0.0.1:`host_port` to guest (vsock) port `guest_port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestForward {
+    /// The port on the host's 127.0.0.1.
+    pub host_port: u16,
+    /// The guest's vsock port (which the agent continues as TCP).
+    pub guest_port: u16,
+}
+
+/// The host port a Service's `port` is offered on: itself, or shifted by
+/// [`LOW_PORT_SHIFT`] when privileged; None when neither is an unprivileged port.
+pub fn host_port_for_service(port: u16) -> Option<u16> {
+    match port {
+        p if p >= FIRST_GUEST_FORWARD_PORT => Some(p),
+        0 => None,
+        p => p.checked_add(LOW_PORT_SHIFT).filter(|p| *p >= FIRST_GUEST_FORWARD_PORT),
+    }
+}
+
+/// The guest's list as it is sent: sorted, one `HOSTPORT GUESTPORT` line each.
+pub fn format_guest_forwards(list: &[GuestForward]) -> String {
+    let mut list = list.to_vec();
+    list.sort();
+    list.iter().map(|f| format!("{} {}\n", f.host_port, f.guest_port)).collect()
+}
+
+/// Reads a guest's list: every line two ports, host ports from
+/// [`FIRST_GUEST_FORWARD_PORT`] and each once, at most [`MAX_GUEST_FORWARDS`] lines in
+/// [`MAX_GUEST_FORWARDS_BYTES`]. Anything else refuses the whole list, saying why.
+pub fn parse_guest_forwards(text: &[u8]) -> Result<Vec<GuestForward>, String> {
+    if text.len() > MAX_GUEST_FORWARDS_BYTES {
+        return Err(format!("the guest's forward list is over {MAX_GUEST_FORWARDS_BYTES} bytes"));
+    }
+    let text = std::str::from_utf8(text).map_err(|_| "the guest's forward list is not UTF-8".to_string())?;
+    let mut list: Vec<GuestForward> = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
+        let bad = |why: &str| format!("the guest's forward list, line {}: {why}: {:?}", n + 1, line);
+        if list.len() == MAX_GUEST_FORWARDS {
+            return Err(bad(&format!("more than {MAX_GUEST_FORWARDS} forwards")));
+        }
+        let mut words = line.split(' ');
+        let (Some(h), Some(g), None) = (words.next(), words.next(), words.next()) else {
+            return Err(bad("not two ports"));
+        };
+        let port = |w: &str| w.parse::<u16>().ok().filter(|p| *p > 0 && w.bytes().all(|b| b.is_ascii_digit()));
+        let (Some(host_port), Some(guest_port)) = (port(h), port(g)) else {
+            return Err(bad("not two ports"));
+        };
+        if host_port < FIRST_GUEST_FORWARD_PORT {
+            return Err(bad(&format!("host port {host_port} is privileged (below {FIRST_GUEST_FORWARD_PORT})")));
+        }
+        if list.iter().any(|f| f.host_port == host_port) {
+            return Err(bad(&format!("host port {host_port} is listed twice")));
+        }
+        list.push(GuestForward { host_port, guest_port });
+    }
+    Ok(list)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_forward_lists() {
+        let f = |host_port, guest_port| GuestForward { host_port, guest_port };
+        let list = [f(8443, 31001), f(8080, 31000)];
+        let text = format_guest_forwards(&list);
+        assert_eq!(text, "8080 31000\n8443 31001\n");
+        assert_eq!(parse_guest_forwards(text.as_bytes()).unwrap(), [f(8080, 31000), f(8443, 31001)]);
+        assert_eq!(parse_guest_forwards(b"").unwrap(), []);
+        let full: Vec<_> = (0..MAX_GUEST_FORWARDS as u16).map(|i| f(60000 + i, 30000 + i)).collect();
+        let text = format_guest_forwards(&full);
+        assert!(text.len() <= MAX_GUEST_FORWARDS_BYTES);
+        assert_eq!(parse_guest_forwards(text.as_bytes()).unwrap().len(), MAX_GUEST_FORWARDS);
+        let over = format!("{text}65000 30000\n");
+        assert!(parse_guest_forwards(over.as_bytes()).unwrap_err().contains("more than 32"));
+        for (bad, why) in [
+            ("80 30000\n", "privileged"),
+            ("8080 30000\n8080 30001\n", "listed twice"),
+            ("8080\n", "not two ports"),
+            ("8080 30000 1\n", "not two ports"),
+            ("8080 0\n", "not two ports"),
+            ("+8080 1\n", "not two ports"),
+            ("70000 1\n", "not two ports"),
+            ("8080  1\n", "not two ports"),
+        ] {
+            assert!(parse_guest_forwards(bad.as_bytes()).unwrap_err().contains(why), "{bad:?}");
+        }
+        assert!(parse_guest_forwards(&[b'1'; MAX_GUEST_FORWARDS_BYTES + 1]).unwrap_err().contains("over"));
+        assert!(parse_guest_forwards(&[0xff, b'\n']).unwrap_err().contains("UTF-8"));
+        assert_eq!(host_port_for_service(80), Some(8080));
+        assert_eq!(host_port_for_service(443), Some(8443));
+        assert_eq!(host_port_for_service(8080), Some(8080));
+        assert_eq!(host_port_for_service(0), None);
+    }
 
     #[test]
     fn the_grammar() {

@@ -77,6 +77,12 @@ pub struct BootArgs {
     /// private vsock socket is made for it.
     #[arg(long = "forward", value_name = "[ADDR:]HOST:GUEST")]
     pub forwards: Vec<Forward>,
+    /// Let the guest ask for host ports: it lists `HOSTPORT GUESTPORT` lines on vsock
+    /// port 1025, and 127.0.0.1:HOSTPORT (1024 and up, at most 32) is forwarded to
+    /// guest port GUESTPORT while listed. A cluster's node lists its LoadBalancer
+    /// Services there. Without --vsock, a private vsock socket is made for it.
+    #[arg(long)]
+    pub guest_forwards: bool,
     /// The guest's network (virtio-net): tap (root: a tap device with NAT), passt
     /// (user-mode, no root), none, or auto: tap when root with /dev/net/tun, else passt
     /// when installed, else none. The guest's address, gateway and DNS server are
@@ -245,7 +251,7 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
     let mut config = args.to_config()?;
     // Forwards travel over vsock: give the VM a private socket when none was asked for.
     let private = tempfile::Builder::new().prefix("kindling-vsock-").tempdir()?;
-    if !args.forwards.is_empty() && config.vsock.is_none() {
+    if (!args.forwards.is_empty() || args.guest_forwards) && config.vsock.is_none() {
         config.vsock = Some(VsockConfig::new(private.path().join("vsock.sock")));
     }
     let (runner, why) = runner::choose(args.runner);
@@ -290,6 +296,9 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
             }
             if let Some(v) = &config.vsock {
                 crate::forward::start(&args.forwards, &v.uds_path)?;
+                if args.guest_forwards {
+                    crate::forward::follow_guest(&v.uds_path)?;
+                }
             }
             let later = LaterWrites {
                 vsock: config.vsock.as_ref().map(|v| v.uds_path.clone()),
@@ -356,6 +365,11 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
                 move || stop.stop(),
                 move || snap.request_snapshot(),
             )?;
+            // The relay offers the vsock socket once L1 starts; until then the guest's
+            // list is not there to ask for, which the follower waits out.
+            if let (true, Some(v)) = (args.guest_forwards, &config.vsock) {
+                crate::forward::follow_guest(&v.uds_path)?;
+            }
             match emulated::run_job_with(&config, &job, &args.forwards, &l1) {
                 // QEMU ended with the level-1 VM reset and no status reported: L1 itself
                 // crashed (its emulated nested virtualization), which ends the guest too.

@@ -69,7 +69,8 @@ pub enum ClusterCommand {
     /// Images in the node's containerd.
     #[command(subcommand)]
     Image(ImageCommand),
-    /// Print the host URL of a NodePort service: `kindling service web --url`.
+    /// Print the host URL of a service: `kindling service web --url` (a LoadBalancer's
+    /// host port on 127.0.0.1, else its NodePort's).
     Service(ServiceArgs),
     /// Print a kubeconfig for a cluster (like `kind get kubeconfig`), or, with --vsock and
     /// --server, for a VM you booted yourself from kindling's root disk:
@@ -429,7 +430,7 @@ fn start(a: &StartArgs) -> anyhow::Result<i32> {
     println!("  kubectl --context {name} get nodes");
     let flag = if name == DEFAULT_NAME { String::new() } else { format!(" --name {name}") };
     println!("  kindling kubectl{flag} -- get pods -A");
-    println!("  kindling service{flag} SERVICE --url     # host URL of a NodePort service");
+    println!("  kindling service{flag} SERVICE --url     # host URL of a NodePort or LoadBalancer service");
     println!("  {}", cluster::command_for("stop", name));
     Ok(0)
 }

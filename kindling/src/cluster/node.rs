@@ -159,11 +159,12 @@ pub fn image_load(name: &str, archive: &Path, say: &Say) -> Result<i32> {
     Ok(code)
 }
 
-/// `kindling service NAME --url`: host URLs of a NodePort service.
+/// `kindling service NAME --url`: host URLs of a service: a LoadBalancer's on the host
+/// ports the node's controller gave it, else its NodePorts'.
 pub fn service_urls(name: &str, service: &str, namespace: &str) -> Result<Vec<String>> {
     let ctx = Ctx::connect()?;
     let (r, _, agent) = ctx.running(name)?;
-    let jsonpath = r#"jsonpath={.spec.type}{" "}{.spec.ports[*].nodePort}"#;
+    let jsonpath = r#"jsonpath={.spec.type}{"|"}{.spec.ports[*].nodePort}{"|"}{.spec.ports[*].port}{"|"}{.spec.ports[*].protocol}{"|"}{.status.loadBalancer.ingress[*].ip}"#;
     let (code, out) = agent
         .exec_capture(
             &["kubectl", "--kubeconfig", ADMIN_CONF, "-n", namespace, "get", "service", service, "-o", jsonpath],
@@ -177,13 +178,26 @@ pub fn service_urls(name: &str, service: &str, namespace: &str) -> Result<Vec<St
             if name == DEFAULT_NAME { String::new() } else { format!(" --name {name}") }
         );
     }
-    node_port_urls(&out, &r, service, namespace)
+    service_urls_from(&out, &r, service, namespace)
 }
 
-pub(super) fn node_port_urls(out: &str, r: &ClusterRecord, service: &str, namespace: &str) -> Result<Vec<String>> {
-    let mut words = out.split_whitespace();
-    let kind = words.next().unwrap_or("");
-    let node_ports: Vec<u16> = words.filter_map(|w| w.parse().ok()).collect();
+/// The URLs from kubectl's `type|nodePorts|ports|protocols|ingress IPs` of a service.
+pub(super) fn service_urls_from(out: &str, r: &ClusterRecord, service: &str, namespace: &str) -> Result<Vec<String>> {
+    let fields: Vec<&str> = out.trim().split('|').collect();
+    let field = |i: usize| fields.get(i).copied().unwrap_or("").split_whitespace();
+    let kind = fields.first().copied().unwrap_or("").trim();
+    let node_ports: Vec<u16> = field(1).filter_map(|w| w.parse().ok()).collect();
+    if kind == "LoadBalancer" && field(4).any(|ip| ip == "127.0.0.1") {
+        let urls: Vec<String> = field(2)
+            .zip(field(3))
+            .filter(|(_, proto)| *proto == "TCP")
+            .filter_map(|(port, _)| kindling_proto::forward::host_port_for_service(port.parse().ok()?))
+            .map(|hp| format!("http://127.0.0.1:{hp}"))
+            .collect();
+        if !urls.is_empty() {
+            return Ok(urls);
+        }
+    }
     if node_ports.is_empty() {
         bail!(
             "service {service:?} in namespace {namespace:?} is of type {kind} and has no NodePort; make it one with \
@@ -253,10 +267,21 @@ mod tests {
             addons: Default::default(),
         };
         assert_eq!(
-            node_port_urls("NodePort 30080 31000", &r, "web", "default").unwrap(),
+            service_urls_from("NodePort|30080 31000|8080 9000|TCP TCP|", &r, "web", "default").unwrap(),
             ["http://127.0.0.1:20080", "http://127.0.0.1:21000"]
         );
-        let e = node_port_urls("ClusterIP ", &r, "web", "default").unwrap_err().to_string();
+        // A LoadBalancer the node serves: its own ports (a privileged one shifted by
+        // 8000), UDP left out; while pending, its NodePorts.
+        assert_eq!(
+            service_urls_from("LoadBalancer|31000 31001 31002|80 9000 53|TCP TCP UDP|127.0.0.1", &r, "web", "default")
+                .unwrap(),
+            ["http://127.0.0.1:8080", "http://127.0.0.1:9000"]
+        );
+        assert_eq!(
+            service_urls_from("LoadBalancer|31000|80|TCP|", &r, "web", "default").unwrap(),
+            ["http://127.0.0.1:21000"]
+        );
+        let e = service_urls_from("ClusterIP||8080|TCP|", &r, "web", "default").unwrap_err().to_string();
         assert!(e.contains("type ClusterIP and has no NodePort") && e.contains("--context dev"), "{e}");
     }
 }

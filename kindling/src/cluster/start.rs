@@ -157,6 +157,8 @@ pub(super) fn spec_for(
     spec.disks = vec![DiskSpec { path: disk, read_only: false }, DiskSpec { path: seed, read_only: true }];
     spec.vsock = true;
     spec.forwards = ports::forwards(r.api_port, r.node_port_base);
+    // The node's LoadBalancer Services, on the host's loopback.
+    spec.guest_forwards = true;
     spec.runner = runner;
     spec
 }
@@ -680,6 +682,7 @@ pub(super) fn restart_prepare(
     let spec = spec_for(name, kernel, disk_file.clone(), seed, &record, cpus, memory_mib, runner, o.until.as_deref());
     if why.is_empty()
         && spec.forwards == vm.spec.forwards
+        && spec.guest_forwards == vm.spec.guest_forwards
         && spec.cmdline == vm.spec.cmdline
         && spec.disks == vm.spec.disks
     {
@@ -687,6 +690,7 @@ pub(super) fn restart_prepare(
     }
     let same_but_addons = why.is_empty()
         && spec.forwards == vm.spec.forwards
+        && spec.guest_forwards == vm.spec.guest_forwards
         && spec.disks == vm.spec.disks
         && without_addons(spec.cmdline.as_deref()) == without_addons(vm.spec.cmdline.as_deref());
     if same_but_addons && vm.status == VmStatus::Suspended {

@@ -125,6 +125,9 @@ pub fn boot_args(spec: &VmSpec, paths: &Paths, launch: Launch) -> Vec<OsString> 
     for f in &spec.forwards {
         a.extend(["--forward".into(), f.into()]);
     }
+    if spec.guest_forwards {
+        a.push("--guest-forwards".into());
+    }
     a.extend(["--runner".into(), spec.runner.as_str().into()]);
     a.extend(["--console-log".into(), paths.console_log(&spec.name).into()]);
     a
