@@ -581,6 +581,20 @@ fn the_client_starts_the_daemon_on_demand_and_says_why_it_cannot() {
     assert!(log.contains("listening on"), "{log}");
     // A second call finds it running.
     assert_eq!(c.ensure_daemon(exe, &paths).unwrap().pid, v.pid);
+    // kindling reinstalled (another file at another path, as `install` makes one): the
+    // running daemon is another build, so it is replaced by one of the new file.
+    let reinstalled = tmp.path().join("bin/kindling");
+    std::fs::create_dir_all(reinstalled.parent().unwrap()).unwrap();
+    std::fs::copy(exe, &reinstalled).unwrap();
+    let w = c.ensure_daemon(&reinstalled, &paths).unwrap();
+    let _reap_new = scopeguard(w.pid);
+    assert_ne!(w.pid, v.pid, "the daemon of the old build still answers");
+    assert_eq!(w.build, kindling::util::exe_identity(&reinstalled));
+    assert!(
+        !vm_process::start_time(v.pid).is_some_and(|t| vm_process::is_alive(v.pid, t)),
+        "the old daemon still runs"
+    );
+    let v = w;
     // SIGTERM: it exits and removes its socket.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(v.pid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let t0 = Instant::now();

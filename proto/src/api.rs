@@ -273,6 +273,11 @@ pub struct VersionInfo {
     pub state_dir: PathBuf,
     /// The socket it serves on.
     pub socket: PathBuf,
+    /// Which executable it runs (device, inode, size and modification time): a client
+    /// of another build (kindling was reinstalled) restarts it. Absent from daemons
+    /// before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
 }
 
 /// Every error body: a sentence that says what went wrong and what to do.

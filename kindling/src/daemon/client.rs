@@ -17,6 +17,8 @@ use serde::de::DeserializeOwned;
 use super::api::{self, Deleted, ErrorBody, SnapshotRequest, StartRequest, StopRequest, VersionInfo, Vm, VmSpec};
 use super::state::{self, Paths};
 
+/// How long a daemon of another build has to exit before one of this build starts.
+const DAEMON_STOP_WAIT: Duration = Duration::from_secs(30);
 /// How long `connect_or_spawn` waits for a daemon it started.
 pub const SPAWN_WAIT: Duration = Duration::from_secs(5);
 /// Read timeout of requests that do not wait for a VM.
@@ -103,11 +105,27 @@ impl Client {
     /// Makes sure a daemon answers on this client's socket: when none does, starts
     /// `<exe> daemon --socket <socket>` with the state directory of `paths` (in its own
     /// session, logging to `<state>/daemon.log`) and waits up to 5 s for it.
+    /// A daemon of another build than `exe` (kindling was reinstalled, or a daemon from
+    /// before an upgrade still runs) is stopped first and started again from `exe`: its
+    /// API may not take this client's requests. Its VMs keep running meanwhile.
     pub fn ensure_daemon(&self, exe: &Path, paths: &Paths) -> Result<VersionInfo> {
-        if let Ok(v) = self.version() {
-            return Ok(v);
-        }
         let log_path = paths.daemon_log();
+        if let Ok(v) = self.version() {
+            if v.build.is_some() && v.build == crate::util::exe_identity(exe) {
+                return Ok(v);
+            }
+            tracing::info!(
+                "the running daemon (pid {}, kindling {}) is another build than {}: restarting it (its VMs keep running)",
+                v.pid,
+                v.version,
+                exe.display()
+            );
+            self.stop_daemon(v.pid, paths).map_err(|reason| ClientError::Unreachable {
+                socket: self.socket.clone(),
+                log: log_path.clone(),
+                reason,
+            })?;
+        }
         let unreachable =
             |reason: String| ClientError::Unreachable { socket: self.socket.clone(), log: log_path.clone(), reason };
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -164,6 +182,31 @@ impl Client {
         }
         std::thread::spawn(move || child.wait());
         Err(unreachable(format!("a daemon was started but did not answer within {}s ({last})", SPAWN_WAIT.as_secs())))
+    }
+
+    /// Stops the daemon `pid` that answers on this socket (SIGTERM) and waits until it
+    /// no longer answers.
+    fn stop_daemon(&self, pid: u32, paths: &Paths) -> std::result::Result<(), String> {
+        let pid_t = i32::try_from(pid).map_err(|_| format!("the daemon reported pid {pid}"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid_t), nix::sys::signal::Signal::SIGTERM).map_err(|e| {
+            format!("cannot stop the running daemon of another build (pid {pid}): {e}; stop it with `kill {pid}`")
+        })?;
+        let t0 = Instant::now();
+        // It ends once its requests in flight have been answered.
+        while t0.elapsed() < DAEMON_STOP_WAIT {
+            // Gone once it no longer holds the state directory's lock.
+            let free = std::fs::File::open(paths.lock_file())
+                .map_or(true, |f| crate::util::lock_exclusive(&f, false).unwrap_or(false));
+            if free && self.version().is_err() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!(
+            "the running daemon of another build (pid {pid}) did not exit within {}s of SIGTERM (a long request may be in flight); \
+             try again, or `kill {pid}`",
+            DAEMON_STOP_WAIT.as_secs()
+        ))
     }
 
     /// One HTTP request; any status is returned as is.

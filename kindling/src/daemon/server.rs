@@ -292,6 +292,8 @@ async fn version(State(d): State<Arc<Daemon>>) -> Json<VersionInfo> {
         pid: std::process::id(),
         state_dir: d.paths.state_dir.clone(),
         socket: d.socket.clone(),
+        // The file this process runs, even when its path now names a newer one.
+        build: crate::util::exe_identity(Path::new("/proc/self/exe")),
     })
 }
 
