@@ -105,7 +105,8 @@ pub fn plan(list: &Value) -> Plan {
     out
 }
 
-/// Starts the controller and the host's view of its list (after node-ready).
+/// Starts the controller and the host's view of its list (after node-ready). Without
+/// vsock (the agent in a container) there is no host to serve them: nothing starts.
 pub fn start(api: Api) {
     let list: Arc<Mutex<Vec<GuestForward>>> = Arc::default();
     match crate::control::vsock_listen(GUEST_FORWARDS_PORT) {
@@ -130,7 +131,10 @@ pub fn start(api: Api) {
             }
         }
         Err(e) => {
-            phase::log(format!("loadbalancer: listening on vsock port {GUEST_FORWARDS_PORT}: {e}"));
+            phase::log(format!(
+                "loadbalancer: not started: listening on vsock port {GUEST_FORWARDS_PORT}: {e} \
+                 (no vsock device, as in a container: LoadBalancer Services stay pending)"
+            ));
             return;
         }
     }

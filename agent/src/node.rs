@@ -457,9 +457,7 @@ pub fn bring_up(
     }
     // The add-ons deploy after node-ready, beside the wait for DNS, never before it.
     addons.deploy_after_ready();
-    if !crate::init::in_container() {
-        crate::loadbalancer::start(Api::from_pki(&paths.pki(), crate::kube::LOCAL_SERVER)?);
-    }
+    crate::loadbalancer::start(Api::from_pki(&paths.pki(), crate::kube::LOCAL_SERVER)?);
     wait_for("coredns", comps, || coredns_applied.is_finished() && api.pods_running("kube-system", "k8s-app=kube-dns"));
     if reached("coredns-running") {
         return Ok(BringUp::StoppedAfter("coredns-running".into()));
