@@ -492,6 +492,79 @@ mod tests {
         path
     }
 
+    /// A guest that lists its forwards on vsock port 1025 (what `list` holds at the time)
+    /// and echoes, upper-cased, on any other port.
+    fn listing_guest(dir: &Path, list: std::sync::Arc<std::sync::Mutex<String>>) -> PathBuf {
+        let path = dir.join("g.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let list = list.clone();
+                std::thread::spawn(move || {
+                    let mut line = Vec::new();
+                    let mut b = [0u8];
+                    while c.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+                        line.push(b[0]);
+                    }
+                    let _ = c.write_all(b"OK 1073741824\n");
+                    if line == format!("CONNECT {GUEST_FORWARDS_PORT}").as_bytes() {
+                        let _ = c.write_all(list.lock().unwrap().as_bytes());
+                        return;
+                    }
+                    let mut data = vec![0u8; 5];
+                    if c.read_exact(&mut data).is_ok() {
+                        let _ = c.write_all(&data.to_ascii_uppercase());
+                    }
+                });
+            }
+        });
+        path
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// Polls `check` every 100 ms for up to 10 s.
+    fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let t0 = std::time::Instant::now();
+        while !check() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "{what}: not within 10 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn echo(port: u16) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"hello").ok()?;
+        let mut got = vec![0u8; 5];
+        s.read_exact(&mut got).ok()?;
+        String::from_utf8(got).ok()
+    }
+
+    /// The guest's list opens host ports while it holds them; a list that breaks the
+    /// rules changes nothing; an emptied list closes them.
+    #[test]
+    fn the_guests_forwards_follow_its_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let uds = listing_guest(dir.path(), list.clone());
+        let (a, b) = (free_port(), free_port());
+        follow_guest(&uds).unwrap();
+        *list.lock().unwrap() = format!("{a} 31000\n{b} 31001\n");
+        eventually("both listed ports answer", || echo(a).as_deref() == Some("HELLO") && echo(b).is_some());
+        // Refused whole: a privileged port. What was open stays open.
+        *list.lock().unwrap() = format!("{a} 31000\n80 31002\n");
+        std::thread::sleep(GUEST_POLL * 2);
+        assert_eq!(echo(b).as_deref(), Some("HELLO"), "a refused list closed a port");
+        *list.lock().unwrap() = format!("{a} 31000\n");
+        eventually("the port no longer listed closes", || TcpStream::connect(("127.0.0.1", b)).is_err());
+        assert_eq!(echo(a).as_deref(), Some("HELLO"));
+        list.lock().unwrap().clear();
+        eventually("an empty list closes every port", || TcpStream::connect(("127.0.0.1", a)).is_err());
+    }
+
     /// A VMM that dropped root still reaches its vsock socket in a 0700 directory of
     /// root's (a root daemon's VM directory), through the descriptor kept before the
     /// drop; by path it cannot. In a child process (this test run again), as root.
