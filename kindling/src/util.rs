@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 
-/// The first executable file called `name` in the directories of PATH.
 /// Which file `exe` is (device, inode, size, modification time): the same only for the
 /// same installed executable, different once it is reinstalled.
 pub fn exe_identity(exe: &Path) -> Option<String> {
@@ -11,6 +10,7 @@ pub fn exe_identity(exe: &Path) -> Option<String> {
     Some(format!("{}:{}:{}:{}.{:09}", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
 }
 
+/// The first executable file called `name` in the directories of PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
 }
