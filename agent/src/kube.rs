@@ -23,6 +23,8 @@ const BODY_LIMIT: u64 = 4 << 20;
 const OPENAPI_LIMIT: u64 = 64 << 20;
 const OPENAPI_PATIENCE: Duration = Duration::from_secs(5 * 60);
 
+/// A clone shares the TLS configuration and the connection pool.
+#[derive(Clone)]
 pub struct Api {
     agent: ureq::Agent,
     base: String,

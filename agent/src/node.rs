@@ -398,7 +398,7 @@ pub fn bring_up(
     // not wait past kubectl's 32 s for them and fail validating. A 504 (the API server's
     // own 60 s) leaves the build going on: ask again.
     std::thread::spawn({
-        let api = Api::from_pki(&paths.pki(), crate::kube::LOCAL_SERVER)?;
+        let api = api.clone();
         move || {
             for path in OPENAPI_WARM {
                 let t0 = std::time::Instant::now();
@@ -457,7 +457,7 @@ pub fn bring_up(
     }
     // The add-ons deploy after node-ready, beside the wait for DNS, never before it.
     addons.deploy_after_ready();
-    crate::loadbalancer::start(Api::from_pki(&paths.pki(), crate::kube::LOCAL_SERVER)?);
+    crate::loadbalancer::start(api.clone());
     wait_for("coredns", comps, || coredns_applied.is_finished() && api.pods_running("kube-system", "k8s-app=kube-dns"));
     if reached("coredns-running") {
         return Ok(BringUp::StoppedAfter("coredns-running".into()));

@@ -268,6 +268,11 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
         let ids = kindling_vmm::builder::device_identities(&devices)?;
         snapshot_header(path)?.check_devices(&ids).map_err(|e| anyhow::anyhow!("--restore {}: {e}", path.display()))?;
     }
+    // Both runners: the follower asks the vsock socket every 2 s and waits out the time
+    // before it answers (the VMM, or under the emulated runner the relay, makes it later).
+    if let (true, Some(v)) = (args.guest_forwards, &config.vsock) {
+        crate::forward::follow_guest(&v.uds_path)?;
+    }
     eprintln!("kindling: runner {} ({why})", runner.as_str());
     eprintln!("kindling: net {} ({net_why})", net.map_or("none", NetKind::as_str));
     match runner {
@@ -296,9 +301,6 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
             }
             if let Some(v) = &config.vsock {
                 crate::forward::start(&args.forwards, &v.uds_path)?;
-                if args.guest_forwards {
-                    crate::forward::follow_guest(&v.uds_path)?;
-                }
             }
             let later = LaterWrites {
                 vsock: config.vsock.as_ref().map(|v| v.uds_path.clone()),
@@ -365,11 +367,6 @@ pub fn run(args: &BootArgs) -> anyhow::Result<i32> {
                 move || stop.stop(),
                 move || snap.request_snapshot(),
             )?;
-            // The relay offers the vsock socket once L1 starts; until then the guest's
-            // list is not there to ask for, which the follower waits out.
-            if let (true, Some(v)) = (args.guest_forwards, &config.vsock) {
-                crate::forward::follow_guest(&v.uds_path)?;
-            }
             match emulated::run_job_with(&config, &job, &args.forwards, &l1) {
                 // QEMU ended with the level-1 VM reset and no status reported: L1 itself
                 // crashed (its emulated nested virtualization), which ends the guest too.
