@@ -10,6 +10,9 @@ use super::BenchArgs;
 /// The cluster every benchmark makes (in its own state directory).
 pub const NAME: &str = "bench";
 
+/// A clone of it (`start --from bench`), where a benchmark makes one.
+pub const CLONE: &str = "bench-clone";
+
 pub struct Cluster {
     exe: PathBuf,
     dir: tempfile::TempDir,
@@ -46,7 +49,12 @@ impl Cluster {
 
     /// Runs `kindling ARGS --name bench --output json`; its JSON report.
     pub fn run(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-        let out = self.command(args).args(["--name", NAME, "--output", "json"]).output()?;
+        self.run_as(NAME, args)
+    }
+
+    /// Runs `kindling ARGS --name NAME --output json`; its JSON report.
+    pub fn run_as(&self, name: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let out = self.command(args).args(["--name", name, "--output", "json"]).output()?;
         anyhow::ensure!(out.status.success(), "`kindling {}` failed ({})", args.join(" "), out.status);
         Ok(serde_json::from_slice(&out.stdout)?)
     }
@@ -68,6 +76,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.dir.path().join("state").join("clusters").join(format!("{CLONE}.json")).exists() {
+            let _ = self.run_as(CLONE, &["delete"]);
+        }
         let _ = self.run(&["delete"]);
         // The daemon the commands started on demand (its pid is in its lock file).
         let lock = self.dir.path().join("state").join("daemon.lock");

@@ -37,9 +37,10 @@
 //!
 //! `kindling bench --workload resume`: a whole cluster, as a user runs it. In a state
 //! directory of its own, this executable's `kindling start` (cold, from a new disk),
-//! then `--runs` rounds of `kindling stop` (a suspend) and `kindling start` (a resume,
-//! which returns once the node's kubelet has renewed its lease and the node is Ready),
-//! then `stop --shutdown` and a cold `start` of the same disk; each timed from the
+//! then `--runs` rounds of `kindling stop` (a suspend), `kindling start --from bench` of
+//! a new cluster (a clone, to its own Ready node; deleted after) and `kindling start` (a
+//! resume, which returns once the node's kubelet has renewed its lease and the node is
+//! Ready), then `stop --shutdown` and a cold `start` of the same disk; each timed from the
 //! command's own `--output json` report. The cluster is deleted at the end.
 //!
 //! `kindling bench --workload start`: time to Kubernetes (minikube's time-to-k8s): new
@@ -138,7 +139,8 @@ pub enum Workload {
     Boot,
     Net,
     Snapshot,
-    /// A cluster's cold start against its suspend and resume (`kindling stop`/`start`).
+    /// A cluster's cold start against its suspend, resume and clones (`kindling
+    /// stop`/`start`/`start --from`).
     Resume,
     /// Time to Kubernetes: new clusters and cold restarts, to node-ready, DNS and an app.
     Start,

@@ -1,6 +1,6 @@
 //! `--workload resume`: see the module documentation of `bench`.
 
-use super::cluster::{seconds, Cluster};
+use super::cluster::{seconds, Cluster, CLONE, NAME};
 use super::{stats, BenchArgs};
 
 pub fn measure_and_report(args: &BenchArgs) -> anyhow::Result<()> {
@@ -8,13 +8,19 @@ pub fn measure_and_report(args: &BenchArgs) -> anyhow::Result<()> {
     cluster.build_images()?;
     eprintln!("kindling bench: cold start of a new cluster (minutes under the emulated runner)");
     let first = seconds(&cluster.run(&["start"])?)?;
-    let (mut suspend, mut resume, mut size) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut suspend, mut resume, mut clone, mut size) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.runs {
-        eprintln!("kindling bench: suspend and resume, round {round} of {}", args.runs);
+        eprintln!("kindling bench: suspend, a clone, and resume, round {round} of {}", args.runs);
         let stop = cluster.run(&["stop"])?;
         anyhow::ensure!(stop["suspended"] == true, "the stop did not suspend the cluster: {stop}");
         suspend.push(seconds(&stop)?);
         size.push(stop["snapshot_bytes"].as_f64().unwrap_or(0.0) / f64::from(1u32 << 20));
+        // A clone of the suspended cluster to a Ready node (its disk copy included),
+        // deleted before the base resumes: one VM runs at a time.
+        let cloned = cluster.run_as(CLONE, &["start", "--from", NAME])?;
+        anyhow::ensure!(cloned["resumed"] == true, "the clone did not resume from the snapshot: {cloned}");
+        clone.push(seconds(&cloned)?);
+        cluster.run_as(CLONE, &["delete"])?;
         let start = cluster.run(&["start"])?;
         anyhow::ensure!(start["resumed"] == true, "the start did not resume the cluster: {start}");
         resume.push(seconds(&start)?);
@@ -25,7 +31,10 @@ pub fn measure_and_report(args: &BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(cold["resumed"] == false, "a start after --shutdown resumed: {cold}");
     let restart = seconds(&cold)?;
 
-    println!("resume benchmark: one cluster, {} suspend/resume rounds, each to a Ready node", resume.len());
+    println!(
+        "resume benchmark: one cluster, {} rounds of suspend, clone and resume, each to a Ready node",
+        resume.len()
+    );
     println!("{:<44} {:>9} {:>9} {:>9}", "", "median", "min", "max");
     let row = |name: &str, v: &[f64]| {
         let (m, lo, hi) = stats(v.to_vec());
@@ -36,9 +45,15 @@ pub fn measure_and_report(args: &BenchArgs) -> anyhow::Result<()> {
     row("orderly power-off, stop --shutdown (s)", &[shutdown]);
     row("suspend, stop (s)", &suspend);
     row("resume, start to a Ready node (s)", &resume);
+    row("clone, start --from to a Ready node (s)", &clone);
     row("snapshot size on disk (MiB)", &size);
     let (resume_median, _, _) = stats(resume.clone());
-    println!("cold start / resume: {:.1}x", restart / resume_median);
+    let (clone_median, _, _) = stats(clone.clone());
+    println!(
+        "cold start / resume: {:.1}x; cold start / clone: {:.1}x",
+        restart / resume_median,
+        restart / clone_median
+    );
     if let Some(path) = &args.json {
         let figures = serde_json::json!({
             "first_start_s": first,
@@ -46,9 +61,11 @@ pub fn measure_and_report(args: &BenchArgs) -> anyhow::Result<()> {
             "shutdown_s": shutdown,
             "suspend_s": stats(suspend.clone()).0,
             "resume_s": resume_median,
+            "clone_s": clone_median,
             "snapshot_mib": stats(size.clone()).0,
-            "runs": { "suspend_s": suspend, "resume_s": resume, "snapshot_mib": size },
+            "runs": { "suspend_s": suspend, "resume_s": resume, "clone_s": clone, "snapshot_mib": size },
             "cold_over_resume": restart / resume_median,
+            "cold_over_clone": restart / clone_median,
         });
         let mut text = serde_json::to_vec_pretty(&figures)?;
         text.push(b'\n');

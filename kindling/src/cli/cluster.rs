@@ -165,6 +165,11 @@ pub struct StartArgs {
     /// if it is running). It never disables one: `kindling addons disable` does.
     #[arg(long, value_name = "ADDON[,ADDON]", value_delimiter = ',')]
     pub addons: Vec<String>,
+    /// A new cluster cloned from the suspended cluster BASE (`kindling stop --name BASE`
+    /// suspends it): a copy of its disk, its memory snapshot shared with it, its
+    /// credentials and node; its own host ports. Back in seconds instead of a boot.
+    #[arg(long, value_name = "BASE", conflicts_with_all = ["cpus", "memory", "disk_size", "runner", "until"])]
+    pub from: Option<String>,
     #[command(flatten)]
     pub output: OutputArg,
 }
@@ -395,6 +400,7 @@ fn start(a: &StartArgs) -> anyhow::Result<i32> {
         wait: a.wait.map(Duration::from_secs),
         until: a.until.clone(),
         addons: a.addons.clone(),
+        from: a.from.clone(),
     };
     let r = cluster::start(&opts, &s)?;
     if out == Output::Json {
@@ -463,6 +469,9 @@ fn print_status(s: &ClusterStatus) {
     };
     println!("cluster     {}", s.name);
     println!("status      {state}");
+    if let Some(base) = &s.cloned_from {
+        println!("clone of    {base} (its node {:?}, CA and credentials)", s.node);
+    }
     println!("API server  {}", s.api_server);
     println!("NodePorts   {} (node ports 30000-32767)", s.node_ports);
     if let (Some(c), Some(m)) = (s.cpus, s.memory_mib) {
@@ -681,7 +690,9 @@ mod tests {
             assert!(sub.get_about().is_some_and(|a| !a.to_string().is_empty()), "{name} has no help");
         }
         let help = parse_err(&["start", "--help"]);
-        for flag in ["--name", "--cpus", "--memory", "--disk-size", "--runner", "--wait", "--addons", "--output"] {
+        for flag in
+            ["--name", "--cpus", "--memory", "--disk-size", "--runner", "--wait", "--addons", "--from", "--output"]
+        {
             assert!(help.contains(flag), "start --help lacks {flag}:\n{help}");
         }
     }

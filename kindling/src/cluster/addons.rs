@@ -221,6 +221,8 @@ mod tests {
             disk_size_gib: 20,
             created_at: 0,
             addons: Default::default(),
+            node: None,
+            cloned_from: None,
         }
     }
 

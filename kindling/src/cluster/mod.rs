@@ -25,6 +25,7 @@
 
 mod addons;
 pub mod agent;
+mod clone;
 mod credentials;
 mod delete;
 pub mod disk;

@@ -265,6 +265,8 @@ mod tests {
             disk_size_gib: 20,
             created_at: 0,
             addons: Default::default(),
+            node: None,
+            cloned_from: None,
         };
         assert_eq!(
             service_urls_from("NodePort|30080 31000|8080 9000|TCP TCP|", &r, "web", "default").unwrap(),

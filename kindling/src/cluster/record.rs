@@ -28,6 +28,13 @@ pub struct ClusterRecord {
     /// record from before add-ons had a choice reads as the defaults.
     #[serde(default)]
     pub addons: BTreeMap<String, bool>,
+    /// The Kubernetes node's name when it is not the cluster's: a clone
+    /// (`start --from BASE`) runs its base's node, named when the base first booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The cluster this one was cloned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloned_from: Option<String>,
 }
 
 impl ClusterRecord {
@@ -48,6 +55,11 @@ impl ClusterRecord {
         let changed = self.addon_enabled(a) != enabled;
         self.addons.insert(a.name.to_string(), enabled);
         changed
+    }
+
+    /// The name of the cluster's Kubernetes node (its hostname).
+    pub fn node_name(&self) -> &str {
+        self.node.as_deref().unwrap_or(&self.name)
     }
 
     pub fn api_url(&self) -> String {
@@ -211,6 +223,8 @@ pub(super) fn new_record(paths: &Paths, name: &str, disk_size_gib: u64) -> Resul
         disk_size_gib,
         created_at: state::now_secs(),
         addons: BTreeMap::new(),
+        node: None,
+        cloned_from: None,
     })
 }
 
@@ -230,6 +244,8 @@ mod tests {
             disk_size_gib: 20,
             created_at: 1,
             addons: BTreeMap::new(),
+            node: None,
+            cloned_from: None,
         };
         save_record(&paths, &r("b", 16444)).unwrap();
         save_record(&paths, &r("a", 16443)).unwrap();

@@ -29,6 +29,8 @@ pub struct StartOptions {
     /// cluster, in addition to the defaults; on an existing one, in addition to what it
     /// runs (recorded, and deployed now if it is running). Never disables one.
     pub addons: Vec<String>,
+    /// Clone the new cluster from this suspended one (`--from BASE`).
+    pub from: Option<String>,
 }
 
 /// What `start` did.
@@ -151,7 +153,7 @@ pub(super) fn spec_for(
     until: Option<&str>,
 ) -> VmSpec {
     let mut spec = VmSpec::new(name, kernel);
-    spec.cmdline = Some(cmdline(name, &r.enabled_addons(), until));
+    spec.cmdline = Some(cmdline(r.node_name(), &r.enabled_addons(), until));
     spec.cpus = cpus;
     spec.memory_mib = memory_mib;
     spec.disks = vec![DiskSpec { path: disk, read_only: false }, DiskSpec { path: seed, read_only: true }];
@@ -247,6 +249,19 @@ pub fn start(o: &StartOptions, say: &Say) -> Result<StartReport> {
     if record.is_none() && vm.is_some() {
         return Err(name_taken(name));
     }
+    if let Some(base) = &o.from {
+        // A clone is a new cluster; only one whose cloning was interrupted (a record of
+        // a clone of this base, no VM) is done again.
+        let interrupted =
+            vm.is_none() && record.as_ref().is_some_and(|r| r.cloned_from.as_deref() == Some(base.as_str()));
+        if record.is_some() && !interrupted {
+            bail!(
+                "--from {base}: cluster {name:?} exists already; a clone is a new cluster: leave out --from to start {name:?}, \
+                 or `{}` first",
+                command_for("delete", name)
+            );
+        }
+    }
     if let (Some(r), Some(vm)) = (&record, &vm) {
         if vm.status == VmStatus::Running {
             say.line(format!(
@@ -267,9 +282,10 @@ pub fn start(o: &StartOptions, say: &Say) -> Result<StartReport> {
         }
     }
     let restarted = vm.is_some();
-    let (mut record, mut vm) = match vm {
-        Some(vm) => restart_prepare(&ctx, o, record.expect("checked above"), vm, say)?,
-        None => first_start_prepare(&ctx, o, record, say)?,
+    let (mut record, mut vm) = match (vm, &o.from) {
+        (Some(vm), _) => restart_prepare(&ctx, o, record.expect("checked above"), vm, say)?,
+        (None, Some(base)) => clone::clone_prepare(&ctx, o, record, base, say)?,
+        (None, None) => first_start_prepare(&ctx, o, record, say)?,
     };
     check_ports(&record, say)?;
     let console_offset = std::fs::metadata(&vm.console_log).map(|m| m.len()).unwrap_or(0);
@@ -308,7 +324,7 @@ pub fn start(o: &StartOptions, say: &Say) -> Result<StartReport> {
         let req = crate::daemon::api::StartRequest { cold: !resuming, keep_clock: true };
         ctx.client.start_with(name, &req)?;
         if resuming {
-            match wait_resumed(&ctx, name, &vm, wait, say) {
+            match wait_resumed(&ctx, name, record.node_name(), &vm, wait, say) {
                 Ok(phases) => {
                     addons::sync_on_node(&record, &vm, say);
                     break phases;
@@ -379,11 +395,12 @@ pub(super) enum ResumeError {
 
 /// Waits until a resumed node is Ready for real: its agent answers (and sets the node's
 /// wall clock, which the resume left at the suspend's moment), and its kubelet has
-/// renewed the node's lease since (the lease from before the suspend proves nothing)
+/// renewed the lease of `node` since (the lease from before the suspend proves nothing)
 /// with the node's Ready condition True. Returns the agent's phases.
 pub(super) fn wait_resumed(
     ctx: &Ctx,
     name: &str,
+    node: &str,
     vm: &Vm,
     timeout: Duration,
     say: &Say,
@@ -409,7 +426,7 @@ pub(super) fn wait_resumed(
                     since = set_node_clock(&agent).map_err(ResumeError::Failed)?;
                     answered = true;
                 }
-                match node_renewed_since(&agent, name, &since) {
+                match node_renewed_since(&agent, node, &since) {
                     Ok(true) => {
                         say.line(format!(
                             "  {:<18}{:>8.1} s after the resume",
@@ -871,6 +888,8 @@ mod tests {
             disk_size_gib: 20,
             created_at: 0,
             addons: Default::default(),
+            node: None,
+            cloned_from: None,
         };
         let s = spec_for(
             "dev",

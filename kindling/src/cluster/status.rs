@@ -21,6 +21,10 @@ pub struct ClusterStatus {
     pub resumed: Option<bool>,
     /// The node reported node-ready (only known while it runs and its agent answers).
     pub ready: Option<bool>,
+    /// The Kubernetes node's name (the cluster's, or for a clone its base's).
+    pub node: String,
+    /// The cluster it was cloned from (`start --from`).
+    pub cloned_from: Option<String>,
     pub api_server: String,
     /// Host addresses of the NodePorts 30000-32767.
     pub node_ports: String,
@@ -62,6 +66,8 @@ pub(super) fn status_of(paths: &Paths, r: &ClusterRecord, vm: Option<&Vm>, ask_a
         snapshot_taken_at: vm.and_then(|v| v.snapshot.as_ref()).map(|s| s.taken_at),
         resumed: vm.filter(|v| v.status == VmStatus::Running).map(|v| v.resumed),
         ready: phases.as_ref().map(|p: &Vec<Phase>| p.iter().any(|p| p.name == READY_PHASE)),
+        node: r.node_name().to_string(),
+        cloned_from: r.cloned_from.clone(),
         api_server: r.api_url(),
         node_ports: r.node_port_range(),
         cpus: vm.map(|v| v.spec.cpus),
