@@ -596,6 +596,12 @@ mod tests {
         assert_eq!(a.addons, ["storage-provisioner", "x", "y"], "names are checked by `start`, against the catalogue");
         assert!(parse_err(&["start", "--runner", "xen"]).contains("invalid value 'xen'"));
         assert!(parse_err(&["start", "--cpus", "two"]).contains("invalid value 'two'"));
+        let ClusterCommand::Start(a) = parse(&["start", "--name", "ci-7", "--from", "base"]) else { panic!() };
+        assert_eq!((a.name.name.as_str(), a.from.as_deref()), ("ci-7", Some("base")));
+        for fixed in [&["--cpus", "2"][..], &["--memory", "2048"], &["--disk-size", "30"], &["--runner", "kvm"]] {
+            let e = parse_err(&[&["start", "--from", "base"][..], fixed].concat());
+            assert!(e.contains("cannot be used with"), "--from with {fixed:?}: {e}");
+        }
     }
 
     #[test]
