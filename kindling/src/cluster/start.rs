@@ -527,14 +527,29 @@ fn printable(line: &str) -> String {
     line.chars().filter(|c| !c.is_control()).take(QUOTED_LINE_MAX).collect()
 }
 
-/// Why a resumed run ended: the VMM's line about the snapshot, else its exit status.
+/// Why a resumed run ended: its exit status where that says it (a crash, a stall of
+/// the level-1 VM), else the VMM's error about the snapshot in the console's last
+/// lines, else the exit status.
 fn ended_reason(ctx: &Ctx, vm: &Vm) -> String {
+    use kindling_proto::exit;
+    match vm.exit_code {
+        Some(exit::GUEST_CRASHED) => return "the resumed guest crashed (a vCPU triple-faulted)".into(),
+        Some(exit::L1_STALLED) => return "the emulated runner's level-1 VM stalled".into(),
+        _ => {}
+    }
     let tail = ctx.client.console(&vm.name, Some(40)).unwrap_or_default();
+    snapshot_error_in(&tail).unwrap_or_else(|| format!("its VM process ended ({})", exit_text(vm)))
+}
+
+/// The VMM's error about the snapshot among a console's lines (the last one): an ERROR
+/// line naming `--restore` or the snapshot, not a progress line that mentions it.
+fn snapshot_error_in(tail: &str) -> Option<String> {
     tail.lines()
         .rev()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("INFO ") && !l.starts_with("WARN ") && !l.starts_with("DEBUG "))
         .find(|l| l.contains("--restore") || l.contains("snapshot"))
-        .map(|l| printable(l.trim().trim_start_matches("kindling: ")))
-        .unwrap_or_else(|| format!("its VM process ended ({})", exit_text(vm)))
+        .map(|l| printable(l.trim_start_matches("ERROR ").trim_start_matches("kindling: ")))
 }
 
 /// The cluster's identity (created on its first start) on the node's seed disk; returns
@@ -871,6 +886,18 @@ pub(super) fn wait_ready(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_that_ended_is_explained_by_the_vmms_error_not_by_a_progress_line() {
+        let crash = " INFO microVM restored from /dev/vdd in 357.8 ms\n INFO read 678 MiB of the snapshot ahead in 7.4 s\n WARN vCPU 0: shutdown (triple fault)\n";
+        assert_eq!(snapshot_error_in(crash), None);
+        let refused =
+            " INFO x\nERROR --restore /v/snapshot.resumed: it was taken by kindling 0.0.9, this is kindling 0.1.0\n";
+        assert_eq!(
+            snapshot_error_in(refused).as_deref(),
+            Some("--restore /v/snapshot.resumed: it was taken by kindling 0.0.9, this is kindling 0.1.0")
+        );
+    }
 
     #[test]
     fn quoted_console_lines_lose_control_characters_and_stop_at_300_characters() {
