@@ -216,7 +216,7 @@ fn accept_loop(listeners: Vec<Listener>, uds: PathBuf, total: ConnLimit) {
         let mut polled = Vec::new();
         let mut fds = Vec::new();
         for (i, l) in listeners.iter().enumerate() {
-            if l.limit.used() < l.limit.max && total.used() < total.max {
+            if has_room(&l.limit, &total) {
                 fds.push(PollFd::new(l.listener.as_fd(), PollFlags::POLLIN));
                 polled.push(i);
             }
@@ -241,18 +241,28 @@ fn accept_loop(listeners: Vec<Listener>, uds: PathBuf, total: ConnLimit) {
         drop(fds);
         for i in ready {
             let Listener { listener, guest_port: port, limit } = &listeners[i];
-            let (Some(slot), Some(total_slot)) = (limit.take(), total.take()) else { continue };
-            let (conn, peer) = match listener.accept() {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of descriptors, say: the listener stays readable, so pause
-                    // rather than spin.
-                    tracing::warn!("forward to guest port {port}: accept: {e}");
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                    continue;
-                }
-            };
-            carry(conn, peer, &uds, *port, (slot, total_slot));
+            accept_and_carry(listener, &uds, *port, limit, &total);
+        }
+    }
+}
+
+/// Whether a forward may take one more connection: its own budget `limit` and the
+/// budget `total` it shares with others both have room.
+fn has_room(limit: &ConnLimit, total: &ConnLimit) -> bool {
+    limit.used() < limit.max && total.used() < total.max
+}
+
+/// Accepts one connection on `listener` within both budgets and carries it to guest
+/// `port`.
+fn accept_and_carry(listener: &TcpListener, uds: &Path, port: u16, limit: &ConnLimit, total: &ConnLimit) {
+    let (Some(slot), Some(total_slot)) = (limit.take(), total.take()) else { return };
+    match listener.accept() {
+        Ok((conn, peer)) => carry(conn, peer, uds, port, (slot, total_slot)),
+        Err(e) => {
+            // Out of descriptors, say: the listener stays readable, so pause rather
+            // than spin.
+            tracing::warn!("forward to guest port {port}: accept: {e}");
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
@@ -383,7 +393,7 @@ impl GuestListener {
             (stop.clone(), uds.to_path_buf(), total.clone(), ConnLimit::new(MAX_PER_FORWARD));
         std::thread::Builder::new().name("guest-forward".into()).spawn(move || {
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                if limit.used() >= limit.max || total.used() >= total.max {
+                if !has_room(&limit, &total) {
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 }
@@ -399,14 +409,7 @@ impl GuestListener {
                         return;
                     }
                 }
-                let (Some(slot), Some(total_slot)) = (limit.take(), total.take()) else { continue };
-                match listener.accept() {
-                    Ok((conn, peer)) => carry(conn, peer, &uds, f.guest_port, (slot, total_slot)),
-                    Err(e) => {
-                        tracing::warn!("guest forward to guest port {}: accept: {e}", f.guest_port);
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
+                accept_and_carry(&listener, &uds, f.guest_port, &limit, &total);
             }
         })?;
         Ok(Self { stop })
