@@ -953,6 +953,12 @@ fn a_deleted_load_balancer_closes_its_host_port(env: &Env, name: &str) {
     }
 }
 
+/// Says how far the whole-product test got, and when (shown by `--show-output`): where
+/// its time goes.
+fn step(t0: Instant, done: &str) {
+    eprintln!("[+{:>5.0} s] {done}", t0.elapsed().as_secs_f64());
+}
+
 fn wait_for_body(url: &str, limit: Duration) {
     let t0 = Instant::now();
     loop {
@@ -970,9 +976,11 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     let env = Env::new();
     let name = "e2e";
     let long = Duration::from_secs(90 * 60);
+    let t0 = Instant::now();
     let r = env.run(&["start", "--name", name], long).ok();
     assert!(r.stdout.contains("node-ready") && r.stdout.contains("is Ready"), "{}", r.text());
     assert!(has_context(&env, name));
+    step(t0, "first start to a Ready node");
 
     let nodes = env.kubectl(&["--context", name, "get", "nodes", "--no-headers"], None).ok();
     assert!(nodes.stdout.split_whitespace().nth(1) == Some("Ready"), "{}", nodes.text());
@@ -1002,17 +1010,21 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     wait_for_body(&url, Duration::from_secs(15 * 60));
     a_load_balancer_answers_on_the_host(&env, name);
+    step(t0, "image load, the web Deployment, its NodePort and a LoadBalancer");
 
     // Pods cannot use the node's agent: a restricted and a privileged pod connect to
     // its port through vsock loopback and get no answer (the agent takes control
     // connections only from the host, CID 2).
     pods_cannot_reach_the_agent(&env, name, &image);
+    step(t0, "pods cannot reach the agent");
 
     // The storage-provisioner add-on (default StorageClass "standard").
     let volume = a_claim_binds_and_keeps_its_data(&env, name, &image);
     // Disabled, it goes (its volume and data stay), and it stays off across the restart.
     disabling_storage_removes_what_it_added(&env, name);
+    step(t0, "storage: a claim, its data, the add-on disabled");
     metrics_server_answers_kubectl_top_and_goes_when_disabled(&env, name);
+    step(t0, "metrics-server: kubectl top, disabled");
 
     // Root in the guest rewrites the node's admin kubeconfig with an exec plugin (it
     // breaks the node's own tools until the agent rewrites it at the next boot): the
@@ -1041,6 +1053,7 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     assert!(kc.contains("client-certificate-data"), "{kc}");
     env.run(&["start", "--name", name], long).ok();
     let kc = std::fs::read_to_string(env.kubeconfig()).unwrap();
+    step(t0, "a hostile admin.conf, an orderly stop and a cold start");
     for bad in ["exec", "evil.example", "kindling-pwned", "/bin/sh"] {
         assert!(!kc.contains(bad), "the node's hostile admin.conf reached the kubeconfig ({bad}):\n{kc}");
     }
@@ -1050,11 +1063,15 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     // The new VM process follows the node's LoadBalancers again.
     wait_for_body(LOAD_BALANCER_URL, Duration::from_secs(5 * 60));
     a_deleted_load_balancer_closes_its_host_port(&env, name);
+    step(t0, "the app and its LoadBalancer back after the restart");
     storage_stays_disabled_across_a_restart_and_comes_back_when_enabled(&env, name, &image);
     the_claim_survives_a_restart_and_its_deletion_frees_the_space(&env, name, &image, &volume);
+    step(t0, "storage after the restart: off, enabled again, the claim kept and deleted");
 
     a_suspended_cluster_resumes_with_its_pods(&env, name, &url);
+    step(t0, "suspend and resume");
     two_clones_of_the_suspended_cluster_run_side_by_side(&env, name);
+    step(t0, "two clones side by side");
 
     env.run(&["delete", "--name", name], Duration::from_secs(15 * 60)).ok();
     assert_eq!(leftovers(&env, name), Vec::<PathBuf>::new(), "no VM directory, disk or record is left");
