@@ -867,13 +867,19 @@ fn a_suspended_cluster_resumes_with_its_pods(env: &Env, name: &str, url: &str) {
     assert_eq!((st["status"].as_str(), st["resumed"].as_bool()), (Some("running"), Some(true)), "{st}");
 }
 
-/// `start --from`: two clones of the suspended cluster resume side by side, each with
-/// its own host ports and data from the suspend on; the base stays suspended.
-fn two_clones_of_the_suspended_cluster_run_side_by_side(env: &Env, base: &str) {
+/// `start --from`: a clone of the suspended cluster resumes with its own host ports and
+/// the base's data; the base stays suspended. With `KINDLING_E2E_CLONES=2` two clones
+/// run side by side and what one writes the other does not see (the slow variant: under
+/// the emulated runner two resuming VMs share the 2 cores, about 25 more minutes).
+fn clones_of_the_suspended_cluster_answer(env: &Env, base: &str) {
     let long = Duration::from_secs(60 * 60);
     let r = env.run(&["stop", "--name", base, "-o", "json"], Duration::from_secs(20 * 60)).ok();
     assert_eq!(r.json()["suspended"], true, "{}", r.text());
-    let clones = [format!("{base}-a"), format!("{base}-b")];
+    let count = match std::env::var("KINDLING_E2E_CLONES").as_deref() {
+        Ok("2") => 2,
+        _ => 1,
+    };
+    let clones: Vec<String> = ["a", "b"][..count].iter().map(|c| format!("{base}-{c}")).collect();
     let mut apis = vec![env.quick(&["status", "--name", base, "-o", "json"]).ok().json()["api_server"].clone()];
     for clone in &clones {
         let r = env.run(&["start", "--name", clone, "--from", base, "-o", "json"], long).ok();
@@ -888,8 +894,9 @@ fn two_clones_of_the_suspended_cluster_run_side_by_side(env: &Env, base: &str) {
     assert_eq!(base_status["status"], "suspended", "the base is untouched: {base_status}");
     apis.sort_by_key(|a| a.to_string());
     apis.dedup();
-    assert_eq!(apis.len(), 3, "each clone has its own API port: {apis:?}");
-    // Both answer at once, with what the base had; what one writes the other does not see.
+    assert_eq!(apis.len(), count + 1, "each clone has its own API port: {apis:?}");
+    // Each answers (two at once), with what the base had; what one writes the other does
+    // not see.
     env.kubectl(&["--context", &clones[0], "create", "configmap", "only-in-a"], None).ok();
     for clone in &clones {
         let nodes = env.kubectl(&["--context", clone, "get", "nodes", "--no-headers"], None).ok();
@@ -902,7 +909,7 @@ fn two_clones_of_the_suspended_cluster_run_side_by_side(env: &Env, base: &str) {
         assert_eq!(only.ok().stdout.trim().is_empty(), clone.ends_with("-b"), "clone {clone}");
     }
     // The clone's own NodePort host range reaches its copy of the web Deployment.
-    let url = env.quick(&["service", "web", "--url", "--name", &clones[1]]).ok().stdout.trim().to_string();
+    let url = env.quick(&["service", "web", "--url", "--name", &clones[count - 1]]).ok().stdout.trim().to_string();
     wait_for_body(&url, Duration::from_secs(5 * 60));
     for clone in &clones {
         env.run(&["delete", "--name", clone], Duration::from_secs(15 * 60)).ok();
@@ -1070,8 +1077,8 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
 
     a_suspended_cluster_resumes_with_its_pods(&env, name, &url);
     step(t0, "suspend and resume");
-    two_clones_of_the_suspended_cluster_run_side_by_side(&env, name);
-    step(t0, "two clones side by side");
+    clones_of_the_suspended_cluster_answer(&env, name);
+    step(t0, "clones of the suspended cluster");
 
     env.run(&["delete", "--name", name], Duration::from_secs(15 * 60)).ok();
     assert_eq!(leftovers(&env, name), Vec::<PathBuf>::new(), "no VM directory, disk or record is left");
