@@ -84,7 +84,7 @@ pub(super) fn clone_prepare(
             disk::allocated(&base_disk) as f64 / disk::GIB as f64,
             size / disk::GIB
         ));
-        disk::create(&base_disk, &disk_file, size)?;
+        disk::sparse_copy(&base_disk, &disk_file, 0, "copying the base cluster's disk")?;
         note_free_space(&vm_dir, record.disk_size_gib, say);
         let seed = write_seed(ctx, name)?;
         let spec = spec_for(
@@ -148,18 +148,7 @@ fn share_snapshot(from: &Path, to: &Path) -> Result<bool> {
     match std::fs::hard_link(from, to) {
         Ok(()) => Ok(true),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::EPERM) | Some(libc::EMLINK)) => {
-            let partial = to.with_extension("partial");
-            let status = std::process::Command::new("cp")
-                .arg("--sparse=always")
-                .arg(from)
-                .arg(&partial)
-                .status()
-                .context("cannot run cp")?;
-            if !status.success() {
-                let _ = std::fs::remove_file(&partial);
-                bail!("copying the snapshot {} failed ({status})", from.display());
-            }
-            std::fs::rename(&partial, to)?;
+            disk::sparse_copy(from, to, 0, "copying the memory snapshot")?;
             Ok(false)
         }
         Err(e) => Err(e).with_context(|| format!("cannot link {} to {}", from.display(), to.display())),

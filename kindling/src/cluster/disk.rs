@@ -69,20 +69,27 @@ pub fn create(image: &Path, dest: &Path, size: u64) -> Result<()> {
             image_len.div_ceil(GIB)
         );
     }
-    let dir = dest.parent().context("the disk path has no directory")?;
-    let need = allocated(image) + SLACK;
+    sparse_copy(image, dest, size, "copying the root disk")
+}
+
+/// Makes `dest` a sparse copy of `from` (only written blocks take room), grown to `size`
+/// bytes when that is larger. The copy is made beside `dest` and renamed into place, so
+/// `dest` is whole or absent; a host without the room gets [`disk_full`] naming `what`.
+pub fn sparse_copy(from: &Path, dest: &Path, size: u64, what: &str) -> Result<()> {
+    let dir = dest.parent().context("the destination has no directory")?;
+    let need = allocated(from) + SLACK;
     if free_space(dir)? < need {
-        return Err(disk_full("copying the root disk", dir, Some(need)));
+        return Err(disk_full(what, dir, Some(need)));
     }
     let partial = dest.with_extension("partial");
     let _ = std::fs::remove_file(&partial);
     let result = (|| -> Result<()> {
-        let (code, text) = run(Command::new("cp").arg("--sparse=always").arg(image).arg(&partial), "cp")?;
+        let (code, text) = run(Command::new("cp").arg("--sparse=always").arg(from).arg(&partial), "cp")?;
         if code != 0 {
             if is_enospc(&text) {
-                return Err(disk_full("copying the root disk", dir, Some(need)));
+                return Err(disk_full(what, dir, Some(need)));
             }
-            bail!("copying {} to {} failed: {text}", image.display(), partial.display());
+            bail!("copying {} to {} failed: {text}", from.display(), partial.display());
         }
         grow(&partial, size)?;
         std::fs::rename(&partial, dest)
