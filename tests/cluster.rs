@@ -493,9 +493,9 @@ spec:
   ports: [{port: 8080, targetPort: 8080, nodePort: 30080}]
 "#;
 
-/// A pod running `tests/data/vsock-probe.c` (built here, static, handed to the pod in a
-/// ConfigMap) with `privileged` as given; returns its output.
-fn vsock_probe_pod(env: &Env, name: &str, image: &str, pod: &str, privileged: bool) -> String {
+/// Creates a pod running `tests/data/vsock-probe.c` (built here, static, handed to the
+/// pod in a ConfigMap) with `privileged` as given.
+fn start_vsock_probe_pod(env: &Env, name: &str, image: &str, pod: &str, privileged: bool) {
     let spec = format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}}}\nspec:\n  restartPolicy: Never\n  containers:\n  \
          - name: probe\n    image: {image}\n    imagePullPolicy: IfNotPresent\n    command: [/probe/probe]\n    \
@@ -503,6 +503,10 @@ fn vsock_probe_pod(env: &Env, name: &str, image: &str, pod: &str, privileged: bo
          volumes: [{{name: probe, configMap: {{name: vsock-probe, defaultMode: 0755}}}}]\n"
     );
     env.apply(name, &spec).ok();
+}
+
+/// Waits for a pod that runs to completion; returns its output.
+fn finished_pod_logs(env: &Env, name: &str, pod: &str) -> String {
     let phase = "--for=jsonpath={.status.phase}=Succeeded";
     env.kubectl(&["--context", name, "wait", phase, &format!("pod/{pod}"), "--timeout=20m"], None).ok();
     env.kubectl(&["--context", name, "logs", pod], None).ok().stdout
@@ -518,12 +522,17 @@ fn pods_cannot_reach_the_agent(env: &Env, name: &str, image: &str) {
 
     // containerd's RuntimeDefault profile allows AF_VSOCK, so both pods reach the
     // agent's port through vsock loopback; the agent must close them unanswered.
-    for (pod, privileged) in [("vsock-restricted", false), ("vsock-privileged", true)] {
-        let out = vsock_probe_pod(env, name, image, pod, privileged);
+    // Both pods start together: one after the other cost 5 minutes of the suite.
+    let pods = [("vsock-restricted", false), ("vsock-privileged", true)];
+    for (pod, privileged) in pods {
+        start_vsock_probe_pod(env, name, image, pod, privileged);
+    }
+    for (pod, _) in pods {
+        let out = finished_pod_logs(env, name, pod);
         assert!(out.contains("cid 1:") && out.contains("cid 2:"), "the probe did not run:\n{out}");
         assert!(!out.contains("\"ok\""), "the agent answered a pod ({pod}):\n{out}");
     }
-    for pod in ["vsock-restricted", "vsock-privileged"] {
+    for (pod, _) in pods {
         env.kubectl(&["--context", name, "delete", "pod", pod, "--wait=false"], None).ok();
     }
 }
