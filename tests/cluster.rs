@@ -505,10 +505,15 @@ fn start_vsock_probe_pod(env: &Env, name: &str, image: &str, pod: &str, privileg
     env.apply(name, &spec).ok();
 }
 
+/// Waits up to 20 minutes for a pod that runs to completion to succeed.
+fn wait_for_success(env: &Env, name: &str, pod: &str) -> Run {
+    let done = "--for=jsonpath={.status.phase}=Succeeded";
+    env.kubectl(&["--context", name, "wait", done, &format!("pod/{pod}"), "--timeout=20m"], None)
+}
+
 /// Waits for a pod that runs to completion; returns its output.
 fn finished_pod_logs(env: &Env, name: &str, pod: &str) -> String {
-    let phase = "--for=jsonpath={.status.phase}=Succeeded";
-    env.kubectl(&["--context", name, "wait", phase, &format!("pod/{pod}"), "--timeout=20m"], None).ok();
+    wait_for_success(env, name, pod).ok();
     env.kubectl(&["--context", name, "logs", pod], None).ok().stdout
 }
 
@@ -555,8 +560,7 @@ fn claim_pod(env: &Env, name: &str, image: &str, pod: &str, script: &str) -> Str
         }
     });
     env.apply(name, &spec.to_string()).ok();
-    let done = "--for=jsonpath={.status.phase}=Succeeded";
-    let waited = env.kubectl(&["--context", name, "wait", done, &format!("pod/{pod}"), "--timeout=20m"], None);
+    let waited = wait_for_success(env, name, pod);
     if waited.code != Some(0) {
         let why = env.kubectl(&["--context", name, "describe", "pod", pod], None);
         let prov = env
@@ -730,8 +734,7 @@ fn storage_stays_disabled_across_a_restart_and_comes_back_when_enabled(env: &Env
         }
     });
     env.apply(name, &pod.to_string()).ok();
-    let done = "--for=jsonpath={.status.phase}=Succeeded";
-    env.kubectl(&["--context", name, "wait", done, "pod/pvc-again", "--timeout=20m"], None).ok();
+    wait_for_success(env, name, "pvc-again").ok();
     let phase = env.kubectl(&["--context", name, "get", "pvc", "data2", "-o=jsonpath={.status.phase}"], None).ok();
     assert_eq!(phase.stdout.trim(), "Bound", "{}", phase.text());
     env.kubectl(&["--context", name, "delete", "pod", "pvc-again", "--timeout=10m"], None).ok();
@@ -881,13 +884,14 @@ fn a_suspended_cluster_resumes_with_its_pods(env: &Env, name: &str, url: &str) {
 /// cluster then resumes with its own host ports and the base's data, and the base stays
 /// suspended (about 6 minutes under the emulated runner, which the suite's 90 minutes of
 /// CI cannot spare); with `KINDLING_E2E_CLONES=2` two clones run side by side and what
-/// one writes the other does not see (about 25 more minutes).
+/// one writes the other does not see (about 30 minutes more than without clones).
 fn clones_of_the_suspended_cluster_answer(env: &Env, base: &str) {
     let long = Duration::from_secs(60 * 60);
-    let refused = env.run(&["start", "--name", &format!("{base}-a"), "--from", base], Duration::from_secs(60));
+    let first = format!("{base}-a");
+    let refused = env.run(&["start", "--name", &first, "--from", base], Duration::from_secs(60));
     assert!(refused.code != Some(0) && refused.stderr.contains("is running"), "{}", refused.text());
     assert!(refused.stderr.contains("kindling stop"), "the refusal names the fix: {}", refused.text());
-    assert_eq!(leftovers(env, &format!("{base}-a")), Vec::<PathBuf>::new(), "a refused clone leaves nothing");
+    assert_eq!(leftovers(env, &first), Vec::<PathBuf>::new(), "a refused clone leaves nothing");
     let count = match std::env::var("KINDLING_E2E_CLONES").as_deref() {
         Ok("2") => 2,
         Ok("1") => 1,
