@@ -525,8 +525,9 @@ fn pods_cannot_reach_the_agent(env: &Env, name: &str, image: &str) {
     let from_file = format!("--from-file=probe={}", probe.display());
     env.kubectl(&["--context", name, "create", "configmap", "vsock-probe", &from_file], None).ok();
 
-    // containerd's RuntimeDefault profile allows AF_VSOCK, so both pods reach the
-    // agent's port through vsock loopback; the agent must close them unanswered.
+    // containerd's RuntimeDefault profile allows AF_VSOCK, but the guest kernel has no
+    // vsock loopback transport: a connect to CID 1 or to the node's own CID (3) goes to
+    // the host's device, which refuses it; and the agent would close them unanswered.
     // Both pods start together: one after the other cost 5 minutes of the suite.
     let pods = [("vsock-restricted", false), ("vsock-privileged", true)];
     for (pod, privileged) in pods {
@@ -536,6 +537,12 @@ fn pods_cannot_reach_the_agent(env: &Env, name: &str, image: &str) {
         let out = finished_pod_logs(env, name, pod);
         assert!(out.contains("cid 1:") && out.contains("cid 2:"), "the probe did not run:\n{out}");
         assert!(!out.contains("\"ok\""), "the agent answered a pod ({pod}):\n{out}");
+        for cid in [1, 3] {
+            assert!(
+                out.contains(&format!("cid {cid}: connect:")),
+                "a connect to CID {cid} did not fail ({pod}):\n{out}"
+            );
+        }
     }
     for (pod, _) in pods {
         env.kubectl(&["--context", name, "delete", "pod", pod, "--wait=false"], None).ok();

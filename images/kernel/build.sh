@@ -33,6 +33,9 @@ phase "configuring (defconfig + kvm_guest.config + kindling.config)"
 for opt in VIRTIO_MMIO_CMDLINE_DEVICES VIRTIO_BLK VIRTIO_NET VIRTIO_VSOCKETS EXT4_FS OVERLAY_FS BRIDGE VETH VXLAN PVH VMGENID FUSE_FS VIRTIO_FS PSI; do
   grep -q "^CONFIG_$opt=y" .config || { echo "kernel: CONFIG_$opt did not end up built in" >&2; exit 1; }
 done
+for opt in VSOCKETS_LOOPBACK; do
+  ! grep -q "^CONFIG_$opt=[ym]" .config || { echo "kernel: CONFIG_$opt is set but must be off (kindling.config)" >&2; exit 1; }
+done
 jobs=$(( $(nproc) + 1 ))
 phase "compiling bzImage with -j$jobs (about 7-14 minutes on 2 cores)"
 make -j"$jobs" bzImage >>"$log" 2>&1 || fail compile
