@@ -6,10 +6,9 @@
 //! Each add-on's objects are generated here, as JSON values (serde_json, so every string,
 //! including the files inside a ConfigMap, is quoted correctly), written under
 //! /etc/kindling/addons/ with the other configuration files at every boot. After
-//! node-ready a thread of its own brings every add-on to what is asked: an enabled one is
-//! imported into containerd and unpacked (bring-up skips [`ARCHIVES`]; `images.rs` says
-//! why these are unpacked at import) and applied with the node's
-//! kubectl, then waited for; a disabled one is deleted (`kubectl delete --ignore-not-found
+//! node-ready a thread of its own brings every add-on to what is asked: an enabled one
+//! (whose image the root disk's build put in containerd's store, unpacked) is applied
+//! with the node's kubectl, then waited for; a disabled one is deleted (`kubectl delete --ignore-not-found
 //! -f` its manifest), so one disabled while the node was stopped goes at the next boot.
 //! Applying and deleting are idempotent, so every boot does it again. One operation on
 //! the add-ons runs at a time ([`Addons::op`]); a request that comes before node-ready is
@@ -61,17 +60,11 @@ pub const STORAGE_CLASS: &str = "standard";
 pub const STORAGE_PROVISIONER_NAME: &str = "rancher.io/local-path";
 const STORAGE_SA: &str = "local-path-provisioner-service-account";
 const STORAGE_DEPLOYMENT: &str = "local-path-provisioner";
-/// The storage add-on's image archive in /var/lib/kindling/images (the oci step's).
-const STORAGE_ARCHIVE: &str = "local-path-provisioner.oci.tar";
 const METRICS_NAMESPACE: &str = "kube-system";
 const METRICS_NAME: &str = "metrics-server";
-const METRICS_ARCHIVE: &str = "metrics-server.oci.tar";
 const METRICS_TLS_SECRET: &str = "metrics-server-tls";
 /// Where metrics-server's port is (in its pod; upstream's choice).
 const METRICS_PORT: u16 = 10250;
-/// The add-ons' archives: the node's bring-up leaves them to the add-ons, which import
-/// them after node-ready, so they do not delay it.
-pub const ARCHIVES: &[&str] = &[STORAGE_ARCHIVE, METRICS_ARCHIVE];
 
 /// How long the agent keeps trying to apply an add-on, and then waits for it to be
 /// available, before it says so on the console and gives up (until the next boot).
@@ -134,8 +127,7 @@ struct Deployable {
     /// Its Deployment, whose availability says it runs.
     namespace: &'static str,
     deployment: &'static str,
-    /// Its image archive in /var/lib/kindling/images, and the image it holds.
-    archive: &'static str,
+    /// The image it runs (in containerd's store from the root disk's build on).
     image: fn(&Images) -> String,
     manifest: fn(&Inputs) -> Value,
     /// What the console says once it runs.
@@ -147,7 +139,6 @@ const DEPLOYABLE: &[Deployable] = &[
         name: STORAGE_PROVISIONER,
         namespace: STORAGE_NAMESPACE,
         deployment: STORAGE_DEPLOYMENT,
-        archive: STORAGE_ARCHIVE,
         image: |i| i.provisioner.clone(),
         manifest: |i| storage_manifest(&i.images),
         ready_note: "StorageClass standard, volumes in /var/lib/kindling/storage",
@@ -156,7 +147,6 @@ const DEPLOYABLE: &[Deployable] = &[
         name: METRICS_SERVER,
         namespace: METRICS_NAMESPACE,
         deployment: METRICS_NAME,
-        archive: METRICS_ARCHIVE,
         image: |i| i.metrics_server.clone(),
         manifest: metrics_manifest,
         ready_note: "metrics.k8s.io served: `kubectl top` answers once it has scraped the kubelet",
@@ -255,8 +245,8 @@ impl Addons {
         self.reaper.run(&argv)
     }
 
-    /// Brings `d` to what is wanted now (one attempt): imports and applies it, or
-    /// deletes its objects.
+    /// Brings `d` to what is wanted now (one attempt): applies it (its image must be in
+    /// containerd's store), or deletes its objects.
     fn reconcile(&self, d: &Deployable) -> Result<Done> {
         let _op = self.op.lock().unwrap_or_else(|e| e.into_inner());
         let file = manifest_path(&self.paths, d.name).display().to_string();
@@ -271,10 +261,11 @@ impl Addons {
             let (ctr, sock) = (self.paths.bin("ctr"), self.paths.containerd_socket().display().to_string());
             let image = (d.image)(&Images::from_versions(&self.paths));
             let (_, have) = self.reaper.run(&[&ctr, "--address", &sock, "-n", "k8s.io", "images", "ls", "-q"])?;
-            if !have.lines().any(|l| l.trim() == image) {
-                let archive = self.paths.images().join(d.archive);
-                crate::images::import_archive(&self.reaper, &ctr, &sock, &archive, true)?;
-            }
+            anyhow::ensure!(
+                crate::images::missing(std::slice::from_ref(&image), &have).is_empty(),
+                "its image {image} is not in containerd's store (the root disk's build puts it there); \
+                 `kindling image load ARCHIVE` can load it"
+            );
             // Our own manifests, checked by unit tests: client-side validation would
             // fetch /openapi/v2, which under emulation can take longer than its timeout.
             run(&["apply", "--validate=false", "-f", &file])?;

@@ -381,8 +381,8 @@ pub fn bring_up(
     if reached("containerd-ready") {
         return Ok(BringUp::StoppedAfter("containerd-ready".into()));
     }
-    // The add-ons' archives are imported after node-ready, by the add-ons themselves.
-    crate::images::import_images(&reaper, &ctr, &sock, &paths.images(), crate::addons::ARCHIVES)?;
+    // The root disk's build unpacked every preloaded image into containerd's store.
+    crate::images::check_preloaded(&reaper, &ctr, &sock, &paths.images())?;
     if reached("images-ready") {
         return Ok(BringUp::StoppedAfter("images-ready".into()));
     }

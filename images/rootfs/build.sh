@@ -7,12 +7,17 @@
 #      runc, the CNI plugins, iptables (legacy backend), conntrack, ethtool,
 #      iproute2, ca-certificates, netbase; no docs (copyright files kept), man
 #      pages, locales, apt lists or caches;
-#   2. installs K8S_DIR/bin/* and ETCD_DIR/bin/* in /usr/local/bin, OCI_DIR's
-#      image archives in /var/lib/kindling/images/, AGENT_BINARY as
+#   2. installs K8S_DIR/bin/* and ETCD_DIR/bin/* in /usr/local/bin, AGENT_BINARY as
 #      /sbin/kindling-agent with /sbin/init -> kindling-agent,
 #      /etc/kindling/versions.env, and /etc/containerd/config.toml (Debian's
 #      plus sandbox_image = the oci step's PAUSE_IMAGE);
-#   3. mkfs.ext4 -d the tree into an image of (content + 2 GiB) for container
+#   3. imports OCI_DIR's image archives into the tree's containerd store
+#      (/var/lib/containerd, namespace k8s.io), unpacked for the overlayfs
+#      snapshotter, with the tree's own containerd: the node finds every preloaded
+#      image ready, with nothing to import or unpack at boot or when an add-on is
+#      enabled. The archives stay out of the image; their index (images.env,
+#      images.txt) goes to /var/lib/kindling/images/;
+#   4. mkfs.ext4 -d the tree into an image of (content + 2 GiB) for container
 #      layers, etcd data and logs.
 # Also writes OUT_DIR/versions.env (same as /etc/kindling/versions.env) and
 # OUT_DIR/packages.txt (the Debian packages in the image, with versions).
@@ -136,7 +141,7 @@ install -d -m 0755 "$root/usr/local/bin" "$root/var/lib/kindling/images" "$root/
   "$root/etc/cni/net.d" "$root/opt/cni" "$root/var/lib/etcd" "$root/etc/kubernetes/manifests"
 chmod 0700 "$root/var/lib/etcd"
 cp -a "$k8s_dir"/bin/. "$etcd_dir"/bin/. "$root/usr/local/bin/"
-cp "$oci_dir"/*.oci.tar "$oci_dir/images.env" "$oci_dir/images.txt" "$root/var/lib/kindling/images/"
+cp "$oci_dir/images.env" "$oci_dir/images.txt" "$root/var/lib/kindling/images/"
 # containerd's CRI plugin looks for CNI plugins in /opt/cni/bin by default;
 # Debian installs them in /usr/lib/cni.
 ln -sfn /usr/lib/cni "$root/opt/cni/bin"
@@ -178,7 +183,54 @@ EOF
 } >"$root/etc/kindling/versions.env"
 cp "$root/etc/kindling/versions.env" "$out/versions.env"
 
-# --- 3. ext4 image --------------------------------------------------------------
+# --- 3. the preloaded images, unpacked in containerd's store --------------------
+# The tree's own containerd and ctr (the version the node runs, so the store is in
+# its format) on a private socket, with only what an import needs: no CRI plugin,
+# no other snapshotter. Its root is the tree's /var/lib/containerd, the node's;
+# socket and state are in a short private directory (a UNIX socket path has at
+# most 107 bytes).
+containerd_version=$(awk '$1=="containerd"{print $2}' "$out/packages.txt")
+ctr_run=$(mktemp -d /tmp/kindling-ctr.XXXXXX)
+ctr_pid=
+store=$root/var/lib/containerd
+stop_containerd() {
+  if [ -n "$ctr_pid" ]; then kill "$ctr_pid" 2>/dev/null || true; wait "$ctr_pid" 2>/dev/null || true; fi
+  ctr_pid=
+  # Only mounts the import made (under the store or the private directory).
+  awk -v a="$store/" -v b="$ctr_run/" 'index($2, a) == 1 || index($2, b) == 1 {print $2}' /proc/mounts |
+    sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+}
+trap 'stop_containerd; rm -rf --one-file-system "$ctr_run"; cleanup' EXIT
+cat >"$ctr_run/config.toml" <<EOF
+version = 2
+root = "$store"
+state = "$ctr_run/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.native"]
+[grpc]
+  address = "$ctr_run/containerd.sock"
+EOF
+progress "importing the preloaded images into containerd $containerd_version's store, unpacked (about 1 minute)"
+"$root/usr/bin/containerd" --config "$ctr_run/config.toml" >"$ctr_run/containerd.log" 2>&1 &
+ctr_pid=$!
+for _ in $(seq 100); do [ -S "$ctr_run/containerd.sock" ] && break; sleep 0.1; done
+[ -S "$ctr_run/containerd.sock" ] || { cp "$ctr_run/containerd.log" "$log"; fail "start the tree's containerd"; }
+in_store() { "$root/usr/bin/ctr" --address "$ctr_run/containerd.sock" -n k8s.io "$@"; }
+for a in "$oci_dir"/*.oci.tar; do
+  in_store images import --snapshotter overlayfs "$a" >"$log" 2>&1 || fail "ctr images import $(basename "$a")"
+done
+in_store images ls -q >"$ctr_run/names" 2>"$log" || fail "ctr images ls"
+while read -r archive name; do
+  grep -qxF "$name" "$ctr_run/names" || { echo "$name (from $archive) is not in the store" >"$log"; fail "check the imported images"; }
+done <"$oci_dir/images.txt"
+# Every image complete and unpacked (ctr's STATUS and UNPACKED columns).
+in_store images check --snapshotter overlayfs >"$ctr_run/check" 2>"$log" || fail "ctr images check"
+if awk 'NR > 1 && !($0 ~ / complete / && $NF == "true") {bad = 1} END {exit !bad}' "$ctr_run/check"; then
+  cp "$ctr_run/check" "$log"; fail "check the imported images are complete and unpacked"
+fi
+stop_containerd
+rm -rf "$store/tmpmounts"
+
+# --- 4. ext4 image --------------------------------------------------------------
 content_mib=$(du -s --block-size=1M "$root" | cut -f1)
 inodes=$(find "$root" -xdev | wc -l)
 size_mib=$(( content_mib + content_mib / 10 + headroom_mib ))
