@@ -977,6 +977,73 @@ fn a_load_balancer_answers_on_the_host(env: &Env, name: &str) {
     assert_eq!(url.trim(), LOAD_BALANCER_URL);
 }
 
+/// An Ingress for web.localhost in front of the Service `web`.
+const INGRESS: &str = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: web}\nspec:\n  rules:\n  \
+                       - host: web.localhost\n    http:\n      paths:\n      - path: /\n        pathType: Prefix\n        \
+                       backend: {service: {name: web, port: {number: 8080}}}\n";
+const INGRESS_URLS: &str = "http://127.0.0.1:8080\nhttps://127.0.0.1:8443";
+
+/// The host's curl (it resolves *.localhost to the loopback, as browsers do): the exit
+/// code, and the body or the error.
+fn curl(args: &[&str]) -> (Option<i32>, String) {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "20"]).args(args);
+    let out = run_with_timeout(c, Duration::from_secs(30));
+    let text = if out.status.success() { &out.stdout } else { &out.stderr };
+    (out.status.code(), String::from_utf8_lossy(text).into_owned())
+}
+
+/// The ingress add-on: enabled, Traefik routes an Ingress for web.localhost from the
+/// host's 8080 (HTTP) and 8443 (HTTPS, Traefik's own certificate) to the web pods, an
+/// unknown host gets 404, the Ingress shows the host address, `kindling ingress --url`
+/// prints both URLs; disabled, its IngressClass and host ports go.
+fn an_ingress_answers_on_the_host_and_goes_when_disabled(env: &Env, name: &str) {
+    let t0 = Instant::now();
+    let r = env.run(&["addons", "enable", "ingress", "--name", name], Duration::from_secs(20 * 60)).ok();
+    assert!(r.stdout.contains("applied ingress"), "{}", r.text());
+    env.apply(name, INGRESS).ok();
+    let limit = Duration::from_secs(15 * 60);
+    loop {
+        match curl(&["http://web.localhost:8080/"]) {
+            (Some(0), body) if body.contains("hello from kindling") => break,
+            last => assert!(
+                t0.elapsed() < limit,
+                "http://web.localhost:8080/ did not answer within {limit:?}: {last:?}\ntraefik's pods:\n{}",
+                env.kubectl(&["--context", name, "-n", "ingress", "describe", "pods"], None).text()
+            ),
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    eprintln!("the Ingress answered {:.0}s after the enable", t0.elapsed().as_secs_f64());
+    let (code, body) = curl(&["-k", "https://web.localhost:8443/"]);
+    assert!(code == Some(0) && body.contains("hello from kindling"), "HTTPS through the ingress: {code:?} {body}");
+    let (_, status) = curl(&["-o", "/dev/null", "-w", "%{http_code}", "http://nobody.localhost:8080/"]);
+    assert_eq!(status, "404", "an unknown host");
+    let urls = env.quick(&["ingress", "--url", "--name", name]).ok().stdout;
+    assert_eq!(urls.trim(), INGRESS_URLS);
+    let jsonpath = "jsonpath={.spec.ingressClassName} {.status.loadBalancer.ingress[*].ip}";
+    loop {
+        let got = env.kubectl(&["--context", name, "get", "ingress", "web", "-o", jsonpath], None).ok().stdout;
+        if got.trim() == "traefik 127.0.0.1" {
+            break;
+        }
+        assert!(t0.elapsed() < limit, "the Ingress's class and status: {got:?}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    let r = env.run(&["addons", "disable", "ingress", "--name", name], Duration::from_secs(20 * 60)).ok();
+    assert!(r.stdout.contains("removed ingress"), "{}", r.text());
+    let class = env.kubectl(&["--context", name, "get", "ingressclass", "--ignore-not-found", "-o", "name"], None).ok();
+    assert_eq!(class.stdout.trim(), "", "an IngressClass is left");
+    let t1 = Instant::now();
+    while std::net::TcpStream::connect("127.0.0.1:8080").is_ok() {
+        assert!(t1.elapsed() < Duration::from_secs(60), "127.0.0.1:8080 still listens 60 s after the disable");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    env.quick(&["ingress", "--url", "--name", name]).fails_with("kindling addons enable ingress");
+    env.kubectl(&["--context", name, "delete", "ingress", "web"], None).ok();
+}
+
 /// Deleted, the LoadBalancer's host port closes.
 fn a_deleted_load_balancer_closes_its_host_port(env: &Env, name: &str) {
     env.kubectl(&["--context", name, "delete", "service", "web-lb"], None).ok();
@@ -1045,6 +1112,8 @@ fn a_cluster_serves_a_nodeport_survives_a_restart_and_deletes_cleanly() {
     wait_for_body(&url, Duration::from_secs(15 * 60));
     a_load_balancer_answers_on_the_host(&env, name);
     step(t0, "image load, the web Deployment, its NodePort and a LoadBalancer");
+    an_ingress_answers_on_the_host_and_goes_when_disabled(&env, name);
+    step(t0, "ingress: an Ingress for web.localhost over HTTP and HTTPS, disabled");
 
     // Pods cannot use the node's agent: a restricted and a privileged pod connect to
     // its port through vsock loopback and get no answer (the agent takes control

@@ -34,6 +34,10 @@
 //! reaches it through the aggregation layer (`node.rs`: `--requestheader-*`,
 //! `--proxy-client-*`). Disabling it deletes its APIService first of all (the manifest's
 //! order), so `metrics.k8s.io` goes with it rather than answering 503.
+//!
+//! ingress: Traefik (v3.6) as the Ingress controller in `ingress`, with the default
+//! IngressClass `traefik` and a LoadBalancer Service, so `loadbalancer.rs` puts its ports
+//! 80 and 443 on the host's loopback as 8080 and 8443 ([`ingress_manifest`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -51,7 +55,7 @@ use crate::phase;
 use crate::pki::Pki;
 use crate::supervisor::Reaper;
 
-pub use kindling_proto::addon::{METRICS_SERVER, STORAGE_PROVISIONER};
+pub use kindling_proto::addon::{INGRESS, INGRESS_NAMESPACE, INGRESS_SERVICE, METRICS_SERVER, STORAGE_PROVISIONER};
 
 /// Where local-path volumes live on the node: on the root disk (not a tmpfs).
 pub const STORAGE_DIR: &str = "/var/lib/kindling/storage";
@@ -65,6 +69,13 @@ const METRICS_NAME: &str = "metrics-server";
 const METRICS_TLS_SECRET: &str = "metrics-server-tls";
 /// Where metrics-server's port is (in its pod; upstream's choice).
 const METRICS_PORT: u16 = 10250;
+/// The IngressClass the ingress add-on serves (the cluster's default one).
+pub const INGRESS_CLASS: &str = "traefik";
+/// Traefik's entry points in its pod (unprivileged: it runs as 65532), which the
+/// Service's ports 80 and 443 lead to, and its own one for `/ping`.
+const INGRESS_WEB_PORT: u16 = 8000;
+const INGRESS_WEBSECURE_PORT: u16 = 8443;
+const INGRESS_PING_PORT: u16 = 8080;
 
 /// How long the agent keeps trying to apply an add-on, and then waits for it to be
 /// available, before it says so on the console and gives up (until the next boot).
@@ -79,6 +90,7 @@ pub struct Images {
     pub provisioner: String,
     pub busybox: String,
     pub metrics_server: String,
+    pub traefik: String,
 }
 
 impl Images {
@@ -89,6 +101,7 @@ impl Images {
             provisioner: get("LOCAL_PATH_PROVISIONER_IMAGE", "kindling.local/local-path-provisioner:v0.0.30"),
             busybox: get("BUSYBOX_IMAGE", "kindling.local/busybox:1.35"),
             metrics_server: get("METRICS_SERVER_IMAGE", "kindling.local/metrics-server:v0.8.0"),
+            traefik: get("TRAEFIK_IMAGE", "kindling.local/traefik:v3.6.12"),
         }
     }
 }
@@ -150,6 +163,14 @@ const DEPLOYABLE: &[Deployable] = &[
         image: |i| i.metrics_server.clone(),
         manifest: metrics_manifest,
         ready_note: "metrics.k8s.io served: `kubectl top` answers once it has scraped the kubelet",
+    },
+    Deployable {
+        name: INGRESS,
+        namespace: INGRESS_NAMESPACE,
+        deployment: INGRESS_SERVICE,
+        image: |i| i.traefik.clone(),
+        manifest: |i| ingress_manifest(&i.images),
+        ready_note: "IngressClass traefik (the default); `kindling ingress --url` prints its host URLs",
     },
 ];
 
@@ -682,6 +703,122 @@ pub fn metrics_manifest(inputs: &Inputs) -> Value {
     json!({"apiVersion": "v1", "kind": "List", "items": items})
 }
 
+/// Traefik as the Ingress controller, from its documentation's Kubernetes Ingress
+/// provider setup (RBAC of v3.1 and later: EndpointSlices and Nodes), in namespace
+/// `ingress`: the default IngressClass `traefik`, and a LoadBalancer Service whose ports
+/// 80 and 443 the node's LoadBalancer controller puts on the host's loopback (shifted to
+/// 8080 and 8443, `kindling_proto::forward::host_port_for_service`). Each Ingress gets
+/// that address in its status (`publishedService`). Nothing is pulled, no version check
+/// or usage report goes out, the pod runs as 65532 without capabilities on a read-only
+/// root filesystem; HTTPS on 443 uses Traefik's own default certificate unless an
+/// Ingress names a TLS Secret.
+pub fn ingress_manifest(images: &Images) -> Value {
+    let (ns, name) = (INGRESS_NAMESPACE, INGRESS_SERVICE);
+    let labels = json!({"app.kubernetes.io/name": name, "app.kubernetes.io/instance": "kindling-ingress"});
+    let sa_subject = json!([{"kind": "ServiceAccount", "name": name, "namespace": ns}]);
+    let read = json!(["get", "list", "watch"]);
+    let probe = |initial: u32, failures: u32| {
+        json!({
+            "httpGet": {"path": "/ping", "port": "traefik", "scheme": "HTTP"},
+            "initialDelaySeconds": initial, "periodSeconds": 10, "timeoutSeconds": 5,
+            "failureThreshold": failures
+        })
+    };
+    let items = vec![
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+            "metadata": {"name": INGRESS_CLASS, "labels": labels,
+                         "annotations": {"ingressclass.kubernetes.io/is-default-class": "true"}},
+            "spec": {"controller": "traefik.io/ingress-controller"}
+        }),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns, "labels": labels}}),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "kindling-ingress-traefik", "labels": labels},
+            "rules": [
+                {"apiGroups": [""], "resources": ["services", "secrets", "nodes"], "verbs": read},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+                {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses", "ingressclasses"], "verbs": read},
+                {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses/status"], "verbs": ["update"]}
+            ]
+        }),
+        binding(
+            "ClusterRoleBinding",
+            json!({"name": "kindling-ingress-traefik", "labels": labels}),
+            "ClusterRole",
+            "kindling-ingress-traefik",
+            &sa_subject,
+        ),
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {
+                "type": "LoadBalancer",
+                "selector": labels,
+                "ports": [
+                    {"name": "web", "port": 80, "protocol": "TCP", "targetPort": "web"},
+                    {"name": "websecure", "port": 443, "protocol": "TCP", "targetPort": "websecure"}
+                ]
+            }
+        }),
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "serviceAccountName": name,
+                        "priorityClassName": "system-cluster-critical",
+                        "terminationGracePeriodSeconds": 30,
+                        "containers": [{
+                            "name": name,
+                            "image": images.traefik,
+                            "imagePullPolicy": "IfNotPresent",
+                            "args": [
+                                format!("--entryPoints.web.address=:{INGRESS_WEB_PORT}"),
+                                format!("--entryPoints.websecure.address=:{INGRESS_WEBSECURE_PORT}"),
+                                "--entryPoints.websecure.http.tls=true",
+                                format!("--entryPoints.traefik.address=:{INGRESS_PING_PORT}"),
+                                "--ping=true",
+                                "--providers.kubernetesingress=true",
+                                format!("--providers.kubernetesingress.ingressendpoint.publishedservice={ns}/{name}"),
+                                "--global.checkNewVersion=false",
+                                "--global.sendAnonymousUsage=false",
+                                "--log.level=INFO"
+                            ],
+                            "ports": [
+                                {"name": "web", "containerPort": INGRESS_WEB_PORT, "protocol": "TCP"},
+                                {"name": "websecure", "containerPort": INGRESS_WEBSECURE_PORT, "protocol": "TCP"},
+                                {"name": "traefik", "containerPort": INGRESS_PING_PORT, "protocol": "TCP"}
+                            ],
+                            "resources": {"requests": {"cpu": "100m", "memory": "50Mi"}},
+                            // Room for a first start on one emulated vCPU.
+                            "readinessProbe": probe(2, 3),
+                            "livenessProbe": probe(120, 6),
+                            "securityContext": {
+                                "readOnlyRootFilesystem": true,
+                                "runAsNonRoot": true,
+                                "runAsUser": 65532,
+                                "runAsGroup": 65532,
+                                "allowPrivilegeEscalation": false,
+                                "seccompProfile": {"type": "RuntimeDefault"},
+                                "capabilities": {"drop": ["ALL"]}
+                            },
+                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]
+                        }],
+                        "volumes": [{"name": "tmp", "emptyDir": {}}]
+                    }
+                }
+            }
+        }),
+    ];
+    json!({"apiVersion": "v1", "kind": "List", "items": items})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -691,6 +828,7 @@ mod tests {
             provisioner: "kindling.local/local-path-provisioner:v9".into(),
             busybox: "kindling.local/busybox:1.2".into(),
             metrics_server: "kindling.local/metrics-server:v8".into(),
+            traefik: "kindling.local/traefik:v3".into(),
         }
     }
 
@@ -706,6 +844,65 @@ mod tests {
 
     fn item<'a>(list: &'a Value, kind: &str) -> &'a Value {
         list["items"].as_array().unwrap().iter().find(|i| i["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"))
+    }
+
+    /// The ingress add-on: the default IngressClass is Traefik's; its Service is a
+    /// LoadBalancer whose ports 80 and 443 lead to Traefik's entry points; Ingress status
+    /// shows that Service's address; nothing is pulled and no call goes out; the pod has
+    /// no privilege; every namespaced object is in `ingress`.
+    #[test]
+    fn ingress_is_traefik_behind_a_load_balancer() {
+        let m = ingress_manifest(&images());
+        let class = item(&m, "IngressClass");
+        assert_eq!(class["metadata"]["name"], INGRESS_CLASS);
+        assert_eq!(class["metadata"]["annotations"]["ingressclass.kubernetes.io/is-default-class"], "true");
+        assert_eq!(class["spec"]["controller"], "traefik.io/ingress-controller");
+        let svc = item(&m, "Service");
+        assert_eq!(
+            (svc["metadata"]["name"].as_str(), svc["spec"]["type"].as_str()),
+            (Some("traefik"), Some("LoadBalancer"))
+        );
+        let ports: Vec<(u64, &str)> = svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["port"].as_u64().unwrap(), p["targetPort"].as_str().unwrap()))
+            .collect();
+        assert_eq!(ports, [(80, "web"), (443, "websecure")]);
+        for p in [80, 443] {
+            assert!(kindling_proto::forward::host_port_for_service(p).is_some(), "port {p} reaches the host");
+        }
+        let spec = &item(&m, "Deployment")["spec"]["template"]["spec"];
+        let c = &spec["containers"][0];
+        assert_eq!(
+            (c["image"].as_str(), c["imagePullPolicy"].as_str()),
+            (Some("kindling.local/traefik:v3"), Some("IfNotPresent"))
+        );
+        let named: Vec<&str> = c["ports"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+        assert!(named.contains(&"web") && named.contains(&"websecure") && named.contains(&"traefik"), "{named:?}");
+        let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        for want in [
+            "--providers.kubernetesingress=true",
+            "--providers.kubernetesingress.ingressendpoint.publishedservice=ingress/traefik",
+            "--global.checkNewVersion=false",
+            "--global.sendAnonymousUsage=false",
+            "--entryPoints.web.address=:8000",
+        ] {
+            assert!(args.contains(&want), "{want} missing from {args:?}");
+        }
+        assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+        assert_eq!(c["securityContext"]["runAsNonRoot"], true);
+        let rules = item(&m, "ClusterRole")["rules"].to_string();
+        assert!(rules.contains("endpointslices") && rules.contains("ingresses/status"), "{rules}");
+        assert!(
+            !rules.contains("\"create\"") && !rules.contains("\"delete\""),
+            "read-only but for Ingress status: {rules}"
+        );
+        for i in m["items"].as_array().unwrap() {
+            if let Some(ns) = i["metadata"]["namespace"].as_str() {
+                assert_eq!(ns, INGRESS_NAMESPACE, "{i}");
+            }
+        }
     }
 
     #[test]
@@ -794,6 +991,7 @@ mod tests {
         let i = Images::from_versions(&paths);
         assert_eq!((i.provisioner.as_str(), i.busybox.as_str()), ("x/lpp:v1", "kindling.local/busybox:7.7"));
         assert_eq!(i.metrics_server, "kindling.local/metrics-server:v0.8.0", "the default");
+        assert_eq!(i.traefik, "kindling.local/traefik:v3.6.12", "the default");
         let e = write_manifests(&paths).unwrap_err().to_string();
         assert!(e.contains("ca.crt"), "without the PKI it says what is missing: {e}");
         make_pki(&paths);

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# images/oci/build.sh OUT_DIR COREDNS_DIR LOCAL_PATH_PROVISIONER_DIR METRICS_SERVER_DIR
+# images/oci/build.sh OUT_DIR COREDNS_DIR LOCAL_PATH_PROVISIONER_DIR METRICS_SERVER_DIR TRAEFIK_DIR
 #
 # Builds the guest's preloaded container images as OCI image-layout tarballs
 # (what `ctr -n k8s.io images import FILE` takes), with images/oci/mkoci.py:
@@ -17,8 +17,11 @@
 #                             kindling.local/metrics-server:<version>
 #                             METRICS_SERVER_DIR/bin/metrics-server
 #                             (images/metrics-server step; the metrics-server add-on)
+#   OUT_DIR/traefik.oci.tar   kindling.local/traefik:<version>
+#                             TRAEFIK_DIR/bin/traefik (images/traefik step; the ingress add-on)
 #   OUT_DIR/images.env        PAUSE_IMAGE=... BUSYBOX_IMAGE=... COREDNS_IMAGE=...
 #                             LOCAL_PATH_PROVISIONER_IMAGE=... METRICS_SERVER_IMAGE=...
+#                             TRAEFIK_IMAGE=...
 #   OUT_DIR/images.txt        "<archive> <image name>" per name
 # The archives are byte-for-byte reproducible from the same inputs.
 # No caching here: the orchestrator caches OUT_DIR by a hash of this directory
@@ -26,11 +29,12 @@
 set -euo pipefail
 step=oci
 here=$(cd "$(dirname "$0")" && pwd)
-usage="usage: images/oci/build.sh OUT_DIR COREDNS_DIR LOCAL_PATH_PROVISIONER_DIR METRICS_SERVER_DIR"
+usage="usage: images/oci/build.sh OUT_DIR COREDNS_DIR LOCAL_PATH_PROVISIONER_DIR METRICS_SERVER_DIR TRAEFIK_DIR"
 out=${1:?$usage}
 coredns_dir=${2:?$usage}
 lpp_dir=${3:?$usage}
 ms_dir=${4:?$usage}
+traefik_dir=${5:?$usage}
 out=$(cd "$out" && pwd)
 here=${here:-$(cd "$(dirname "$0")" && pwd)}
 . "$here/../lib/step.sh"
@@ -64,6 +68,8 @@ need gcc gcc
   { echo "$step: $lpp_dir/bin/local-path-provisioner or VERSION missing: pass the output directory of images/local-path-provisioner/build.sh" >&2; exit 1; }
 [ -x "$ms_dir/bin/metrics-server" ] && [ -f "$ms_dir/VERSION" ] ||
   { echo "$step: $ms_dir/bin/metrics-server or VERSION missing: pass the output directory of images/metrics-server/build.sh" >&2; exit 1; }
+[ -x "$traefik_dir/bin/traefik" ] && [ -f "$traefik_dir/VERSION" ] ||
+  { echo "$step: $traefik_dir/bin/traefik or VERSION missing: pass the output directory of images/traefik/build.sh" >&2; exit 1; }
 mkoci() { python3 "$here/mkoci.py" "$@"; }
 
 # --- pause ---------------------------------------------------------------------
@@ -143,6 +149,18 @@ mkoci "$out/metrics-server.oci.tar" --name "$ms_image" \
   --dir /tmp:1777 --user 65532:65532 --expose 10250/tcp --entrypoint '["/metrics-server"]' \
   --label "org.opencontainers.image.version=$ms_ver" >"$log" 2>&1 || fail "pack metrics-server image"
 
+# --- traefik (the ingress add-on) ----------------------------------------------------
+tk_ver=$(cat "$traefik_dir/VERSION")
+tk_image=kindling.local/traefik:$tk_ver
+progress "packing $tk_image"
+# Like upstream's image minus its Alpine base: the binary as /traefik, here run as 65532
+# on unprivileged ports (8000, 8443; the Service maps 80 and 443 to them).
+mkoci "$out/traefik.oci.tar" --name "$tk_image" \
+  --file "$traefik_dir/bin/traefik:/traefik:0755" \
+  --file "$work/ms-passwd:/etc/passwd:0644" --file "$work/ms-group:/etc/group:0644" \
+  --dir /tmp:1777 --user 65532:65532 --expose 8000/tcp --expose 8443/tcp --entrypoint '["/traefik"]' \
+  --label "org.opencontainers.image.version=$tk_ver" >"$log" 2>&1 || fail "pack traefik image"
+
 # --- index for the rootfs and the agent ------------------------------------------
 cat >"$out/images.env" <<EOF
 PAUSE_IMAGE=$pause_image
@@ -150,10 +168,11 @@ BUSYBOX_IMAGE=$busybox_image
 COREDNS_IMAGE=$coredns_image
 LOCAL_PATH_PROVISIONER_IMAGE=$lpp_image
 METRICS_SERVER_IMAGE=$ms_image
+TRAEFIK_IMAGE=$tk_image
 EOF
 printf '%s\n' "pause.oci.tar $pause_image" "pause.oci.tar $pause_fallback" \
   "busybox.oci.tar $busybox_image" "busybox.oci.tar kindling.local/busybox:latest" \
   "coredns.oci.tar $coredns_image" "local-path-provisioner.oci.tar $lpp_image" \
-  "metrics-server.oci.tar $ms_image" >"$out/images.txt"
+  "metrics-server.oci.tar $ms_image" "traefik.oci.tar $tk_image" >"$out/images.txt"
 
 progress "done: $(cd "$out" && du -h ./*.oci.tar | awk '{printf "%s %s  ", $2, $1}')"

@@ -55,9 +55,10 @@ pub const STEPS: &[Step] = &[
         root: false,
     },
     Step { name: "metrics-server", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"], root: false },
+    Step { name: "traefik", deps: &[], probes: &[GO_VERSION], artifact: "bin", shared: &["lib"], root: false },
     Step {
         name: "oci",
-        deps: &["coredns", "local-path-provisioner", "metrics-server"],
+        deps: &["coredns", "local-path-provisioner", "metrics-server", "traefik"],
         probes: &[&["gcc", "--version"], &["dpkg-query", "-W", "busybox-static"]],
         artifact: "images.txt",
         shared: &["lib"],
@@ -78,7 +79,7 @@ const GO_VERSION: &[&str] = &["sh", "-c", "PATH=$PATH:/usr/local/go/bin go versi
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("unknown image step '{0}'; steps are: kernel, k8s, etcd, coredns, local-path-provisioner, metrics-server, oci, rootfs")]
+    #[error("unknown image step '{0}'; steps are: kernel, k8s, etcd, coredns, local-path-provisioner, metrics-server, traefik, oci, rootfs")]
     UnknownStep(String),
     #[error("step '{step}' failed ({status}); last lines of {log}:\n{tail}")]
     StepFailed { step: String, status: String, log: String, tail: String },
@@ -388,10 +389,10 @@ mod tests {
                 .map(|s| s.name)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(names(&["oci"]), ["coredns", "local-path-provisioner", "metrics-server", "oci"]);
+        assert_eq!(names(&["oci"]), ["coredns", "local-path-provisioner", "metrics-server", "traefik", "oci"]);
         assert_eq!(
             names(&["rootfs"]),
-            ["k8s", "etcd", "coredns", "local-path-provisioner", "metrics-server", "oci", "rootfs"]
+            ["k8s", "etcd", "coredns", "local-path-provisioner", "metrics-server", "traefik", "oci", "rootfs"]
         );
         assert_eq!(names(&[]).len(), STEPS.len());
         assert!(matches!(plan(&["nope".into()]), Err(ImageError::UnknownStep(_))));

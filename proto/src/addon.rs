@@ -27,6 +27,15 @@ pub const STORAGE_PROVISIONER: &str = "storage-provisioner";
 /// and the HorizontalPodAutoscaler.
 pub const METRICS_SERVER: &str = "metrics-server";
 
+/// `ingress`: Traefik as the Ingress controller (IngressClass `traefik`, the default),
+/// its ports 80 and 443 on the host's loopback through a LoadBalancer Service.
+pub const INGRESS: &str = "ingress";
+
+/// The namespace of `ingress`.
+pub const INGRESS_NAMESPACE: &str = "ingress";
+/// The name of `ingress`'s LoadBalancer Service (and of its Deployment).
+pub const INGRESS_SERVICE: &str = "traefik";
+
 /// Every add-on, in the order `addons list` shows them. A version here must match the
 /// pin in `images/` (the `kindling` crate's tests check it).
 pub const ALL: &[Addon] = &[
@@ -41,6 +50,12 @@ pub const ALL: &[Addon] = &[
         version: "v0.8.0",
         default_on: false,
         gives: "resource metrics (metrics.k8s.io): `kubectl top nodes|pods` and CPU/memory autoscaling",
+    },
+    Addon {
+        name: INGRESS,
+        version: "v3.6.12",
+        default_on: false,
+        gives: "Ingress controller (Traefik, default IngressClass \"traefik\"): Ingresses answer on the host, `kindling ingress --url`",
     },
 ];
 
@@ -108,7 +123,7 @@ mod tests {
         assert!(e.starts_with("no add-on named \"dashbord\"; the add-ons are: storage-provisioner"), "{e}");
         assert_eq!(
             lookup("x").unwrap_err(),
-            format!("no add-on named \"x\"; the add-ons are: {STORAGE_PROVISIONER}, {METRICS_SERVER}")
+            format!("no add-on named \"x\"; the add-ons are: {STORAGE_PROVISIONER}, {METRICS_SERVER}, {INGRESS}")
         );
         let both = parse_list("metrics-server,storage-provisioner").unwrap();
         assert_eq!(both.iter().map(|a| a.name).collect::<Vec<_>>(), [METRICS_SERVER, STORAGE_PROVISIONER]);

@@ -1,5 +1,5 @@
 //! The cluster commands: `kindling start`, `status`, `list`, `stop`, `delete`, `logs`,
-//! `kubectl`, `exec`, `ip`, `image load`, `service`. The work is in [`crate::cluster`];
+//! `kubectl`, `exec`, `ip`, `image load`, `service`, `ingress`. The work is in [`crate::cluster`];
 //! this is the command line and the output.
 
 use std::path::PathBuf;
@@ -72,6 +72,11 @@ pub enum ClusterCommand {
     /// Print the host URL of a service: `kindling service web --url` (a LoadBalancer's
     /// host port on 127.0.0.1, else its NodePort's).
     Service(ServiceArgs),
+    /// Print the host URLs of the ingress add-on (Traefik): `kindling ingress --url`
+    /// (http://127.0.0.1:8080 and https://127.0.0.1:8443, ports 80 and 443 of the node's
+    /// Ingresses); `curl -H 'Host: web.localhost' http://127.0.0.1:8080` reaches an
+    /// Ingress for web.localhost.
+    Ingress(IngressArgs),
     /// Print a kubeconfig for a cluster (like `kind get kubeconfig`), or, with --vsock and
     /// --server, for a VM you booted yourself from kindling's root disk:
     /// `kindling boot ... --vsock /tmp/node.sock --forward 16443:6443`, then
@@ -281,6 +286,17 @@ pub struct ServiceArgs {
     pub output: OutputArg,
 }
 
+#[derive(Debug, Args)]
+pub struct IngressArgs {
+    /// Print the URLs (what this command does; accepted for minikube's habit).
+    #[arg(long)]
+    pub url: bool,
+    #[command(flatten)]
+    pub name: NameArg,
+    #[command(flatten)]
+    pub output: OutputArg,
+}
+
 fn say(output: Output) -> Say {
     Say { to_stderr: output == Output::Json }
 }
@@ -373,6 +389,14 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<i32> {
                 Output::Json => {
                     print_json(&serde_json::json!({ "service": a.service, "namespace": a.namespace, "urls": urls }))?
                 }
+                Output::Text => urls.iter().for_each(|u| println!("{u}")),
+            }
+            Ok(0)
+        }
+        ClusterCommand::Ingress(a) => {
+            let urls = cluster::ingress_urls(&a.name.name)?;
+            match a.output.output {
+                Output::Json => print_json(&serde_json::json!({ "urls": urls }))?,
                 Output::Text => urls.iter().for_each(|u| println!("{u}")),
             }
             Ok(0)
@@ -639,6 +663,8 @@ mod tests {
         assert_eq!((a.service.as_str(), a.namespace.as_str(), a.url), ("web", "apps", true));
         let ClusterCommand::Service(a) = parse(&["service", "web"]) else { panic!() };
         assert_eq!(a.namespace, "default");
+        let ClusterCommand::Ingress(a) = parse(&["ingress", "--url", "-o", "json"]) else { panic!() };
+        assert!(a.url && a.output.output == Output::Json);
         let ClusterCommand::Stop(a) = parse(&["stop"]) else { panic!() };
         assert_eq!(a.wait, 120);
         let ClusterCommand::Status(a) = parse(&["status", "-o", "json"]) else { panic!() };

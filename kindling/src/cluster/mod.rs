@@ -43,7 +43,7 @@ use credentials::*;
 pub use credentials::{kubeconfig, KubeconfigSource};
 pub use delete::{delete, DeleteReport};
 use node::*;
-pub use node::{exec, image_load, ip, kubectl, logs, node_ip_from, node_ip_from_cmdline, service_urls};
+pub use node::{exec, image_load, ingress_urls, ip, kubectl, logs, node_ip_from, node_ip_from_cmdline, service_urls};
 use record::*;
 pub use record::{all_records, clusters_dir, load_record, ClusterRecord};
 use start::*;

@@ -164,6 +164,11 @@ pub fn image_load(name: &str, archive: &Path, say: &Say) -> Result<i32> {
 pub fn service_urls(name: &str, service: &str, namespace: &str) -> Result<Vec<String>> {
     let ctx = Ctx::connect()?;
     let (r, _, agent) = ctx.running(name)?;
+    urls_of(&r, &agent, service, namespace)
+}
+
+fn urls_of(r: &ClusterRecord, agent: &Agent, service: &str, namespace: &str) -> Result<Vec<String>> {
+    let name = r.name.as_str();
     let jsonpath = r#"jsonpath={.spec.type}{"|"}{.spec.ports[*].nodePort}{"|"}{.spec.ports[*].port}{"|"}{.spec.ports[*].protocol}{"|"}{.status.loadBalancer.ingress[*].ip}"#;
     let (code, out) = agent
         .exec_capture(
@@ -178,7 +183,25 @@ pub fn service_urls(name: &str, service: &str, namespace: &str) -> Result<Vec<St
             if name == DEFAULT_NAME { String::new() } else { format!(" --name {name}") }
         );
     }
-    service_urls_from(&out, &r, service, namespace)
+    service_urls_from(&out, r, service, namespace)
+}
+
+/// `kindling ingress --url`: the host URLs of the ingress add-on's Traefik (its
+/// LoadBalancer Service, `http://127.0.0.1:8080` and `https://127.0.0.1:8443`); an error
+/// with the command that enables it when the cluster does not run it.
+pub fn ingress_urls(name: &str) -> Result<Vec<String>> {
+    use kindling_proto::addon;
+    let ctx = Ctx::connect()?;
+    let (r, _, agent) = ctx.running(name)?;
+    let ingress = addon::find(addon::INGRESS).expect("in the catalogue");
+    if !r.addon_enabled(ingress) {
+        bail!(
+            "cluster {name:?} does not run the ingress add-on; enable it with `kindling addons enable {}{}`",
+            addon::INGRESS,
+            if name == DEFAULT_NAME { String::new() } else { format!(" --name {name}") }
+        );
+    }
+    urls_of(&r, &agent, addon::INGRESS_SERVICE, addon::INGRESS_NAMESPACE)
 }
 
 /// The URLs from kubectl's `type|nodePorts|ports|protocols|ingress IPs` of a service.
@@ -191,8 +214,11 @@ pub(super) fn service_urls_from(out: &str, r: &ClusterRecord, service: &str, nam
         let urls: Vec<String> = field(2)
             .zip(field(3))
             .filter(|(_, proto)| *proto == "TCP")
-            .filter_map(|(port, _)| kindling_proto::forward::host_port_for_service(port.parse().ok()?))
-            .map(|hp| format!("http://127.0.0.1:{hp}"))
+            .filter_map(|(port, _)| {
+                let port: u16 = port.parse().ok()?;
+                let scheme = if port == 443 { "https" } else { "http" };
+                Some(format!("{scheme}://127.0.0.1:{}", kindling_proto::forward::host_port_for_service(port)?))
+            })
             .collect();
         if !urls.is_empty() {
             return Ok(urls);
@@ -278,6 +304,11 @@ mod tests {
             service_urls_from("LoadBalancer|31000 31001 31002|80 9000 53|TCP TCP UDP|127.0.0.1", &r, "web", "default")
                 .unwrap(),
             ["http://127.0.0.1:8080", "http://127.0.0.1:9000"]
+        );
+        // Port 443 (the ingress add-on's websecure) is HTTPS.
+        assert_eq!(
+            service_urls_from("LoadBalancer|31000 31001|80 443|TCP TCP|127.0.0.1", &r, "traefik", "ingress").unwrap(),
+            ["http://127.0.0.1:8080", "https://127.0.0.1:8443"]
         );
         assert_eq!(
             service_urls_from("LoadBalancer|31000|80|TCP|", &r, "web", "default").unwrap(),

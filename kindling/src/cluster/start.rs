@@ -989,7 +989,10 @@ mod tests {
         };
         check_resources(&addons(&["storage-provisioner"])).unwrap();
         let e = check_resources(&addons(&["storage-provisioner", "ingres"])).unwrap_err().to_string();
-        assert_eq!(e, "--addons: no add-on named \"ingres\"; the add-ons are: storage-provisioner, metrics-server");
+        assert_eq!(
+            e,
+            "--addons: no add-on named \"ingres\"; the add-ons are: storage-provisioner, metrics-server, ingress"
+        );
         let mut r = new_record(&Paths::new("/nonexistent"), "k", 20).unwrap();
         r.set_addon(kindling_proto::addon::find("storage-provisioner").unwrap(), false);
         assert_eq!(record_start_addons(&addons(&["storage-provisioner"]), &mut r).unwrap(), ["storage-provisioner"]);
