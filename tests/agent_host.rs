@@ -276,9 +276,17 @@ fn agent_brings_up_the_control_plane_supervises_it_and_shuts_down_in_order() {
         let (ok, size) = c.exec(&["stat", "-c", "%s", &format!("/var/log/kindling/{name}.log")]);
         assert!(ok && size.trim().parse::<u64>().unwrap() > 0, "{name}.log empty or missing: {size}");
     }
-    // The preloaded images are in containerd.
+    // The preloaded images are in containerd, every one of images.txt, complete and
+    // unpacked (the root disk's build did it; the agent imported nothing).
     let (ok, images) = c.exec(&["ctr", "-n", "k8s.io", "images", "ls", "-q"]);
-    assert!(ok && images.contains("pause"), "{images}");
+    let (_, index) = c.exec(&["cat", "/var/lib/kindling/images/images.txt"]);
+    assert!(index.lines().count() >= 5, "the image index: {index:?}");
+    for name in index.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+        assert!(ok && images.lines().any(|l| l.trim() == name), "{name} is not in containerd:\n{images}");
+    }
+    let (ok, check) = c.exec(&["ctr", "-n", "k8s.io", "images", "check", "--snapshotter", "overlayfs"]);
+    assert!(ok && check.lines().skip(1).all(|l| l.contains(" complete ") && l.trim_end().ends_with("true")), "{check}");
+    assert!(c.log().contains("preloaded images in containerd's store, unpacked"), "{}", c.log());
 
     // Supervision: a killed etcd comes back, and the API server with it.
     let etcd = c.find("etcd").expect("etcd runs");

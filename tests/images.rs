@@ -71,10 +71,21 @@ fn root_disk_holds_the_node_and_components_report_the_pinned_release() {
     for plugin in ["bridge", "host-local", "loopback", "portmap"] {
         assert!(cni.contains(plugin), "CNI plugin {plugin} missing:\n{cni}");
     }
+    // The preloaded images are in containerd's store, unpacked (one overlayfs snapshot
+    // per layer); only their index is beside it, not the archives.
     let images = debugfs(&rootfs, "ls -l /var/lib/kindling/images");
-    for archive in ["pause.oci.tar", "busybox.oci.tar", "coredns.oci.tar"] {
-        assert!(images.contains(archive), "{archive} missing:\n{images}");
-    }
+    assert!(images.contains("images.txt") && images.contains("images.env"), "{images}");
+    assert!(!images.contains(".oci.tar"), "the archives are in the image:\n{images}");
+    let store = debugfs(&rootfs, "ls -l /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots");
+    let snapshots =
+        store.lines().filter(|l| l.split_whitespace().last().is_some_and(|n| n.parse::<u32>().is_ok())).count();
+    let index = std::fs::read_to_string(path("oci").join("images.txt")).unwrap();
+    let archives: std::collections::BTreeSet<&str> =
+        index.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(snapshots >= archives.len(), "{snapshots} snapshots for {} archives:\n{store}", archives.len());
+    assert!(
+        debugfs(&rootfs, "stat /var/lib/containerd/io.containerd.metadata.v1.bolt/meta.db").contains("Type: regular")
+    );
     assert!(debugfs(&rootfs, "stat /sbin/kindling-agent").contains("Type: regular"), "agent not installed");
     assert!(debugfs(&rootfs, "stat /sbin/init").contains("Type: symlink"), "/sbin/init is not the agent link");
 
