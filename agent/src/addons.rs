@@ -8,8 +8,11 @@
 //! /etc/kindling/addons/ with the other configuration files at every boot. After
 //! node-ready a thread of its own brings every add-on to what is asked: an enabled one
 //! (whose image the root disk's build put in containerd's store, unpacked) is applied
-//! with the node's kubectl, then waited for; a disabled one is deleted (`kubectl delete --ignore-not-found
-//! -f` its manifest), so one disabled while the node was stopped goes at the next boot.
+//! object by object with server-side apply through the agent's own API client
+//! (`kube.rs`; no kubectl is spawned), then waited for; a disabled one's objects are
+//! deleted and waited for until gone, so one disabled while the node was stopped goes
+//! at the next boot. The files under /etc/kindling/addons/ are the same manifests, for
+//! a person to read or `kubectl apply`.
 //! Applying and deleting are idempotent, so every boot does it again. One operation on
 //! the add-ons runs at a time ([`Addons::op`]); a request that comes before node-ready is
 //! recorded and done by that thread.
@@ -81,6 +84,8 @@ const INGRESS_PING_PORT: u16 = 8080;
 /// available, before it says so on the console and gives up (until the next boot).
 const APPLY_LIMIT: Duration = Duration::from_secs(15 * 60);
 const READY_LIMIT: Duration = Duration::from_secs(20 * 60);
+/// How long a removal waits for its objects to be gone (a namespace's contents first).
+const DELETE_LIMIT: Duration = Duration::from_secs(10 * 60);
 /// How long an `{"op":"addon"}` request keeps retrying a failing apply or delete.
 const REQUEST_LIMIT: Duration = Duration::from_secs(3 * 60);
 
@@ -258,26 +263,13 @@ impl Addons {
         self.wanted.lock().unwrap_or_else(|e| e.into_inner()).get(name).copied().unwrap_or(false)
     }
 
-    fn kubectl(&self, args: &[&str]) -> std::io::Result<(i32, String)> {
-        let kubectl = self.paths.bin("kubectl");
-        let admin = self.paths.kubeconfig("admin").display().to_string();
-        let mut argv = vec![kubectl.as_str(), "--kubeconfig", admin.as_str()];
-        argv.extend_from_slice(args);
-        self.reaper.run(&argv)
-    }
-
     /// Brings `d` to what is wanted now (one attempt): applies it (its image must be in
     /// containerd's store), or deletes its objects.
     fn reconcile(&self, d: &Deployable) -> Result<Done> {
         let _op = self.op.lock().unwrap_or_else(|e| e.into_inner());
-        let file = manifest_path(&self.paths, d.name).display().to_string();
-        let run = |args: &[&str]| -> Result<()> {
-            match self.kubectl(args) {
-                Ok((0, _)) => Ok(()),
-                Ok((code, out)) => anyhow::bail!("kubectl {} exited {code}: {}", args.join(" "), out.trim()),
-                Err(e) => anyhow::bail!("kubectl {}: {e}", args.join(" ")),
-            }
-        };
+        let manifest = (d.manifest)(&Inputs::read(&self.paths)?);
+        let items = manifest["items"].as_array().cloned().unwrap_or_default();
+        let api = self.api()?;
         if self.wanted(d.name) {
             let (ctr, sock) = (self.paths.bin("ctr"), self.paths.containerd_socket().display().to_string());
             let image = (d.image)(&Images::from_versions(&self.paths));
@@ -287,12 +279,28 @@ impl Addons {
                 "its image {image} is not in containerd's store (the root disk's build puts it there); \
                  `kindling image load ARCHIVE` can load it"
             );
-            // Our own manifests, checked by unit tests: client-side validation would
-            // fetch /openapi/v2, which under emulation can take longer than its timeout.
-            run(&["apply", "--validate=false", "-f", &file])?;
+            // Our own manifests, checked by unit tests, applied in their order.
+            for item in &items {
+                api.apply(item)?;
+            }
             Ok(Done::Applied)
         } else {
-            run(&["delete", "--ignore-not-found", "--timeout=10m", "-f", &file])?;
+            for item in &items {
+                api.delete(item)?;
+            }
+            // As `kubectl delete --wait`: done when every object is gone (a namespace
+            // once its contents are).
+            let t0 = Instant::now();
+            while let Some(left) = items.iter().find(|i| api.exists(i).unwrap_or(true)) {
+                anyhow::ensure!(
+                    t0.elapsed() < DELETE_LIMIT,
+                    "{} {} is still there {}s after its deletion",
+                    left["kind"].as_str().unwrap_or("?"),
+                    left["metadata"]["name"].as_str().unwrap_or("?"),
+                    t0.elapsed().as_secs()
+                );
+                std::thread::sleep(Duration::from_secs(1));
+            }
             Ok(Done::Removed)
         }
     }
@@ -902,6 +910,28 @@ mod tests {
             if let Some(ns) = i["metadata"]["namespace"].as_str() {
                 assert_eq!(ns, INGRESS_NAMESPACE, "{i}");
             }
+        }
+    }
+
+    /// Every object of every add-on has an API path the agent applies and deletes it at.
+    #[test]
+    fn every_manifest_object_has_an_api_path() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = Paths::new(d.path());
+        make_pki(&paths);
+        let mut inputs = Inputs::read(&paths).unwrap();
+        inputs.images = images();
+        for dep in DEPLOYABLE {
+            let m = (dep.manifest)(&inputs);
+            let items = m["items"].as_array().unwrap();
+            assert!(items.len() >= 5, "{}", dep.name);
+            let mut seen = std::collections::BTreeSet::new();
+            for i in items {
+                let path = crate::kube::object_path(i).unwrap_or_else(|e| panic!("{}: {e:#}", dep.name));
+                assert!(seen.insert(path.clone()), "{}: {path} twice", dep.name);
+            }
+            let deployment = format!("/apis/apps/v1/namespaces/{}/deployments/{}", dep.namespace, dep.deployment);
+            assert!(seen.contains(&deployment), "{}: {deployment} not in {seen:?}", dep.name);
         }
     }
 

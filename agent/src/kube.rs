@@ -3,8 +3,9 @@
 //! against the cluster CA. Each poll used to spawn `kubectl` (the 115 MB Kubernetes
 //! multi-call binary), about a second of CPU under emulation, every second, on the one
 //! vCPU the API server itself needs; a GET over a kept-alive connection costs a few
-//! milliseconds. Writes (apply, delete, run) stay with kubectl, once each; the one
-//! write made here is the LoadBalancer controller's status patch.
+//! milliseconds. The add-ons' objects are applied here too (server-side apply, field
+//! manager `kindling`) and deleted here, where each apply or delete used to spawn
+//! kubectl; the LoadBalancer controller's status patch is the other write.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -114,6 +115,47 @@ impl Api {
         Ok(())
     }
 
+    /// Server-side apply of one manifest object (`kubectl apply --server-side
+    /// --force-conflicts` with field manager `kindling`): creates it or brings the
+    /// fields kindling owns to the manifest's.
+    pub fn apply(&self, obj: &Value) -> Result<()> {
+        let path = object_path(obj)?;
+        let url = format!("{}{path}?fieldManager=kindling&force=true", self.base);
+        let mut resp = self
+            .agent
+            .patch(&url)
+            .header("Content-Type", "application/apply-patch+yaml")
+            .send(obj.to_string())
+            .with_context(|| format!("PATCH {url}"))?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let body = resp.body_mut().with_config().limit(BODY_LIMIT).read_to_string().unwrap_or_default();
+            anyhow::bail!("applying {path}: HTTP {status}: {}", message(&body));
+        }
+        Ok(())
+    }
+
+    /// Deletes one manifest object (its dependents in the background, as kubectl
+    /// does); false when it was not there.
+    pub fn delete(&self, obj: &Value) -> Result<bool> {
+        let path = object_path(obj)?;
+        let url = format!("{}{path}?propagationPolicy=Background", self.base);
+        let mut resp = self.agent.delete(&url).call().with_context(|| format!("DELETE {url}"))?;
+        match resp.status().as_u16() {
+            200 | 202 => Ok(true),
+            404 => Ok(false),
+            status => {
+                let body = resp.body_mut().with_config().limit(BODY_LIMIT).read_to_string().unwrap_or_default();
+                anyhow::bail!("deleting {path}: HTTP {status}: {}", message(&body))
+            }
+        }
+    }
+
+    /// Whether a manifest object exists.
+    pub fn exists(&self, obj: &Value) -> Result<bool> {
+        Ok(self.object(&object_path(obj)?)?.is_some())
+    }
+
     /// An object: None when it does not exist (404); an error when the server does not
     /// answer or answers otherwise.
     pub fn object(&self, path: &str) -> Result<Option<Value>> {
@@ -170,6 +212,58 @@ impl Api {
     }
 }
 
+/// The resources of the kinds the add-ons' manifests hold: (apiVersion, kind) ->
+/// (plural, namespaced).
+const KINDS: &[(&str, &str, &str, bool)] = &[
+    ("v1", "Namespace", "namespaces", false),
+    ("v1", "ServiceAccount", "serviceaccounts", true),
+    ("v1", "ConfigMap", "configmaps", true),
+    ("v1", "Secret", "secrets", true),
+    ("v1", "Service", "services", true),
+    ("apps/v1", "Deployment", "deployments", true),
+    ("rbac.authorization.k8s.io/v1", "Role", "roles", true),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings", true),
+    ("rbac.authorization.k8s.io/v1", "ClusterRole", "clusterroles", false),
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "clusterrolebindings", false),
+    ("storage.k8s.io/v1", "StorageClass", "storageclasses", false),
+    ("apiregistration.k8s.io/v1", "APIService", "apiservices", false),
+    ("networking.k8s.io/v1", "IngressClass", "ingressclasses", false),
+];
+
+/// The API path of a manifest object, from its `apiVersion`, `kind`,
+/// `metadata.namespace` and `metadata.name`; an error for a kind not in [`KINDS`], a
+/// namespaced object without a namespace, or a name that is not a DNS subdomain.
+pub fn object_path(obj: &Value) -> Result<String> {
+    let (version, kind) = (obj["apiVersion"].as_str().unwrap_or(""), obj["kind"].as_str().unwrap_or(""));
+    let &(_, _, plural, namespaced) = KINDS
+        .iter()
+        .find(|(v, k, _, _)| *v == version && *k == kind)
+        .ok_or_else(|| anyhow::anyhow!("no API path known for {version} {kind}"))?;
+    let dns = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == b':')
+    };
+    let name = obj["metadata"]["name"].as_str().unwrap_or("");
+    anyhow::ensure!(dns(name), "{kind} has no valid name: {name:?}");
+    let base = if version.contains('/') { format!("/apis/{version}") } else { format!("/api/{version}") };
+    if namespaced {
+        let ns = obj["metadata"]["namespace"].as_str().unwrap_or("");
+        anyhow::ensure!(dns(ns) && !ns.contains(':'), "{kind} {name} has no valid namespace: {ns:?}");
+        Ok(format!("{base}/namespaces/{ns}/{plural}/{name}"))
+    } else {
+        Ok(format!("{base}/{plural}/{name}"))
+    }
+}
+
+/// The `message` of a Kubernetes Status body, else its first line.
+fn message(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(|m| first_line(m).to_string()))
+        .unwrap_or_else(|| first_line(body).to_string())
+}
+
 fn conditions(node: &Value) -> impl Iterator<Item = &Value> {
     node["status"]["conditions"].as_array().into_iter().flatten()
 }
@@ -200,6 +294,35 @@ fn first_line(s: &str) -> &str {
 mod tests {
     use super::*;
     use crate::pki::{NodeIdentity, Pki};
+
+    #[test]
+    fn manifest_objects_have_api_paths_and_bad_ones_are_refused() {
+        use serde_json::json;
+        let p = |v: Value| object_path(&v);
+        assert_eq!(
+            p(json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "n"}}))
+                .unwrap(),
+            "/apis/apps/v1/namespaces/n/deployments/d"
+        );
+        assert_eq!(
+            p(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n"}})).unwrap(),
+            "/api/v1/namespaces/n"
+        );
+        assert_eq!(
+            p(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "system:x"}}))
+                .unwrap(),
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles/system:x"
+        );
+        let e = p(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", "namespace": "n"}})).unwrap_err();
+        assert!(e.to_string().contains("no API path known for v1 Pod"), "{e}");
+        let e = p(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"}})).unwrap_err();
+        assert!(e.to_string().contains("no valid namespace"), "{e}");
+        for bad in ["", "../x", "a/b", "A", "x?y"] {
+            assert!(p(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": bad}})).is_err(), "{bad:?}");
+        }
+        assert_eq!(message(r#"{"kind":"Status","message":"no way\nmore"}"#), "no way");
+        assert_eq!(message("plain\ntext"), "plain");
+    }
 
     #[test]
     fn the_client_loads_the_pki_the_agent_writes() {
