@@ -3,9 +3,10 @@
 //! against the cluster CA. Each poll used to spawn `kubectl` (the 115 MB Kubernetes
 //! multi-call binary), about a second of CPU under emulation, every second, on the one
 //! vCPU the API server itself needs; a GET over a kept-alive connection costs a few
-//! milliseconds. The add-ons' objects are applied here too (server-side apply, field
-//! manager `kindling`) and deleted here, where each apply or delete used to spawn
-//! kubectl; the LoadBalancer controller's status patch is the other write.
+//! milliseconds. CoreDNS's and the add-ons' objects are applied here too (server-side
+//! apply, field manager `kindling`) and the add-ons' deleted here, where each apply or
+//! delete used to spawn kubectl; the LoadBalancer controller's status patch is the
+//! other write.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -148,11 +148,8 @@ pub fn write_configs(cfg: &NodeConfig, paths: &Paths) -> Result<()> {
             r#"{{"cniVersion":"1.0.0","name":"kindling","plugins":[{{"type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":true,"hairpinMode":true,"ipam":{{"type":"host-local","ranges":[[{{"subnet":"{NODE_POD_CIDR}"}}]],"routes":[{{"dst":"0.0.0.0/0"}}]}}}},{{"type":"portmap","capabilities":{{"portMappings":true}}}}]}}"#
         ),
     )?;
-    let coredns_image = versions(paths)
-        .get("COREDNS_IMAGE")
-        .cloned()
-        .unwrap_or_else(|| "registry.k8s.io/coredns/coredns:v1.11.3".into());
-    write_file(&paths.config().join("coredns.yaml"), &coredns_manifest(&coredns_image))?;
+    let coredns = coredns_manifest(&coredns_image(paths));
+    write_file(&paths.config().join("coredns.json"), &serde_json::to_string_pretty(&coredns)?)?;
     crate::addons::write_manifests(paths).context("writing the add-ons' manifests")?;
     Ok(())
 }
@@ -366,8 +363,6 @@ pub fn bring_up(
     // containerd and etcd depend on nothing: start both at once.
     start("containerd")?;
     start("etcd")?;
-    let kubectl = paths.bin("kubectl");
-    let admin = paths.kubeconfig("admin").display().to_string();
     let ctr = paths.bin("ctr");
     let sock = paths.containerd_socket().display().to_string();
 
@@ -432,17 +427,15 @@ pub fn bring_up(
     start("kube-controller-manager")?;
     start("kube-scheduler")?;
     // CoreDNS is applied beside the wait for the node, not before it: node-ready does
-    // not depend on it, and on a loaded emulated node one `kubectl apply` (discovery,
-    // then a request per object) took minutes, during which the node's phases went
-    // unseen.
+    // not depend on it. Server-side apply through the agent's own client, object by
+    // object: one `kubectl apply` (a 115 MB process, discovery, then a request per
+    // object) took minutes on a loaded emulated node.
     let coredns_applied = {
-        let coredns = paths.config().join("coredns.yaml").display().to_string();
-        let (reaper, kubectl, admin) = (reaper.clone(), kubectl.clone(), admin.clone());
+        let api = api.clone();
+        let coredns = coredns_manifest(&coredns_image(paths));
         std::thread::spawn(move || {
-            while !reaper
-                .run(&[&kubectl, "--kubeconfig", &admin, "apply", "--validate=false", "-f", &coredns])
-                .is_ok_and(|(c, _)| c == 0)
-            {
+            let items = coredns["items"].as_array().cloned().unwrap_or_default();
+            while !items.iter().all(|item| api.apply(item).is_ok()) {
                 std::thread::sleep(Duration::from_secs(2));
             }
         })
@@ -498,93 +491,105 @@ fn wait_for(what: &str, node: &Node, mut check: impl FnMut() -> bool) -> Duratio
     t0.elapsed()
 }
 
-fn coredns_manifest(image: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: coredns, namespace: kube-system}}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {{name: "system:coredns"}}
-rules:
-- apiGroups: [""]
-  resources: [endpoints, services, pods, namespaces]
-  verbs: [list, watch]
-- apiGroups: [discovery.k8s.io]
-  resources: [endpointslices]
-  verbs: [list, watch]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {{name: "system:coredns"}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns"}}
-subjects:
-- {{kind: ServiceAccount, name: coredns, namespace: kube-system}}
----
-apiVersion: v1
-kind: ConfigMap
-metadata: {{name: coredns, namespace: kube-system}}
-data:
-  Corefile: |
-    .:53 {{
-        errors
-        health {{
-            lameduck 5s
-        }}
-        ready
-        kubernetes cluster.local in-addr.arpa ip6.arpa {{
-            pods insecure
-            fallthrough in-addr.arpa ip6.arpa
-            ttl 30
-        }}
-        forward . /etc/resolv.conf
-        cache 30
-        reload
-        loadbalance
-    }}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: coredns, namespace: kube-system, labels: {{k8s-app: kube-dns}}}}
-spec:
-  replicas: 1
-  selector: {{matchLabels: {{k8s-app: kube-dns}}}}
-  template:
-    metadata: {{labels: {{k8s-app: kube-dns}}}}
-    spec:
-      serviceAccountName: coredns
-      dnsPolicy: Default
-      priorityClassName: system-cluster-critical
-      tolerations: [{{key: CriticalAddonsOnly, operator: Exists}}, {{key: node-role.kubernetes.io/control-plane, effect: NoSchedule}}]
-      containers:
-      - name: coredns
-        image: {image}
-        imagePullPolicy: IfNotPresent
-        args: [-conf, /etc/coredns/Corefile]
-        volumeMounts: [{{name: config, mountPath: /etc/coredns, readOnly: true}}]
-        ports:
-        - {{containerPort: 53, name: dns, protocol: UDP}}
-        - {{containerPort: 53, name: dns-tcp, protocol: TCP}}
-        readinessProbe: {{httpGet: {{path: /ready, port: 8181}}, periodSeconds: 2}}
-        livenessProbe: {{httpGet: {{path: /health, port: 8080}}, initialDelaySeconds: 60, timeoutSeconds: 5}}
-        securityContext:
-          capabilities: {{add: [NET_BIND_SERVICE], drop: [ALL]}}
-      volumes:
-      - name: config
-        configMap: {{name: coredns, items: [{{key: Corefile, path: Corefile}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: kube-dns, namespace: kube-system, labels: {{k8s-app: kube-dns}}}}
-spec:
-  selector: {{k8s-app: kube-dns}}
-  clusterIP: {DNS_IP}
-  ports:
-  - {{name: dns, port: 53, protocol: UDP}}
-  - {{name: dns-tcp, port: 53, protocol: TCP}}
-"#
-    )
+/// The CoreDNS image the oci step preloaded (versions.env).
+fn coredns_image(paths: &Paths) -> String {
+    versions(paths).get("COREDNS_IMAGE").cloned().unwrap_or_else(|| "registry.k8s.io/coredns/coredns:v1.11.3".into())
+}
+
+/// CoreDNS (kubeadm's objects for it), as a `List` the agent applies object by object.
+fn coredns_manifest(image: &str) -> serde_json::Value {
+    use serde_json::json;
+    let labels = json!({"k8s-app": "kube-dns"});
+    let corefile = "\
+.:53 {
+    errors
+    health {
+        lameduck 5s
+    }
+    ready
+    kubernetes cluster.local in-addr.arpa ip6.arpa {
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 30
+    }
+    forward . /etc/resolv.conf
+    cache 30
+    reload
+    loadbalance
+}
+";
+    let items = vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "coredns", "namespace": "kube-system"}}),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "system:coredns"},
+            "rules": [
+                {"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"], "verbs": ["list", "watch"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]}
+            ]
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "system:coredns"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:coredns"},
+            "subjects": [{"kind": "ServiceAccount", "name": "coredns", "namespace": "kube-system"}]
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "coredns", "namespace": "kube-system"},
+            "data": {"Corefile": corefile}
+        }),
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "coredns", "namespace": "kube-system", "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "serviceAccountName": "coredns",
+                        "dnsPolicy": "Default",
+                        "priorityClassName": "system-cluster-critical",
+                        "tolerations": [
+                            {"key": "CriticalAddonsOnly", "operator": "Exists"},
+                            {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}
+                        ],
+                        "containers": [{
+                            "name": "coredns",
+                            "image": image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "args": ["-conf", "/etc/coredns/Corefile"],
+                            "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns", "readOnly": true}],
+                            "ports": [
+                                {"containerPort": 53, "name": "dns", "protocol": "UDP"},
+                                {"containerPort": 53, "name": "dns-tcp", "protocol": "TCP"}
+                            ],
+                            "readinessProbe": {"httpGet": {"path": "/ready", "port": 8181}, "periodSeconds": 2},
+                            "livenessProbe": {"httpGet": {"path": "/health", "port": 8080},
+                                              "initialDelaySeconds": 60, "timeoutSeconds": 5},
+                            "securityContext": {"capabilities": {"add": ["NET_BIND_SERVICE"], "drop": ["ALL"]}}
+                        }],
+                        "volumes": [{"name": "config",
+                                     "configMap": {"name": "coredns", "items": [{"key": "Corefile", "path": "Corefile"}]}}]
+                    }
+                }
+            }
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": labels},
+            "spec": {
+                "selector": labels,
+                "clusterIP": DNS_IP,
+                "ports": [
+                    {"name": "dns", "port": 53, "protocol": "UDP"},
+                    {"name": "dns-tcp", "port": 53, "protocol": "TCP"}
+                ]
+            }
+        }),
+    ];
+    json!({"apiVersion": "v1", "kind": "List", "items": items})
 }
 
 #[cfg(test)]
@@ -622,7 +627,18 @@ mod tests {
         }
         let cni = std::fs::read_to_string(d.path().join("etc/cni/net.d/10-kindling.conflist")).unwrap();
         assert!(cni.contains("\"bridge\"") && cni.contains(NODE_POD_CIDR));
-        assert!(std::fs::read_to_string(paths.config().join("coredns.yaml")).unwrap().contains(DNS_IP));
+        let coredns = std::fs::read_to_string(paths.config().join("coredns.json")).unwrap();
+        let coredns: serde_json::Value = serde_json::from_str(&coredns).unwrap();
+        let items = coredns["items"].as_array().unwrap();
+        assert_eq!(items[5]["spec"]["clusterIP"], DNS_IP);
+        for i in items {
+            crate::kube::object_path(i).unwrap();
+        }
+        let corefile = items[3]["data"]["Corefile"].as_str().unwrap();
+        assert!(
+            corefile.starts_with(".:53 {\n    errors\n") && corefile.ends_with("    loadbalance\n}\n"),
+            "{corefile}"
+        );
         let storage = crate::addons::manifest_path(&paths, crate::addons::STORAGE_PROVISIONER);
         assert!(std::fs::read_to_string(storage).unwrap().contains("\"standard\""));
         let kubelet = std::fs::read_to_string(paths.config().join("kubelet.yaml")).unwrap();
