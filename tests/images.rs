@@ -79,7 +79,7 @@ fn root_disk_holds_the_node_and_components_report_the_pinned_release() {
     let store = debugfs(&rootfs, "ls -l /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots");
     let snapshots =
         store.lines().filter(|l| l.split_whitespace().last().is_some_and(|n| n.parse::<u32>().is_ok())).count();
-    let index = std::fs::read_to_string(path("oci").join("images.txt")).unwrap();
+    let index = std::fs::read_to_string(path("oci")).unwrap(); // the oci step's artifact: images.txt
     let archives: std::collections::BTreeSet<&str> =
         index.lines().filter_map(|l| l.split_whitespace().next()).collect();
     assert!(snapshots >= archives.len(), "{snapshots} snapshots for {} archives:\n{store}", archives.len());
