@@ -469,6 +469,21 @@ fn helper_pod(busybox: &str) -> Value {
     })
 }
 
+/// The security context of an add-on's container that needs no privilege: user and
+/// group 65532 (upstream's nonroot), no capabilities, no privilege escalation, a
+/// read-only root filesystem, seccomp's RuntimeDefault profile.
+fn unprivileged() -> Value {
+    json!({
+        "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "allowPrivilegeEscalation": false,
+        "seccompProfile": {"type": "RuntimeDefault"},
+        "capabilities": {"drop": ["ALL"]}
+    })
+}
+
 /// An RBAC (Cluster)RoleBinding of `role` to `subjects`.
 fn binding(kind: &str, metadata: Value, role_kind: &str, role: &str, subjects: &Value) -> Value {
     json!({
@@ -684,15 +699,7 @@ pub fn metrics_manifest(inputs: &Inputs) -> Value {
                             // Upstream's, with room for a first start on one emulated vCPU.
                             "readinessProbe": probe("/readyz", 10, 3),
                             "livenessProbe": probe("/livez", 120, 6),
-                            "securityContext": {
-                                "readOnlyRootFilesystem": true,
-                                "runAsNonRoot": true,
-                                "runAsUser": 65532,
-                                "runAsGroup": 65532,
-                                "allowPrivilegeEscalation": false,
-                                "seccompProfile": {"type": "RuntimeDefault"},
-                                "capabilities": {"drop": ["ALL"]}
-                            },
+                            "securityContext": unprivileged(),
                             "volumeMounts": [
                                 {"name": "tmp-dir", "mountPath": "/tmp"},
                                 {"name": "tls", "mountPath": tls_dir, "readOnly": true}
@@ -807,15 +814,7 @@ pub fn ingress_manifest(images: &Images) -> Value {
                             // Room for a first start on one emulated vCPU.
                             "readinessProbe": probe(2, 3),
                             "livenessProbe": probe(120, 6),
-                            "securityContext": {
-                                "readOnlyRootFilesystem": true,
-                                "runAsNonRoot": true,
-                                "runAsUser": 65532,
-                                "runAsGroup": 65532,
-                                "allowPrivilegeEscalation": false,
-                                "seccompProfile": {"type": "RuntimeDefault"},
-                                "capabilities": {"drop": ["ALL"]}
-                            },
+                            "securityContext": unprivileged(),
                             "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]
                         }],
                         "volumes": [{"name": "tmp", "emptyDir": {}}]

@@ -101,19 +101,27 @@ impl Api {
     /// A JSON merge patch of `path` (an object or its status); an error names the
     /// answer when it is not 200.
     pub fn merge_patch(&self, path: &str, patch: &Value) -> Result<()> {
-        let url = format!("{}{path}", self.base);
+        self.patch(path, "", "application/merge-patch+json", patch).map_err(|(status, body)| match status {
+            Some(status) => anyhow::anyhow!("PATCH {path}: HTTP {status}: {}", first_line(&body)),
+            None => anyhow::anyhow!("{body}"),
+        })
+    }
+
+    /// PATCH `path` + `query` with `body` as `content_type`: Ok on a 2xx answer, else
+    /// (the status, the answer's body) or (None, the error).
+    fn patch(&self, path: &str, query: &str, content_type: &str, body: &Value) -> Result<(), (Option<u16>, String)> {
+        let url = format!("{}{path}{query}", self.base);
         let mut resp = self
             .agent
             .patch(&url)
-            .header("Content-Type", "application/merge-patch+json")
-            .send(patch.to_string())
-            .with_context(|| format!("PATCH {url}"))?;
+            .header("Content-Type", content_type)
+            .send(body.to_string())
+            .map_err(|e| (None, format!("PATCH {url}: {e}")))?;
         let status = resp.status().as_u16();
-        if status != 200 {
-            let body = resp.body_mut().with_config().limit(BODY_LIMIT).read_to_string().unwrap_or_default();
-            anyhow::bail!("PATCH {path}: HTTP {status}: {}", first_line(&body));
+        if (200..300).contains(&status) {
+            return Ok(());
         }
-        Ok(())
+        Err((Some(status), resp.body_mut().with_config().limit(BODY_LIMIT).read_to_string().unwrap_or_default()))
     }
 
     /// Server-side apply of one manifest object (`kubectl apply --server-side
@@ -121,19 +129,12 @@ impl Api {
     /// fields kindling owns to the manifest's.
     pub fn apply(&self, obj: &Value) -> Result<()> {
         let path = object_path(obj)?;
-        let url = format!("{}{path}?fieldManager=kindling&force=true", self.base);
-        let mut resp = self
-            .agent
-            .patch(&url)
-            .header("Content-Type", "application/apply-patch+yaml")
-            .send(obj.to_string())
-            .with_context(|| format!("PATCH {url}"))?;
-        let status = resp.status().as_u16();
-        if !(200..300).contains(&status) {
-            let body = resp.body_mut().with_config().limit(BODY_LIMIT).read_to_string().unwrap_or_default();
-            anyhow::bail!("applying {path}: HTTP {status}: {}", message(&body));
-        }
-        Ok(())
+        self.patch(&path, "?fieldManager=kindling&force=true", "application/apply-patch+yaml", obj).map_err(
+            |(status, body)| match status {
+                Some(status) => anyhow::anyhow!("applying {path}: HTTP {status}: {}", message(&body)),
+                None => anyhow::anyhow!("{body}"),
+            },
+        )
     }
 
     /// Deletes one manifest object (its dependents in the background, as kubectl

@@ -76,7 +76,7 @@ pub enum ClusterCommand {
     /// (http://127.0.0.1:8080 and https://127.0.0.1:8443, ports 80 and 443 of the node's
     /// Ingresses); `curl -H 'Host: web.localhost' http://127.0.0.1:8080` reaches an
     /// Ingress for web.localhost.
-    Ingress(IngressArgs),
+    Ingress(UrlsArgs),
     /// Print a kubeconfig for a cluster (like `kind get kubeconfig`), or, with --vsock and
     /// --server, for a VM you booted yourself from kindling's root disk:
     /// `kindling boot ... --vsock /tmp/node.sock --forward 16443:6443`, then
@@ -277,18 +277,14 @@ pub struct ServiceArgs {
     /// Its namespace.
     #[arg(long, short = 'n', default_value = "default")]
     pub namespace: String,
-    /// Print the URL (what this command does; accepted for minikube's habit).
-    #[arg(long)]
-    pub url: bool,
     #[command(flatten)]
-    pub name: NameArg,
-    #[command(flatten)]
-    pub output: OutputArg,
+    pub urls: UrlsArgs,
 }
 
-#[derive(Debug, Args)]
-pub struct IngressArgs {
-    /// Print the URLs (what this command does; accepted for minikube's habit).
+/// What `service` and `ingress` share.
+#[derive(Debug, Clone, Args)]
+pub struct UrlsArgs {
+    /// Print the URLs (what the command does; accepted for minikube's habit).
     #[arg(long)]
     pub url: bool,
     #[command(flatten)]
@@ -384,8 +380,8 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<i32> {
         ClusterCommand::Addons(AddonsCommand::Enable(a)) => addon_set(&a, true),
         ClusterCommand::Addons(AddonsCommand::Disable(a)) => addon_set(&a, false),
         ClusterCommand::Service(a) => {
-            let urls = cluster::service_urls(&a.name.name, &a.service, &a.namespace)?;
-            match a.output.output {
+            let urls = cluster::service_urls(&a.urls.name.name, &a.service, &a.namespace)?;
+            match a.urls.output.output {
                 Output::Json => {
                     print_json(&serde_json::json!({ "service": a.service, "namespace": a.namespace, "urls": urls }))?
                 }
@@ -660,7 +656,7 @@ mod tests {
         let ClusterCommand::Image(ImageCommand::Load(a)) = parse(&["image", "load", "app.tar"]) else { panic!() };
         assert_eq!(a.archive, PathBuf::from("app.tar"));
         let ClusterCommand::Service(a) = parse(&["service", "web", "--url", "-n", "apps"]) else { panic!() };
-        assert_eq!((a.service.as_str(), a.namespace.as_str(), a.url), ("web", "apps", true));
+        assert_eq!((a.service.as_str(), a.namespace.as_str(), a.urls.url), ("web", "apps", true));
         let ClusterCommand::Service(a) = parse(&["service", "web"]) else { panic!() };
         assert_eq!(a.namespace, "default");
         let ClusterCommand::Ingress(a) = parse(&["ingress", "--url", "-o", "json"]) else { panic!() };
