@@ -267,12 +267,13 @@ impl Addons {
     /// containerd's store), or deletes its objects.
     fn reconcile(&self, d: &Deployable) -> Result<Done> {
         let _op = self.op.lock().unwrap_or_else(|e| e.into_inner());
-        let manifest = (d.manifest)(&Inputs::read(&self.paths)?);
+        let inputs = Inputs::read(&self.paths)?;
+        let manifest = (d.manifest)(&inputs);
         let items = manifest["items"].as_array().cloned().unwrap_or_default();
         let api = self.api()?;
         if self.wanted(d.name) {
             let (ctr, sock) = (self.paths.bin("ctr"), self.paths.containerd_socket().display().to_string());
-            let image = (d.image)(&Images::from_versions(&self.paths));
+            let image = (d.image)(&inputs.images);
             let (_, have) = self.reaper.run(&[&ctr, "--address", &sock, "-n", "k8s.io", "images", "ls", "-q"])?;
             anyhow::ensure!(
                 crate::images::missing(std::slice::from_ref(&image), &have).is_empty(),
